@@ -1,0 +1,644 @@
+"""
+The vendor registry: every difference between the supported Batch APIs, as data.
+
+One frozen :class:`VendorSpec` per vendor, collected in :data:`REGISTRY`. The hook, the JSONL tools,
+the operators, the connection forms and the emulator all read these specs; no other module asks
+"which vendor is this?". Adding a vendor is one spec and one registry line.
+
+Facts are taken from the vendors' documentation where it exists. Where a fact is a guess, it is a
+setting here (and the client copes with both possibilities), never a hard-coded belief elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+from urllib.parse import urlsplit
+
+ErrorKind = Literal[
+    "bad_request",
+    "authentication",
+    "permission_denied",
+    "not_found",
+    "conflict",
+    "file_too_large",
+    "rate_limit",
+    "quota_exceeded",
+    "server",
+]
+"""The closed set of API error kinds; the hook maps each one to an exception class."""
+
+ResultLineId = Literal["batch_id", "custom_id", "uuid", "batch_request"]
+"""What a vendor puts in the ``id`` field of an output line."""
+
+ResultRequestId = Literal["in_body", "empty", "uuid"]
+"""Where a vendor puts the request id of an output line: in the body, ``""``, or a fresh uuid."""
+
+ValidationStage = Literal["upload", "create", "async"]
+"""Where a vendor rejects a malformed request file: at upload, at create, or after create (``failed``)."""
+
+ErrorBodyField = Literal["code", "message", "type", "param"]
+
+_WINDOW_RE = re.compile(r"^(\d+)([hd])$")
+
+
+def _frozen(mapping: Mapping[str, object] | None = None) -> Mapping[str, object]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """
+    One batch endpoint a vendor accepts: the ``endpoint`` of a batch and the ``url`` of each request line.
+
+    :param path: the value as the vendor spells it, e.g. ``/v4/chat/completions``.
+    :param kind: what the endpoint does; the emulator answers by kind.
+    :param max_requests: a tighter per-file request limit than the vendor's, if any.
+    :param max_file_bytes: a tighter per-file byte limit than the vendor's, if any.
+    :param required_model: the only model the endpoint accepts, if it has one.
+    :param documented: False where the endpoint is seen in examples only.
+    """
+
+    path: str
+    kind: Literal["chat", "embeddings", "images", "responses", "completions", "test"]
+    max_requests: int | None = None
+    max_file_bytes: int | None = None
+    required_model: str | None = None
+    documented: bool = True
+
+
+@dataclass(frozen=True)
+class CompletionWindowRule:
+    """
+    What a vendor accepts as ``completion_window``.
+
+    :param min_hours: the shortest window accepted.
+    :param max_hours: the longest window accepted.
+    :param default: what the provider sends when the user gives nothing (``None`` sends null).
+    :param ignored: True where the vendor ignores the value (it may be sent as null).
+    :param units: the unit letters accepted after the number (``"h"``, ``"d"``).
+    """
+
+    min_hours: int
+    max_hours: int
+    default: str | None
+    ignored: bool = False
+    units: str = "hd"
+
+    def check(self, window: str | None) -> str | None:
+        """Return an explanation of why ``window`` is not accepted, or None if it is."""
+        if window is None:
+            return None
+        match = _WINDOW_RE.match(window)
+        if not match or match.group(2) not in self.units:
+            units = " or ".join(f"'<n>{u}'" for u in self.units)
+            return f"expected a window like {units}, got {window!r}"
+        hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
+        if self.ignored:
+            return None
+        if not self.min_hours <= hours <= self.max_hours:
+            return f"expected a window from {self.min_hours}h to {self.max_hours}h, got {window!r} ({hours}h)"
+        return None
+
+    @staticmethod
+    def hours(window: str | None) -> int | None:
+        """Return the window in hours, or None when it is not a ``<n>h``/``<n>d`` string."""
+        match = _WINDOW_RE.match(window or "")
+        if not match:
+            return None
+        return int(match.group(1)) * (24 if match.group(2) == "d" else 1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Per-file and per-account limits of a vendor's Batch API.
+
+    :param max_requests: requests (lines) in one file.
+    :param max_file_bytes: bytes in one file.
+    :param max_line_bytes: bytes in one line, where the vendor has such a limit.
+    :param max_stored_files: batch files kept per account, where documented.
+    :param metadata_pairs: key/value pairs in a batch's ``metadata``.
+    :param metadata_key_chars: characters in a metadata key.
+    :param metadata_value_chars: characters in a metadata value.
+    :param metadata_value_chars_by_key: tighter limits for given keys (DashScope ``ds_*``).
+    """
+
+    max_requests: int
+    max_file_bytes: int
+    max_line_bytes: int | None = None
+    max_stored_files: int | None = None
+    metadata_pairs: int = 16
+    metadata_key_chars: int = 64
+    metadata_value_chars: int = 512
+    metadata_value_chars_by_key: Mapping[str, int] = field(default_factory=_frozen)
+
+
+@dataclass(frozen=True)
+class ExtraCreateField:
+    """
+    A vendor-only field of the create-batch body.
+
+    :param name: the field name as sent.
+    :param type: the JSON type expected.
+    :param description: what it does, for docs and forms.
+    :param vendor_default: what the vendor assumes when the field is absent.
+    :param in_metadata: True where the field travels inside ``metadata`` (DashScope ``ds_*``).
+    """
+
+    name: str
+    type: Literal["boolean", "string", "object", "integer"]
+    description: str
+    vendor_default: object = None
+    in_metadata: bool = False
+
+
+@dataclass(frozen=True)
+class ConnField:
+    """
+    A connection-form field stored in ``Connection.extra``.
+
+    :param name: the key in ``extra``.
+    :param label: the form label.
+    :param description: the help text.
+    :param type: the JSON-schema type.
+    :param default: the form's default value.
+    :param enum: allowed values, if closed.
+    :param header: an HTTP header this value is sent in, if any.
+    :param secret: True to mask the value in the form and in logs.
+    """
+
+    name: str
+    label: str
+    description: str
+    type: Literal["string", "number", "integer", "boolean"] = "string"
+    default: object = None
+    enum: tuple[str, ...] | None = None
+    header: str | None = None
+    secret: bool = False
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    """
+    How a vendor's list endpoint pages and filters.
+
+    :param params: the query parameters it accepts, pagination included.
+    :param max_limit: the largest ``limit`` accepted (``None``: no ``limit`` parameter).
+    :param default_limit: the page size when ``limit`` is not sent.
+    :param has_first_last_ids: whether pages carry ``first_id``/``last_id``.
+    :param has_more: whether pages carry ``has_more``.
+    :param honours_after: whether ``after`` is honoured (a list that ignores it returns everything).
+    :param data_null_when_empty: whether an empty page says ``data: null``.
+    """
+
+    params: frozenset[str]
+    max_limit: int | None = 100
+    default_limit: int | None = 20
+    has_first_last_ids: bool = True
+    has_more: bool = True
+    honours_after: bool = True
+    data_null_when_empty: bool = False
+
+
+@dataclass(frozen=True)
+class ErrorDialect:
+    """
+    How a vendor shapes an error response.
+
+    :param fields: which keys of the nested ``error`` object the vendor fills.
+    :param request_id_in_body: whether the body carries a top-level ``request_id``.
+    :param request_id_headers: response headers that may carry the request id.
+    :param codes: the vendor's ``(HTTP status, code)`` for each error kind; ``code`` goes in
+        ``error.code`` or ``error.type`` as the dialect's fields say.
+    :param code_kinds: vendor codes or types that override the HTTP status's kind
+        (e.g. Zhipu's 429 with code 1113 means arrears, not a rate limit: never retry it).
+    :param sends_retry_after: whether a 429 carries ``Retry-After`` (``None``: unknown).
+    """
+
+    fields: tuple[ErrorBodyField, ...]
+    request_id_in_body: bool
+    request_id_headers: tuple[str, ...]
+    codes: Mapping[ErrorKind, tuple[int, str]]
+    code_kinds: Mapping[str, ErrorKind] = field(default_factory=_frozen)
+    sends_retry_after: bool | None = None
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """
+    Deviations of a vendor's responses from the OpenAI shape, seen or documented.
+
+    The client reads every variant for every vendor (lenient reading); these flags say what the
+    emulator produces for the vendor, so each quirk is exercised where it was seen.
+
+    :param timestamps_in_ms: timestamps come in milliseconds.
+    :param empty_file_id: what an unset ``output_file_id``/``error_file_id`` looks like.
+    :param null_counts_while_validating: ``request_counts`` values are null while validating.
+    :param batch_has_errors: whether a batch carries an ``errors`` object.
+    :param batch_has_expired_at: whether a batch carries ``expired_at``.
+    :param completion_window_echo: what the vendor echoes as ``completion_window`` (None: the request's).
+    :param cancel_terminal_status: the HTTP status for cancelling a terminal batch.
+    :param cancel_counts_unfinished_as_failed: whether a cancel counts unfinished requests as failed.
+    :param input_content_downloadable: whether ``GET /files/{id}/content`` works for input files.
+    :param error_file_id_prefix: the prefix of error file ids (DashScope's looks like an output id).
+    :param validation_stage: where a malformed request file is rejected.
+    """
+
+    timestamps_in_ms: bool = False
+    empty_file_id: Literal["null", "empty_string"] = "null"
+    null_counts_while_validating: bool = False
+    batch_has_errors: bool = True
+    batch_has_expired_at: bool = True
+    completion_window_echo: str | None = None
+    cancel_terminal_status: int = 400
+    cancel_counts_unfinished_as_failed: bool = False
+    input_content_downloadable: bool = True
+    error_file_id_prefix: str = "file-err-"
+    validation_stage: ValidationStage = "async"
+
+
+@dataclass(frozen=True)
+class ResultFormat:
+    """
+    The shape of a line in a vendor's output and error files.
+
+    :param line_id: what goes in the line's ``id``.
+    :param request_id: where the response's request id goes.
+    :param error_key_on_success: whether a successful line carries ``"error": null``.
+    """
+
+    line_id: ResultLineId
+    request_id: ResultRequestId
+    error_key_on_success: bool
+
+
+@dataclass(frozen=True)
+class VendorSpec:
+    """
+    Everything that differs about one vendor's Batch API.
+
+    :param name: the registry key, e.g. ``zhipu``.
+    :param display_name: the name shown to users.
+    :param base_urls: region name -> base URL; the first is the default.
+    :param endpoints: the batch endpoints accepted; the first is the default.
+    :param completion_window: what ``completion_window`` may be.
+    :param limits: per-file and metadata limits.
+    :param forbidden_body_keys: request-body keys the vendor rejects in batch lines.
+    :param extra_create_fields: vendor-only create fields.
+    :param batch_list: how batches are listed.
+    :param file_list: how files are listed.
+    :param errors: how errors are shaped and what their codes mean.
+    :param quirks: deviations the emulator reproduces.
+    :param result_format: the shape of output/error lines.
+    :param rate_limits_per_minute: operation -> requests per minute, where documented.
+    :param console_url: URL template of the vendor's console page for a batch (``{batch_id}``).
+    :param conn_fields: vendor-only connection fields (beyond the shared ones).
+    :param batch_discount: price of batch relative to real time, for cost estimates.
+    """
+
+    name: str
+    display_name: str
+    base_urls: Mapping[str, str]
+    endpoints: tuple[EndpointSpec, ...]
+    completion_window: CompletionWindowRule
+    limits: Limits
+    errors: ErrorDialect
+    result_format: ResultFormat
+    batch_list: ListSpec
+    file_list: ListSpec
+    quirks: Quirks = Quirks()
+    forbidden_body_keys: frozenset[str] = frozenset()
+    extra_create_fields: tuple[ExtraCreateField, ...] = ()
+    rate_limits_per_minute: Mapping[str, int] = field(default_factory=_frozen)
+    console_url: str = ""
+    conn_fields: tuple[ConnField, ...] = ()
+    batch_discount: float = 0.5
+
+    @property
+    def conn_type(self) -> str:
+        """Return the Airflow connection type, namespaced so no other provider collides."""
+        return f"llmbatch_{self.name}"
+
+    @property
+    def default_base_url(self) -> str:
+        """Return the base URL of the first (default) region."""
+        return next(iter(self.base_urls.values()))
+
+    @property
+    def default_endpoint(self) -> str:
+        """Return the endpoint used when none is given."""
+        return self.endpoints[0].path
+
+    @property
+    def emulator_prefix(self) -> str:
+        """Return the path the bundled emulator serves this vendor under: ``/<name><real path>``."""
+        return f"/{self.name}{urlsplit(self.default_base_url).path.rstrip('/')}"
+
+    def endpoint(self, path: str) -> EndpointSpec | None:
+        """Return the spec of an endpoint, or None if the vendor does not accept it."""
+        return next((e for e in self.endpoints if e.path == path), None)
+
+    def all_conn_fields(self) -> tuple[ConnField, ...]:
+        """Return the shared connection fields followed by this vendor's own."""
+        region = ConnField(
+            name="region",
+            label="Region",
+            description="Which of the vendor's regional base URLs to use when Base URL is empty.",
+            enum=tuple(self.base_urls),
+            default=next(iter(self.base_urls)),
+        )
+        return (region, *SHARED_CONN_FIELDS, *self.conn_fields)
+
+
+SHARED_CONN_FIELDS: tuple[ConnField, ...] = (
+    ConnField(
+        name="timeout",
+        label="Timeout (seconds)",
+        description="Per-request timeout for API calls; uploads and downloads use it per read/write.",
+        type="number",
+        default=60.0,
+    ),
+    ConnField(
+        name="max_retries",
+        label="Max retries",
+        description="Retries of a failed call that is safe to repeat (connect errors, 429, 5xx).",
+        type="integer",
+        default=5,
+    ),
+)
+
+_CHAT_WINDOW_ONLY_24H = CompletionWindowRule(min_hours=24, max_hours=24, default="24h", units="h")
+
+ZHIPU = VendorSpec(
+    name="zhipu",
+    display_name="Zhipu BigModel (GLM)",
+    base_urls={
+        "cn": "https://open.bigmodel.cn/api/paas/v4",
+        # Batch on the international host is unconfirmed; it is offered, not assumed.
+        "intl": "https://api.z.ai/api/paas/v4",
+    },
+    endpoints=(
+        EndpointSpec("/v4/chat/completions", "chat"),
+        EndpointSpec("/v4/embeddings", "embeddings", max_requests=10_000, documented=False),
+        EndpointSpec("/v4/images/generations", "images", documented=False),
+    ),
+    # Deprecated upstream: ignored, may be null, echoed as "24h"; the vendor cancels after 7 days.
+    completion_window=CompletionWindowRule(min_hours=0, max_hours=10_000, default=None, ignored=True),
+    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2, max_stored_files=1000),
+    extra_create_fields=(
+        ExtraCreateField(
+            name="auto_delete_input_file",
+            type="boolean",
+            description="Delete the input file once the batch is done (the vendor's default is true).",
+            vendor_default=True,
+        ),
+    ),
+    batch_list=ListSpec(params=frozenset({"after", "limit"})),
+    file_list=ListSpec(params=frozenset({"after", "purpose", "order", "limit"})),
+    errors=ErrorDialect(
+        fields=("code", "message"),
+        request_id_in_body=False,
+        request_id_headers=("x-request-id", "x-log-id"),
+        codes={
+            "bad_request": (400, "1214"),
+            "authentication": (401, "1000"),
+            "permission_denied": (434, "1220"),
+            "not_found": (404, "1211"),
+            "conflict": (400, "1210"),
+            "file_too_large": (435, "1215"),
+            "rate_limit": (429, "1302"),
+            "quota_exceeded": (429, "1113"),
+            "server": (500, "500"),
+        },
+        code_kinds={"1113": "quota_exceeded", "1302": "rate_limit", "1301": "bad_request"},
+        sends_retry_after=False,
+    ),
+    quirks=Quirks(
+        timestamps_in_ms=True,
+        empty_file_id="empty_string",
+        null_counts_while_validating=True,
+        completion_window_echo="24h",
+        validation_stage="upload",
+    ),
+    result_format=ResultFormat(line_id="batch_id", request_id="in_body", error_key_on_success=False),
+    console_url="https://open.bigmodel.cn/console/batch?batch_id={batch_id}",
+)
+
+MOONSHOT = VendorSpec(
+    name="moonshot",
+    display_name="Moonshot (Kimi)",
+    base_urls={"cn": "https://api.moonshot.cn/v1", "intl": "https://api.moonshot.ai/v1"},
+    endpoints=(EndpointSpec("/v1/chat/completions", "chat"),),
+    completion_window=CompletionWindowRule(min_hours=12, max_hours=7 * 24, default="24h"),
+    # The request limit is a guess (the other vendors' figure).
+    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2, max_stored_files=1000),
+    forbidden_body_keys=frozenset({"temperature", "top_p", "n", "presence_penalty", "frequency_penalty"}),
+    batch_list=ListSpec(params=frozenset({"after", "limit"}), has_first_last_ids=False),
+    # No parameters, no has_more, `after` ignored: the pager must stop on its own.
+    file_list=ListSpec(
+        params=frozenset(),
+        max_limit=None,
+        default_limit=None,
+        has_first_last_ids=False,
+        has_more=False,
+        honours_after=False,
+    ),
+    errors=ErrorDialect(
+        fields=("type", "message"),
+        request_id_in_body=False,
+        request_id_headers=("x-request-id", "msh-request-id"),
+        codes={
+            "bad_request": (400, "invalid_request_error"),
+            "authentication": (401, "invalid_authentication_error"),
+            "permission_denied": (403, "permission_denied_error"),
+            "not_found": (404, "resource_not_found_error"),
+            "conflict": (400, "invalid_request_error"),
+            "file_too_large": (400, "invalid_request_error"),
+            "rate_limit": (429, "rate_limit_reached_error"),
+            "quota_exceeded": (429, "exceeded_current_quota_error"),
+            "server": (500, "server_error"),
+        },
+        code_kinds={
+            "exceeded_current_quota_error": "quota_exceeded",
+            "engine_overloaded_error": "rate_limit",
+            "rate_limit_reached_error": "rate_limit",
+            "resource_not_found_error": "not_found",
+        },
+        sends_retry_after=None,
+    ),
+    quirks=Quirks(batch_has_errors=False, batch_has_expired_at=False, validation_stage="create"),
+    result_format=ResultFormat(line_id="custom_id", request_id="empty", error_key_on_success=True),
+    console_url="https://platform.moonshot.cn/console/batch?batch_id={batch_id}",
+    batch_discount=0.6,
+)
+
+DASHSCOPE = VendorSpec(
+    name="dashscope",
+    display_name="Alibaba DashScope (Qwen)",
+    base_urls={
+        "cn-beijing": "https://dashscope.aliyuncs.com/compatible-mode/v1",
+        "ap-singapore": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+    },
+    endpoints=(
+        EndpointSpec("/v1/chat/completions", "chat"),
+        EndpointSpec("/v1/embeddings", "embeddings"),
+        # Free test endpoint: one fixed model, at most 100 lines and 1 MB.
+        EndpointSpec(
+            "/v1/chat/ds-test",
+            "test",
+            max_requests=100,
+            max_file_bytes=1024**2,
+            required_model="batch-test-model",
+        ),
+    ),
+    completion_window=CompletionWindowRule(min_hours=24, max_hours=336, default="24h"),
+    limits=Limits(
+        max_requests=50_000,
+        max_file_bytes=500 * 1024**2,
+        max_line_bytes=6 * 1024**2,
+        max_stored_files=10_000,
+        metadata_value_chars_by_key={"ds_name": 100, "ds_description": 200},
+    ),
+    extra_create_fields=(
+        ExtraCreateField("ds_name", "string", "A display name for the batch (≤100 chars).", in_metadata=True),
+        ExtraCreateField(
+            "ds_description", "string", "A description of the batch (≤200 chars).", in_metadata=True
+        ),
+        ExtraCreateField(
+            "ds_batch_finish_callback",
+            "string",
+            "A URL the vendor calls when the batch finishes.",
+            in_metadata=True,
+        ),
+    ),
+    batch_list=ListSpec(
+        params=frozenset(
+            {"after", "limit", "ds_name", "input_file_ids", "status", "create_after", "create_before"}
+        ),
+        data_null_when_empty=True,
+    ),
+    file_list=ListSpec(
+        params=frozenset({"after", "limit", "purpose", "create_after", "create_before"}),
+        max_limit=2000,
+        data_null_when_empty=True,
+    ),
+    errors=ErrorDialect(
+        fields=("message", "type", "param", "code"),
+        request_id_in_body=True,
+        request_id_headers=("x-request-id", "x-dashscope-request-id"),
+        codes={
+            "bad_request": (400, "invalid_parameter_error"),
+            "authentication": (401, "invalid_api_key"),
+            "permission_denied": (403, "AccessDenied"),
+            "not_found": (404, "NotFound"),
+            "conflict": (400, "invalid_parameter_error"),
+            "file_too_large": (400, "invalid_parameter_error"),
+            "rate_limit": (429, "Throttling.RateQuota"),
+            "quota_exceeded": (429, "Arrearage"),
+            "server": (500, "InternalError"),
+        },
+        code_kinds={"Arrearage": "quota_exceeded", "Throttling.RateQuota": "rate_limit"},
+        sends_retry_after=None,
+    ),
+    quirks=Quirks(
+        cancel_counts_unfinished_as_failed=True,
+        input_content_downloadable=False,
+        # Seen: an error file id that looks like an output file id. Never infer kind from an id.
+        error_file_id_prefix="file-batch_output-",
+        validation_stage="async",
+    ),
+    result_format=ResultFormat(line_id="uuid", request_id="uuid", error_key_on_success=True),
+    rate_limits_per_minute={"create": 1000, "retrieve": 1000, "cancel": 1000, "list": 100},
+    console_url="https://bailian.console.aliyun.com/?tab=model#/batch-inference?batch_id={batch_id}",
+    conn_fields=(
+        ConnField(
+            name="workspace",
+            label="Workspace ID",
+            description="DashScope workspace (sub-account space) to bill; sent as X-DashScope-WorkSpace.",
+            header="X-DashScope-WorkSpace",
+        ),
+    ),
+)
+
+OPENAI = VendorSpec(
+    name="openai",
+    display_name="OpenAI-compatible",
+    base_urls={"default": "https://api.openai.com/v1"},
+    endpoints=(
+        EndpointSpec("/v1/chat/completions", "chat"),
+        EndpointSpec("/v1/embeddings", "embeddings"),
+        EndpointSpec("/v1/responses", "responses"),
+        EndpointSpec("/v1/completions", "completions"),
+    ),
+    completion_window=_CHAT_WINDOW_ONLY_24H,
+    limits=Limits(max_requests=50_000, max_file_bytes=200 * 1024**2),
+    extra_create_fields=(
+        ExtraCreateField(
+            "output_expires_after",
+            "object",
+            "When the output file expires: {'anchor': 'created_at', 'seconds': N}.",
+        ),
+    ),
+    batch_list=ListSpec(params=frozenset({"after", "limit"})),
+    file_list=ListSpec(params=frozenset({"after", "limit", "purpose", "order"}), max_limit=10_000),
+    errors=ErrorDialect(
+        fields=("message", "type", "param", "code"),
+        request_id_in_body=False,
+        request_id_headers=("x-request-id",),
+        codes={
+            "bad_request": (400, "invalid_request_error"),
+            "authentication": (401, "invalid_api_key"),
+            "permission_denied": (403, "permission_denied"),
+            "not_found": (404, "not_found"),
+            "conflict": (409, "conflict"),
+            "file_too_large": (413, "file_too_large"),
+            "rate_limit": (429, "rate_limit_exceeded"),
+            "quota_exceeded": (429, "insufficient_quota"),
+            "server": (500, "server_error"),
+        },
+        code_kinds={"insufficient_quota": "quota_exceeded", "rate_limit_exceeded": "rate_limit"},
+        sends_retry_after=True,
+    ),
+    quirks=Quirks(cancel_terminal_status=409, error_file_id_prefix="file-"),
+    result_format=ResultFormat(line_id="batch_request", request_id="uuid", error_key_on_success=True),
+    console_url="https://platform.openai.com/batches/{batch_id}",
+    conn_fields=(
+        ConnField(
+            name="organization",
+            label="Organization",
+            description="Sent as OpenAI-Organization where the endpoint uses it.",
+            header="OpenAI-Organization",
+        ),
+        ConnField(
+            name="project",
+            label="Project",
+            description="Sent as OpenAI-Project where the endpoint uses it.",
+            header="OpenAI-Project",
+        ),
+    ),
+)
+
+REGISTRY: Mapping[str, VendorSpec] = MappingProxyType(
+    {spec.name: spec for spec in (ZHIPU, MOONSHOT, DASHSCOPE, OPENAI)}
+)
+"""Every supported vendor by name."""
+
+_BY_CONN_TYPE: Mapping[str, VendorSpec] = MappingProxyType({s.conn_type: s for s in REGISTRY.values()})
+
+
+def vendor_for_conn_type(conn_type: str | None) -> VendorSpec:
+    """
+    Return the vendor a connection type belongs to.
+
+    :param conn_type: an Airflow connection type such as ``llmbatch_zhipu``.
+    :raises KeyError: with the known types, when ``conn_type`` is not one of ours.
+    """
+    try:
+        return _BY_CONN_TYPE[conn_type or ""]
+    except KeyError:
+        known = ", ".join(sorted(_BY_CONN_TYPE))
+        raise KeyError(f"connection type {conn_type!r} is not an LLM batch connection; use one of: {known}") from None
