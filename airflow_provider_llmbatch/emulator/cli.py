@@ -1,0 +1,82 @@
+"""``llmbatch-emulator``: serve the vendors' Batch APIs on loopback until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from airflow_provider_llmbatch.emulator.config import DEFAULT_API_KEY, EmulatorConfig
+from airflow_provider_llmbatch.emulator.server import Emulator
+
+API_KEY_ENV = "LLMBATCH_EMULATOR_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="llmbatch-emulator",
+        description="Serve Zhipu, Moonshot, DashScope and OpenAI-style Batch APIs locally.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port to bind, 0 for any (default: 8765)")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplier of phase durations")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"the key to accept (default: ${API_KEY_ENV} or {DEFAULT_API_KEY!r})",
+    )
+    parser.add_argument("--data-dir", default=None, help="where files are kept (default: a temp dir)")
+    parser.add_argument("--fail-pattern", default="^fail", help="custom_id regex of requests that fail")
+    parser.add_argument("--rate-limits", action="store_true", help="enforce documented per-minute limits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults")
+    parser.add_argument("--access-log", action="store_true", help="log each request line (never headers)")
+    parser.add_argument("--log-level", default="warning", help="server log level (default: warning)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the emulator in the foreground; print each vendor's base URL; stop on SIGINT/SIGTERM."""
+    args = build_parser().parse_args(argv)
+    config = EmulatorConfig(
+        time_scale=args.time_scale,
+        fail_custom_id_pattern=args.fail_pattern,
+        rate_limits=args.rate_limits,
+        seed=args.seed,
+    )
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or DEFAULT_API_KEY
+    emulator = Emulator(
+        config,
+        api_key=api_key,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        access_log=args.access_log,
+        log_level=args.log_level,
+    )
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    emulator.start()
+    try:
+        print(f"llmbatch emulator on {emulator.url} (control: {emulator.url}/_emulator/health)", flush=True)
+        for name, url in emulator.vendors().items():
+            print(f"  {name:<10} {url}", flush=True)
+        while not stop.wait(0.5):
+            if not emulator.running:
+                return 1
+    finally:
+        emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Settings of the emulator: time scale, phase durations, which requests fail, which vendors are served."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
+
+Clock = Callable[[], float]
+"""A clock: seconds since the epoch, like :func:`time.time`."""
+
+DEFAULT_API_KEY = "emulator-key"
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """
+    How the emulator behaves; every duration is multiplied by ``time_scale``.
+
+    :param time_scale: multiplier of every phase duration and completion window (0 makes batches instant).
+    :param validating_seconds: time a batch spends ``validating``.
+    :param in_progress_seconds: time a batch spends ``in_progress``; request counts grow during it.
+    :param finalizing_seconds: time a batch spends ``finalizing``.
+    :param cancelling_seconds: time a batch spends ``cancelling``.
+    :param window_seconds_per_hour: emulated seconds per hour of ``completion_window`` (real: 3600).
+    :param fail_custom_id_pattern: requests whose ``custom_id`` matches end in the error file.
+    :param rate_limits: whether the vendors' documented per-minute rate limits are enforced.
+    :param seed: seed of the random generator used by probabilistic faults.
+    :param max_problems: validation problems reported per file.
+    :param vendors: the vendor specs served, by name (default: the registry).
+    """
+
+    time_scale: float = 1.0
+    validating_seconds: float = 0.2
+    in_progress_seconds: float = 1.0
+    finalizing_seconds: float = 0.2
+    cancelling_seconds: float = 0.2
+    window_seconds_per_hour: float = 3600.0
+    fail_custom_id_pattern: str = "^fail"
+    rate_limits: bool = False
+    seed: int = 0
+    max_problems: int = 20
+    vendors: Mapping[str, VendorSpec] = field(default_factory=lambda: dict(REGISTRY))
+
+    def __post_init__(self) -> None:
+        if self.time_scale < 0:
+            raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
+        re.compile(self.fail_custom_id_pattern)
+
+    def scaled(self, seconds: float) -> float:
+        """Return a duration on the emulator's time scale."""
+        return seconds * self.time_scale
+
+    def phase_seconds(self, status: str) -> float:
+        """Return how long a batch stays in ``status`` before moving on (scaled)."""
+        base = {
+            "validating": self.validating_seconds,
+            "in_progress": self.in_progress_seconds,
+            "finalizing": self.finalizing_seconds,
+            "cancelling": self.cancelling_seconds,
+        }.get(status, 0.0)
+        return self.scaled(base)
+
+
+class OffsetClock:
+    """
+    A clock that can be moved forward, on top of a base clock.
+
+    :param base: the underlying clock (default: :func:`time.time`).
+    """
+
+    def __init__(self, base: Clock | None = None) -> None:
+        self._base: Clock = base or time.time
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        """Return the time: the base clock plus the offset."""
+        return self._base() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds``."""
+        if seconds < 0:
+            raise ValueError("the clock only moves forward")
+        self.offset += seconds

@@ -1,0 +1,111 @@
+"""Receive a multipart upload straight to disk, so memory does not grow with the file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+_MAX_FIELD_BYTES = 64 * 1024
+
+
+class UploadError(ValueError):
+    """Raise when a request is not a well-formed multipart upload."""
+
+
+@dataclass
+class Upload:
+    """
+    A received upload.
+
+    :param fields: the small form fields, decoded.
+    :param filename: the ``file`` part's file name.
+    :param size: bytes written to disk.
+    :param has_file: whether a ``file`` part came.
+    """
+
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None
+    size: int = 0
+    has_file: bool = False
+
+
+class _Receiver:
+    def __init__(self, sink: IO[bytes], upload: Upload) -> None:
+        self.sink = sink
+        self.upload = upload
+        self.header_field = b""
+        self.header_value = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.name = ""
+        self.is_file = False
+        self.value = bytearray()
+
+    def on_part_begin(self) -> None:
+        self.headers = {}
+        self.value = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field = self.header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.name = options.get(b"name", b"").decode("latin-1")
+        self.is_file = self.name == "file"
+        if self.is_file:
+            self.upload.has_file = True
+            self.upload.filename = options.get(b"filename", b"").decode("utf-8", "replace")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.is_file:
+            self.sink.write(data[start:end])
+            self.upload.size += end - start
+        elif len(self.value) + end - start > _MAX_FIELD_BYTES:
+            raise UploadError(f"form field {self.name!r} is larger than {_MAX_FIELD_BYTES} bytes")
+        else:
+            self.value += data[start:end]
+
+    def on_part_end(self) -> None:
+        if not self.is_file and self.name:
+            self.upload.fields[self.name] = self.value.decode("utf-8", "replace")
+
+
+async def receive_upload(request: Request, destination: Path) -> Upload:
+    """Stream a ``multipart/form-data`` body: the ``file`` part to ``destination``, other parts to fields."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise UploadError("expected a multipart/form-data body with a boundary")
+    upload = Upload()
+    with destination.open("wb") as sink:
+        receiver = _Receiver(sink, upload)
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": receiver.on_part_begin,
+                "on_header_field": receiver.on_header_field,
+                "on_header_value": receiver.on_header_value,
+                "on_header_end": receiver.on_header_end,
+                "on_headers_finished": receiver.on_headers_finished,
+                "on_part_data": receiver.on_part_data,
+                "on_part_end": receiver.on_part_end,
+            },
+        )
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        except FormParserError as exc:
+            raise UploadError(f"malformed multipart body: {exc}") from exc
+    return upload

@@ -1,0 +1,100 @@
+"""The provider's registration with Airflow, generated from the vendor registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_llmbatch.vendors import REGISTRY, ConnField, VendorSpec
+
+PACKAGE_NAME = "airflow-provider-llmbatch"
+"""The distribution name; Airflow matches it against the installed package."""
+
+INTEGRATION_NAME = "LLM Batch"
+
+HOOK_CLASS_NAMES: dict[str, str] = {
+    "zhipu": "ZhipuBatchHook",
+    "moonshot": "MoonshotBatchHook",
+    "dashscope": "DashScopeBatchHook",
+    "openai": "OpenAIBatchHook",
+}
+"""Vendor name -> the hook subclass in ``hooks.batch`` whose ``conn_type`` is the vendor's."""
+
+_HOOKS_MODULE = "airflow_provider_llmbatch.hooks.batch"
+
+
+def hook_class_name(spec: VendorSpec) -> str:
+    """Return the dotted path of the vendor's hook class."""
+    return f"{_HOOKS_MODULE}.{HOOK_CLASS_NAMES[spec.name]}"
+
+
+def _conn_field(field: ConnField) -> dict[str, Any]:
+    # Nullable: every extra is optional in the form; an empty one falls back to the default.
+    schema: dict[str, Any] = {"type": [field.type, "null"]}
+    if field.default is not None:
+        schema["default"] = field.default
+    if field.enum is not None:
+        schema["enum"] = list(field.enum)
+    if field.secret:
+        schema["format"] = "password"
+    return {"label": field.label, "description": field.description, "schema": schema}
+
+
+def connection_type(spec: VendorSpec) -> dict[str, Any]:
+    """Return the ``connection-types`` entry of one vendor."""
+    return {
+        "connection-type": spec.conn_type,
+        "hook-class-name": hook_class_name(spec),
+        "hook-name": f"LLM Batch ({spec.display_name})",
+        "ui-field-behaviour": {
+            "hidden-fields": ["schema", "port", "login"],
+            "relabeling": {"password": "API Key", "host": "Base URL"},
+            "placeholders": {
+                "host": spec.default_base_url,
+                "password": f"{spec.display_name} API key",
+            },
+        },
+        "conn-fields": {field.name: _conn_field(field) for field in spec.all_conn_fields()},
+    }
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Return the provider's metadata for Airflow's providers manager."""
+    return {
+        "package-name": PACKAGE_NAME,
+        "name": "LLM Batch",
+        "description": (
+            "Run LLM Batch API jobs on Zhipu BigModel (GLM), Moonshot (Kimi), Alibaba DashScope (Qwen) "
+            "and any OpenAI-compatible endpoint."
+        ),
+        "integrations": [
+            {
+                "integration-name": INTEGRATION_NAME,
+                "external-doc-url": "https://pypi.org/project/airflow-provider-llmbatch/",
+                "tags": ["ai", "llm"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": INTEGRATION_NAME,
+                "python-modules": [
+                    "airflow_provider_llmbatch.operators.batch",
+                    "airflow_provider_llmbatch.operators.results",
+                ],
+            }
+        ],
+        "sensors": [
+            {
+                "integration-name": INTEGRATION_NAME,
+                "python-modules": ["airflow_provider_llmbatch.sensors.batch"],
+            }
+        ],
+        "hooks": [{"integration-name": INTEGRATION_NAME, "python-modules": [_HOOKS_MODULE]}],
+        "triggers": [
+            {
+                "integration-name": INTEGRATION_NAME,
+                "python-modules": ["airflow_provider_llmbatch.triggers.batch"],
+            }
+        ],
+        "connection-types": [connection_type(spec) for spec in REGISTRY.values()],
+        "extra-links": ["airflow_provider_llmbatch.links.batch.BatchConsoleLink"],
+    }

@@ -1,0 +1,195 @@
+"""
+Local ends of streamed transfers: upload sources, download sinks and a JSONL line splitter.
+
+Each works with a local path, a binary file object or anything with ``.open()`` such as
+``ObjectStoragePath``. Their methods are plain blocking calls; the async face runs them in a worker
+thread so no file I/O happens on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import uuid
+from typing import IO, Any, cast
+
+from airflow_provider_llmbatch.exceptions import InvalidInputError
+
+CHUNK_SIZE = 256 * 1024
+"""Bytes read per upload chunk: large enough to keep thread hops rare, small enough to keep memory flat."""
+
+
+def _kind(obj: object, writing: bool) -> str:
+    if isinstance(obj, str | os.PathLike):
+        return "path"
+    if isinstance(obj, io.TextIOBase):
+        raise InvalidInputError("open the file in binary mode ('rb'/'wb'), not text mode")
+    if hasattr(obj, "write" if writing else "read"):
+        return "file"
+    if hasattr(obj, "open"):
+        return "storage"
+    raise InvalidInputError(
+        f"expected a path, a binary file object or an ObjectStoragePath, got {type(obj).__name__}"
+    )
+
+
+class UploadSource:
+    """
+    Where an upload reads from; opened afresh, or rewound, for every attempt.
+
+    :param source: a local path, a binary file object or an object with ``.open("rb")``.
+    """
+
+    def __init__(self, source: object) -> None:
+        self.source = source
+        self.kind = _kind(source, writing=False)
+        self.size: int | None = None
+        self._start: int | None = None
+        self._used = False
+
+    def prepare(self) -> None:
+        """Find the size (None if unknown) and, for a file object, the position to rewind to."""
+        if self.kind == "path":
+            self.size = os.path.getsize(cast("os.PathLike[str]", self.source))
+        elif self.kind == "storage":
+            try:
+                self.size = int(cast("Any", self.source).stat().st_size)
+            except (AttributeError, OSError, TypeError, ValueError):
+                self.size = None
+        else:
+            handle = cast("IO[bytes]", self.source)
+            seekable = getattr(handle, "seekable", None)
+            if callable(seekable) and seekable():
+                self._start = handle.tell()
+                end = handle.seek(0, io.SEEK_END)
+                handle.seek(self._start)
+                self.size = end - self._start
+
+    def can_repeat(self) -> bool:
+        """Return whether another attempt can read the whole source again."""
+        return self.kind != "file" or self._start is not None or not self._used
+
+    def open(self) -> tuple[IO[bytes], bool]:
+        """Return a handle positioned at the start and whether the caller must close it."""
+        if self.kind == "path":
+            return open(cast("os.PathLike[str]", self.source), "rb"), True
+        if self.kind == "storage":
+            return cast("IO[bytes]", cast("Any", self.source).open("rb")), True
+        handle = cast("IO[bytes]", self.source)
+        if self._start is not None:
+            handle.seek(self._start)
+        self._used = True
+        return handle, False
+
+
+class DownloadSink:
+    """
+    Where a download writes to; a path or storage path is written under a temporary name and renamed.
+
+    No partial file ever appears at the final path: a failed download leaves nothing there (or what
+    was there before).
+
+    :param destination: a local path, a binary file object or an object with ``.open("wb")``.
+    """
+
+    def __init__(self, destination: object) -> None:
+        self.destination = destination
+        self.kind = _kind(destination, writing=True)
+        self.written = 0
+        self._handle: IO[bytes] | None = None
+        self._temp: Any = None
+        self._start: int | None = None
+        self._started = False
+
+    def begin(self) -> None:
+        """Start (or restart) writing from the beginning."""
+        self._close()
+        self.written = 0
+        if self.kind == "path":
+            final = os.fspath(cast("os.PathLike[str]", self.destination))
+            if self._temp is None:
+                parent = os.path.dirname(os.path.abspath(final))
+                os.makedirs(parent, exist_ok=True)
+                fd, self._temp = tempfile.mkstemp(
+                    dir=parent, prefix=f".{os.path.basename(final)}.", suffix=".part"
+                )
+                os.close(fd)
+            self._handle = open(self._temp, "wb")  # noqa: SIM115 - closed in commit/abort
+        elif self.kind == "storage":
+            dest = cast("Any", self.destination)
+            if self._temp is None:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._temp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
+            self._handle = cast("IO[bytes]", self._temp.open("wb"))
+        else:
+            handle = cast("IO[bytes]", self.destination)
+            if not self._started:
+                seekable = getattr(handle, "seekable", None)
+                self._start = handle.tell() if callable(seekable) and seekable() else None
+            elif self._start is not None:
+                handle.seek(self._start)
+                handle.truncate()
+            self._handle = handle
+        self._started = True
+
+    def can_repeat(self) -> bool:
+        """Return whether a failed attempt can be started over."""
+        return self.kind != "file" or self._start is not None or self.written == 0
+
+    def write(self, data: bytes) -> None:
+        """Write one chunk."""
+        assert self._handle is not None, "begin() first"
+        self._handle.write(data)
+        self.written += len(data)
+
+    def commit(self) -> None:
+        """Finish: move the temporary file to the final path."""
+        self._close()
+        if self.kind == "path":
+            os.replace(self._temp, os.fspath(cast("os.PathLike[str]", self.destination)))
+            self._temp = None
+        elif self.kind == "storage":
+            self._temp.rename(self.destination)
+            self._temp = None
+        else:
+            cast("IO[bytes]", self.destination).flush()
+
+    def abort(self) -> None:
+        """Give up: remove the temporary file."""
+        self._close()
+        if self._temp is None:
+            return
+        try:
+            if self.kind == "path":
+                os.unlink(self._temp)
+            else:
+                self._temp.unlink(missing_ok=True)
+        except (FileNotFoundError, OSError):
+            pass
+        self._temp = None
+
+    def _close(self) -> None:
+        if self._handle is not None and self.kind != "file":
+            self._handle.close()
+        self._handle = None
+
+
+class LineSplitter:
+    """Split a byte stream into lines without their line ending; blank lines are dropped."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Return the complete lines that ``chunk`` finishes."""
+        if not chunk:
+            return []
+        parts = (self._rest + chunk).split(b"\n")
+        self._rest = parts.pop()
+        return [line.rstrip(b"\r") for line in parts if line.strip()]
+
+    def flush(self) -> list[bytes]:
+        """Return the last line when the stream did not end with a newline."""
+        rest, self._rest = self._rest.rstrip(b"\r"), b""
+        return [rest] if rest.strip() else []

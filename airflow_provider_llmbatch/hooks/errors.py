@@ -1,0 +1,271 @@
+"""
+From an HTTP error response (or a transport failure) to a typed exception, by table.
+
+The HTTP status gives a first kind (:data:`STATUS_KINDS`); the vendor's own codes then refine it from
+its :class:`~airflow_provider_llmbatch.vendors.ErrorDialect` (``code_kinds`` first, then the
+``(status, code)`` pairs of ``codes``). Bodies are read leniently: a nested ``error`` object, a flat
+``code``/``message`` object, or an HTML/text page. The API key never reaches a message: any
+occurrence in the vendor's text is replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pydantic
+
+from airflow_provider_llmbatch.exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    FileTooLargeError,
+    MalformedResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitError,
+    ServerError,
+    VendorAPIError,
+)
+from airflow_provider_llmbatch.retry import parse_retry_after
+from airflow_provider_llmbatch.vendors import ErrorKind, VendorSpec
+
+STATUS_KINDS: Mapping[int, ErrorKind] = {
+    400: "bad_request",
+    401: "authentication",
+    403: "permission_denied",
+    404: "not_found",
+    409: "conflict",
+    413: "file_too_large",
+    422: "bad_request",
+    429: "rate_limit",
+}
+"""HTTP status -> error kind, before the vendor's codes refine it; any 5xx is ``server``."""
+
+KIND_EXCEPTIONS: Mapping[ErrorKind, type[VendorAPIError]] = {
+    "bad_request": BadRequestError,
+    "authentication": AuthenticationError,
+    "permission_denied": PermissionDeniedError,
+    "not_found": NotFoundError,
+    "conflict": ConflictError,
+    "file_too_large": FileTooLargeError,
+    "rate_limit": RateLimitError,
+    "quota_exceeded": QuotaExceededError,
+    "server": ServerError,
+}
+"""Error kind -> exception class."""
+
+_MAX_MESSAGE = 500
+_TEXT_SNIPPET = 200
+_WS = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """
+    What an error response said, read leniently.
+
+    :param code: the vendor's error code, if any.
+    :param type: the vendor's error type, if any.
+    :param message: the vendor's message (or a text snippet), key redacted.
+    :param param: the offending parameter, if named.
+    :param request_id: the request id from the body, if any.
+    """
+
+    code: str | None = None
+    type: str | None = None
+    message: str | None = None
+    param: str | None = None
+    request_id: str | None = None
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Return ``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    if secret:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _scalar(value: Any) -> str | None:
+    if value is None or isinstance(value, dict | list):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def parse_error_body(content: bytes, *, reason: str, secret: str | None) -> ErrorBody:
+    """
+    Read an error response body in any of the vendors' shapes.
+
+    :param content: the body (possibly truncated).
+    :param reason: the HTTP reason phrase, used when the body is not JSON.
+    :param secret: the API key, redacted from everything returned.
+    """
+    try:
+        body: Any = json.loads(content) if content.strip() else None
+    except (ValueError, UnicodeDecodeError):
+        body = None
+        # Redact before cutting, so a key straddling the cut cannot leak its first half.
+        text = redact(_WS.sub(" ", content.decode("utf-8", errors="replace")).strip(), secret)
+        snippet = f"{reason}: {text[:_TEXT_SNIPPET]}" if text else reason
+        return ErrorBody(message=redact(snippet, secret))
+    if not isinstance(body, Mapping):
+        return ErrorBody(message=reason or None)
+    nested = body.get("error")
+    source: Mapping[str, Any] = nested if isinstance(nested, Mapping) else body
+    message: str | None = _scalar(source.get("message")) or _scalar(source.get("msg"))
+    if message is None and isinstance(nested, str):
+        message = _scalar(nested)
+    request_id = _scalar(body.get("request_id")) or _scalar(source.get("request_id"))
+    return ErrorBody(
+        code=_scalar(source.get("code")),
+        type=_scalar(source.get("type")),
+        message=redact(message, secret)[:_MAX_MESSAGE] if message else (reason or None),
+        param=_scalar(source.get("param")),
+        request_id=redact(request_id, secret) if request_id else None,
+    )
+
+
+def error_kind(vendor: VendorSpec, status: int, body: ErrorBody, *, operation: str = "") -> ErrorKind | None:
+    """
+    Return the kind of an error response: the vendor's codes first, then the HTTP status.
+
+    :param vendor: the vendor spec whose error dialect applies.
+    :param status: the HTTP status.
+    :param body: the parsed error body.
+    :param operation: the hook operation; a cancel refused with the vendor's "already finished" status
+        is a conflict.
+    """
+    dialect = vendor.errors
+    for value in (body.code, body.type):
+        if value is not None and value in dialect.code_kinds:
+            return dialect.code_kinds[value]
+    for value in (body.code, body.type):
+        if value is None:
+            continue
+        pairs = [kind for kind, (s, c) in dialect.codes.items() if s == status and c == value]
+        if len(set(pairs)) == 1:
+            return pairs[0]
+    if operation == "cancel_batch" and status == vendor.quirks.cancel_terminal_status and status != 404:
+        return "conflict"
+    if status in STATUS_KINDS:
+        return STATUS_KINDS[status]
+    if status >= 500:
+        return "server"
+    by_status = {kind for kind, (s, _c) in dialect.codes.items() if s == status}
+    if len(by_status) == 1:
+        return by_status.pop()
+    if 400 <= status < 500:
+        return "bad_request"
+    return None
+
+
+def request_id_from(vendor: VendorSpec, headers: Mapping[str, str], body: ErrorBody | None) -> str | None:
+    """Return the request id from the body, or else from the vendor's request-id headers."""
+    if body is not None and body.request_id:
+        return body.request_id
+    for name in vendor.errors.request_id_headers:
+        value = headers.get(name)
+        if value:
+            return value
+    return None
+
+
+def error_from_response(
+    vendor: VendorSpec,
+    *,
+    status: int,
+    reason: str,
+    headers: Mapping[str, str],
+    content: bytes,
+    conn_id: str,
+    operation: str,
+    secret: str | None,
+) -> VendorAPIError:
+    """
+    Return the typed exception for an HTTP error response.
+
+    :param vendor: the vendor spec.
+    :param status: the HTTP status.
+    :param reason: the HTTP reason phrase.
+    :param headers: the response headers (case-insensitive).
+    :param content: the (possibly truncated) body.
+    :param conn_id: the Airflow connection id.
+    :param operation: the hook operation.
+    :param secret: the API key, never to appear in the result.
+    """
+    body = parse_error_body(content, reason=reason, secret=secret)
+    kind = error_kind(vendor, status, body, operation=operation)
+    cls = KIND_EXCEPTIONS[kind] if kind is not None else VendorAPIError
+    message = body.message or reason or f"HTTP {status}"
+    if body.param:
+        message = f"{message} [param: {redact(body.param, secret)}]"
+    code = body.code or body.type
+    retry_after = parse_retry_after(headers) if cls is RateLimitError or status == 503 else None
+    return cls(
+        message,
+        vendor=vendor.name,
+        conn_id=conn_id,
+        operation=operation,
+        status_code=status,
+        code=redact(code, secret) if code else None,
+        request_id=request_id_from(vendor, headers, body),
+        retry_after=retry_after,
+    )
+
+
+def transport_error(
+    exc: httpx.TransportError, *, vendor: VendorSpec, conn_id: str, operation: str, secret: str | None
+) -> APIConnectionError:
+    """
+    Return the typed exception for a failure without a response (raise it ``from exc``).
+
+    :param exc: the httpx transport error.
+    :param vendor: the vendor spec.
+    :param conn_id: the Airflow connection id.
+    :param operation: the hook operation.
+    :param secret: the API key, never to appear in the result.
+    """
+    cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    detail = redact(str(exc), secret) or type(exc).__name__
+    return cls(f"{type(exc).__name__}: {detail}", vendor=vendor.name, conn_id=conn_id, operation=operation)
+
+
+def summarize_validation(exc: pydantic.ValidationError, *, limit: int = 5) -> str:
+    """Return pydantic's errors as one line of ``location: message``, never the input values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:limit]:
+        location = ".".join(str(p) for p in error.get("loc", ())) or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def malformed(
+    what: str, *, vendor: VendorSpec, conn_id: str, operation: str, status: int, request_id: str | None
+) -> MalformedResponseError:
+    """
+    Return the exception for a 2xx response whose body is not what the API promises.
+
+    :param what: what was wrong, without the body.
+    :param vendor: the vendor spec.
+    :param conn_id: the Airflow connection id.
+    :param operation: the hook operation.
+    :param status: the HTTP status.
+    :param request_id: the request id from the headers, if any.
+    """
+    return MalformedResponseError(
+        what,
+        vendor=vendor.name,
+        conn_id=conn_id,
+        operation=operation,
+        status_code=status,
+        request_id=request_id,
+    )

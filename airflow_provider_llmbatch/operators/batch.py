@@ -1,0 +1,489 @@
+"""
+Operators that start and stop LLM batches.
+
+:class:`CreateBatchOperator` checks a request file (or builds one from records), uploads it and
+creates the batch; it is retry-safe: a retried or cleared task finds the batch it already paid for
+(through Airflow's task state store, then the batch's ``llmbatch_key`` metadata) and re-attaches to
+it. :class:`CancelBatchOperator` cancels a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator, conf
+
+from airflow_provider_llmbatch.exceptions import InvalidInputError, NotFoundError, VendorAPIError
+from airflow_provider_llmbatch.hooks.batch import BatchHook
+from airflow_provider_llmbatch.jsonl import RequestFileReport, build_request_file, validate_request_file
+from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
+from airflow_provider_llmbatch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
+from airflow_provider_llmbatch.sensors.batch import DEFAULT_TIMEOUT, BatchWaitMixin
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context, ObjectStoragePath
+
+    from airflow_provider_llmbatch.vendors import VendorSpec
+
+XCOM_INPUT_FILE_ID = "input_file_id"
+"""The XCom key of the uploaded request file's id, pushed as soon as the upload is done."""
+
+XCOM_INPUT_FINGERPRINT = "input_fingerprint"
+"""The XCom key of the SHA-256 of the request file's bytes."""
+
+KEY_METADATA = "llmbatch_key"
+"""The batch metadata key that identifies the task instance and input a batch was created for."""
+
+STATE_KEY = "llmbatch_create"
+"""The task state store key holding ``{"key", "input_file_id", "batch_id"}`` across retries."""
+
+REATTACHABLE_STATUSES: frozenset[BatchStatus] = frozenset(
+    {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED}
+)
+"""Statuses of an earlier batch a retry re-attaches to; any other end gets a fresh batch."""
+
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._+:=-]")
+
+
+def airflow_home() -> Path:
+    """Return ``$AIRFLOW_HOME`` (default ``~/airflow``), as Airflow resolves it."""
+    return Path(os.path.expanduser(os.environ.get("AIRFLOW_HOME", "~/airflow")))
+
+
+def task_identity(context: Context) -> tuple[str, str, str, int]:
+    """Return ``(dag_id, task_id, run_id, map_index)`` of the running task instance."""
+    ti = context.get("ti")
+    map_index = getattr(ti, "map_index", None)
+    return (
+        str(getattr(ti, "dag_id", None) or context.get("dag").dag_id),  # type: ignore[union-attr]
+        str(getattr(ti, "task_id", None) or context.get("task").task_id),  # type: ignore[union-attr]
+        str(getattr(ti, "run_id", None) or context.get("run_id")),
+        int(map_index) if isinstance(map_index, int) else -1,
+    )
+
+
+def default_task_path(root: str, context: Context) -> str:
+    """Return ``$AIRFLOW_HOME/<root>/<dag_id>/<run_id>/<task_id>[.<map_index>].jsonl`` for this task."""
+    dag_id, task_id, run_id, map_index = task_identity(context)
+    name = task_id if map_index < 0 else f"{task_id}.{map_index}"
+    parts = [_UNSAFE_PATH_CHARS.sub("_", p) for p in (dag_id, run_id, name)]
+    return str(airflow_home() / root / parts[0] / parts[1] / f"{parts[2]}.jsonl")
+
+
+def batch_key(context: Context, input_fingerprint: str) -> str:
+    """Return the short key naming this task instance's batch for this input (32 hex characters)."""
+    dag_id, task_id, run_id, map_index = task_identity(context)
+    identity = "\x1f".join((dag_id, task_id, run_id, str(map_index), input_fingerprint))
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def _push(context: Context, key: str, value: Any) -> None:
+    ti = context.get("ti")
+    if ti is not None:
+        ti.xcom_push(key=key, value=value)
+
+
+class _StateStore:
+    """The task state store where the running Airflow has one; every failure degrades to "absent"."""
+
+    def __init__(self, context: Context, log: Any) -> None:
+        self._store = context.get("task_state_store")
+        self._log = log
+
+    def get(self, key: str) -> dict[str, Any]:
+        if self._store is None:
+            return {}
+        try:
+            value = self._store.get(STATE_KEY)
+        except Exception as exc:
+            self._disable("read", exc)
+            return {}
+        if not isinstance(value, Mapping) or value.get("key") != key:
+            return {}
+        return dict(value)
+
+    def set(self, value: dict[str, Any]) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.set(STATE_KEY, value)
+        except Exception as exc:
+            self._disable("write", exc)
+
+    def _disable(self, what: str, exc: Exception) -> None:
+        # The batch metadata lookup still finds the batch; the state store only makes it cheaper.
+        self._log.warning("Task state store %s failed (%s); relying on the batch metadata lookup", what, exc)
+        self._store = None
+
+
+class CreateBatchOperator(BatchWaitMixin, BaseOperator):
+    """
+    Upload a request file and create an LLM batch; optionally wait for it to end.
+
+    The request file is checked against the vendor's rules before anything is uploaded. XCom keys
+    ``input_file_id``, ``batch_id``, ``conn_type`` and ``input_fingerprint`` are pushed the moment each is
+    known; the return value is a small dict (``batch_id``, ``input_file_id``, ``status``, ``endpoint``,
+    ``request_count``, ``input_uri``, ``reattached``, ...), or with ``wait_for_completion`` the final batch
+    summary merged over it.
+
+    A retry (or a clear) of the same task instance with the same input re-attaches to the batch it
+    created, when that batch is in progress or completed, instead of paying for a second one; the
+    uploaded file is reused as well.
+
+    :param conn_id: the LLM batch connection; its type decides the vendor. (templated)
+        (default: ``llmbatch_default``)
+    :param input_file: the request file: a local path, or a URI such as ``file:///...`` or ``s3://...``.
+        (templated)
+    :param requests: records to build the request file from (a list or an XComArg), instead of
+        ``input_file``; see :func:`~airflow_provider_llmbatch.jsonl.build_request_file`. (templated)
+    :param model: the model of every request built from ``requests``. (templated)
+    :param endpoint: the batch endpoint. (templated) (default: the vendor's first)
+    :param completion_window: the batch window, e.g. ``24h``. (templated) (default: the vendor's)
+    :param metadata: string pairs stored on the batch. (templated)
+    :param vendor_options: vendor-only create fields, e.g. Zhipu ``auto_delete_input_file``. (templated)
+    :param request_file_destination: where a file built from ``requests`` is kept for the results join.
+        (templated) (default: ``$AIRFLOW_HOME/llmbatch-requests/<dag>/<run>/<task>.jsonl``)
+    :param wait_for_completion: wait for the batch to end and judge it. (default: False)
+    :param deferrable: wait in the triggerer. (default: ``[operators] default_deferrable``)
+    :param poll_interval: the typical seconds between polls. (default: 30)
+    :param max_poll_interval: no wait between polls is longer. (default: 300)
+    :param timeout: seconds (or timedelta) to wait before giving up. (default: 7 days)
+    :param max_failed_fraction: share of failed requests a completed batch may have. (default: 0.0)
+    :param cancel_on_kill: cancel the batch when the task is killed. (default: True)
+    :param cancel_on_timeout: cancel the batch when the wait times out. (default: True)
+    :param reattach: look for this task instance's earlier batch before creating one. (default: True)
+    """
+
+    template_fields: Sequence[str] = (
+        "conn_id",
+        "input_file",
+        "requests",
+        "model",
+        "endpoint",
+        "completion_window",
+        "metadata",
+        "vendor_options",
+        "request_file_destination",
+    )
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        "metadata": "json",
+        "vendor_options": "json",
+        "requests": "json",
+    }
+    operator_extra_links = (BatchConsoleLink(),)
+    ui_color = "#e8eef8"
+
+    def __init__(
+        self,
+        *,
+        conn_id: str = BatchHook.default_conn_name,
+        input_file: str | os.PathLike[str] | ObjectStoragePath | None = None,
+        requests: Any = None,
+        model: str | None = None,
+        endpoint: str | None = None,
+        completion_window: str | None = None,
+        metadata: dict[str, str] | None = None,
+        vendor_options: dict[str, Any] | None = None,
+        request_file_destination: str | None = None,
+        wait_for_completion: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 30.0,
+        max_poll_interval: float = 300.0,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
+        max_failed_fraction: float = 0.0,
+        cancel_on_kill: bool = True,
+        cancel_on_timeout: bool = True,
+        reattach: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+        self.input_file = input_file
+        self.requests = requests
+        self.model = model
+        self.endpoint = endpoint
+        self.completion_window = completion_window
+        self.metadata = metadata
+        self.vendor_options = vendor_options
+        self.request_file_destination = request_file_destination
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        if not poll_interval > 0 or not max_poll_interval > 0:
+            raise ValueError("poll_interval and max_poll_interval must be positive")
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        self.timeout = timeout
+        if math.isnan(max_failed_fraction) or not 0.0 <= max_failed_fraction <= 1.0:
+            raise ValueError(f"max_failed_fraction must be between 0.0 and 1.0, got {max_failed_fraction!r}")
+        self.max_failed_fraction = max_failed_fraction
+        self.cancel_on_kill = cancel_on_kill
+        self.cancel_on_timeout = cancel_on_timeout
+        self.reattach = reattach
+        self._owned_batch_id: str | None = None
+
+    # -- rendered arguments -------------------------------------------------------------------------
+
+    def _check_rendered(self, spec: VendorSpec) -> None:
+        """Check the templated arguments after rendering, against the vendor's rules."""
+        if not isinstance(self.conn_id, str) or not self.conn_id:
+            raise InvalidInputError(f"conn_id must be a non-empty string, got {self.conn_id!r}")
+        if (self.input_file is None) == (self.requests is None):
+            raise InvalidInputError("give exactly one of input_file and requests")
+        if isinstance(self.input_file, str) and not self.input_file.strip():
+            raise InvalidInputError("input_file rendered to an empty string")
+        if self.requests is not None:
+            if isinstance(self.requests, str | bytes | Mapping) or not isinstance(self.requests, Sequence):
+                raise InvalidInputError(
+                    f"requests must be a list of records, got {type(self.requests).__name__}; "
+                    "pass an XComArg or render templates as native objects"
+                )
+            if not isinstance(self.model, str) or not self.model:
+                raise InvalidInputError("model is required when requests are given")
+        for name in ("endpoint", "completion_window", "model"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
+        if self.endpoint is not None and spec.endpoint(self.endpoint) is None:
+            allowed = ", ".join(e.path for e in spec.endpoints)
+            raise InvalidInputError(
+                f"{spec.display_name} does not accept endpoint {self.endpoint!r}; use one of: {allowed}"
+            )
+        problem = spec.completion_window.check(self.completion_window)
+        if problem:
+            raise InvalidInputError(f"completion_window for {spec.display_name}: {problem}")
+        self._check_metadata(spec)
+
+    def _check_metadata(self, spec: VendorSpec) -> None:
+        metadata = self.metadata if self.metadata is not None else {}
+        options = self.vendor_options if self.vendor_options is not None else {}
+        if not isinstance(metadata, Mapping) or not isinstance(options, Mapping):
+            raise InvalidInputError("metadata and vendor_options must be dicts")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidInputError(f"metadata must map strings to strings, got {key!r}: {value!r}")
+        if KEY_METADATA in metadata:
+            raise InvalidInputError(f"metadata key {KEY_METADATA!r} is reserved for retry-safe re-attaching")
+        fields = {f.name: f for f in spec.extra_create_fields}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            allowed = ", ".join(fields) or "none"
+            raise InvalidInputError(f"{spec.display_name} has no create field {unknown}; allowed: {allowed}")
+        in_metadata = {k for k in options if fields[k].in_metadata}
+        limits = spec.limits
+        pairs = len(set(metadata) | in_metadata) + 1
+        if pairs > limits.metadata_pairs:
+            raise InvalidInputError(
+                f"{spec.display_name} accepts at most {limits.metadata_pairs} metadata pairs; "
+                f"{pairs} needed ({KEY_METADATA} included)"
+            )
+        for key, value in metadata.items():
+            most = limits.metadata_value_chars_by_key.get(key, limits.metadata_value_chars)
+            if not key or len(key) > limits.metadata_key_chars or len(value) > most:
+                raise InvalidInputError(
+                    f"metadata {key!r}: expected a key of 1 to {limits.metadata_key_chars} characters "
+                    f"and a value of at most {most}"
+                )
+
+    # -- the request file ---------------------------------------------------------------------------
+
+    def _prepare_input(self, context: Context, spec: VendorSpec) -> tuple[Any, str, RequestFileReport]:
+        """Return the request file to upload, its URI for the results join, and its report (checked)."""
+        if self.requests is not None:
+            destination = self.request_file_destination or default_task_path("llmbatch-requests", context)
+            report = build_request_file(
+                list(self.requests), destination, spec, self.endpoint, model=self.model
+            )
+            self.log.info("Built %d requests into %s", report.lines, destination)
+            return destination, _as_uri(destination), report
+        source = self.input_file
+        if isinstance(source, str) and "://" in source:
+            from airflow.sdk import ObjectStoragePath
+
+            source = ObjectStoragePath(source)
+        report = validate_request_file(source, spec, self.endpoint)  # type: ignore[arg-type]
+        return source, _as_uri(self.input_file), report
+
+    # -- execution ----------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Check, upload and create (or re-attach); wait if asked."""
+        hook = self._batch_hook()
+        spec = hook.vendor
+        self._check_rendered(spec)
+        source, input_uri, report = self._prepare_input(context, spec)
+        fingerprint = report.sha256
+        key = batch_key(context, fingerprint)
+        self.log.info(
+            "Request file %s: %d requests, %d bytes, model %s, endpoint %s",
+            input_uri,
+            report.lines,
+            report.bytes,
+            report.model,
+            report.endpoint,
+        )
+        state = _StateStore(context, self.log)
+        batch = self._find_earlier_batch(hook, state, key) if self.reattach else None
+        reattached = batch is not None
+        if batch is not None:
+            input_file_id = batch.input_file_id or state.get(key).get("input_file_id") or ""
+            _push(context, XCOM_INPUT_FILE_ID, input_file_id)
+        else:
+            input_file_id = self._upload(hook, state, key, source, report)
+            _push(context, XCOM_INPUT_FILE_ID, input_file_id)
+            batch = self._create(hook, key, input_file_id, report)
+            state.set({"key": key, "input_file_id": input_file_id, "batch_id": batch.id})
+        self._owned_batch_id = batch.id
+        _push(context, XCOM_BATCH_ID, batch.id)
+        _push(context, XCOM_CONN_TYPE, spec.conn_type)
+        _push(context, XCOM_INPUT_FINGERPRINT, fingerprint)
+        result = {
+            "batch_id": batch.id,
+            "input_file_id": input_file_id,
+            "status": batch.status,
+            "endpoint": batch.endpoint or report.endpoint,
+            "request_count": report.lines,
+            "input_uri": input_uri,
+            "reattached": reattached,
+            "conn_type": spec.conn_type,
+            "input_fingerprint": fingerprint,
+            KEY_METADATA: key,
+        }
+        if not self.wait_for_completion:
+            return result
+        return self._wait_for_batch(context, batch.id, extra=result)
+
+    def _find_earlier_batch(self, hook: BatchHook, state: _StateStore, key: str) -> Batch | None:
+        """Return this task instance's earlier batch for this input, if it is worth re-attaching to."""
+        batch: Batch | None = None
+        stored_id = state.get(key).get("batch_id")
+        if isinstance(stored_id, str) and stored_id:
+            try:
+                batch = hook.get_batch(stored_id)
+            except NotFoundError:
+                self.log.info("Batch %s from the task state store no longer exists", stored_id)
+        if batch is None:
+            batch = hook.find_batch(metadata={KEY_METADATA: key})
+        if batch is None:
+            return None
+        if batch.state in REATTACHABLE_STATUSES:
+            self.log.info("Re-attaching to batch %s (%s) created by an earlier try", batch.id, batch.status)
+            return batch
+        self.log.warning(
+            "The earlier batch %s of this task ended %s; creating a fresh batch", batch.id, batch.status
+        )
+        return None
+
+    def _upload(
+        self, hook: BatchHook, state: _StateStore, key: str, source: Any, report: RequestFileReport
+    ) -> str:
+        """Upload the request file, or reuse this task instance's earlier upload of it."""
+        filename = f"llmbatch-{key}.jsonl"
+        if self.reattach:
+            reused = self._find_upload(hook, state, key, filename, report.bytes)
+            if reused is not None:
+                self.log.info("Reusing uploaded request file %s (%s)", reused, filename)
+                return reused
+        uploaded = hook.upload_file(source, filename=filename, purpose="batch")
+        self.log.info("Uploaded %s as %s (%d bytes)", filename, uploaded.id, report.bytes)
+        state.set({"key": key, "input_file_id": uploaded.id})
+        return uploaded.id
+
+    def _find_upload(
+        self, hook: BatchHook, state: _StateStore, key: str, filename: str, size: int
+    ) -> str | None:
+        def usable(file_bytes: int | None, status: str | None) -> bool:
+            return (file_bytes is None or file_bytes == size) and status not in ("error", "deleted")
+
+        stored_id = state.get(key).get("input_file_id")
+        try:
+            if isinstance(stored_id, str) and stored_id:
+                try:
+                    stored = hook.get_file(stored_id)
+                except NotFoundError:
+                    stored = None
+                if stored is not None and usable(stored.bytes, stored.status):
+                    return stored.id
+            for file in hook.list_files(purpose="batch"):
+                if file.filename == filename and usable(file.bytes, file.status):
+                    return file.id
+        except VendorAPIError as exc:
+            # A duplicate upload costs storage, not money; a failed lookup must not fail the task.
+            self.log.warning("Could not look for an earlier upload (%s); uploading again", exc)
+        return None
+
+    def _create(self, hook: BatchHook, key: str, input_file_id: str, report: RequestFileReport) -> Batch:
+        metadata = {**(self.metadata or {}), KEY_METADATA: key}
+        batch = hook.create_batch(
+            input_file_id=input_file_id,
+            endpoint=report.endpoint,
+            completion_window=self.completion_window,
+            metadata=metadata,
+            extra=self.vendor_options or None,
+        )
+        self.log.info("Created batch %s (%s) from %s", batch.id, batch.status, input_file_id)
+        return batch
+
+    def on_kill(self) -> None:
+        """Cancel the batch this task instance created or re-attached to, if it still runs."""
+        batch_id = self._owned_batch_id or self._waiting_for
+        if not batch_id or not self.cancel_on_kill:
+            return
+        try:
+            batch = self._batch_hook().get_batch(batch_id)
+        except Exception as exc:
+            self.log.warning("Could not check batch %s before cancelling: %s", batch_id, exc)
+            return
+        if batch.state in CANCELLABLE_STATUSES:
+            self._cancel_batch(batch_id, "the task was killed")
+        else:
+            self.log.info("Batch %s is %s; nothing to cancel", batch_id, batch.status)
+
+
+def _as_uri(location: Any) -> str:
+    """Return a location as text: URIs as given, local paths made absolute."""
+    text = str(location)
+    if "://" in text:
+        return text
+    return str(Path(os.fspath(location)).absolute())
+
+
+class CancelBatchOperator(BaseOperator):
+    """
+    Cancel an LLM batch; a batch that has already ended is left as it is.
+
+    Returns the batch summary after the cancel request (often ``cancelling``; the vendor finishes it).
+
+    :param batch_id: the vendor's batch id. (templated)
+    :param conn_id: the LLM batch connection. (templated) (default: ``llmbatch_default``)
+    """
+
+    template_fields: Sequence[str] = ("batch_id", "conn_id")
+    operator_extra_links = (BatchConsoleLink(),)
+
+    def __init__(self, *, batch_id: str, conn_id: str = BatchHook.default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_id = batch_id
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Cancel the batch unless it has already ended; return its summary."""
+        if not isinstance(self.batch_id, str) or not self.batch_id.strip():
+            raise InvalidInputError(f"batch_id must be a non-empty string, got {self.batch_id!r}")
+        batch_id = self.batch_id.strip()
+        hook = BatchHook(self.conn_id)
+        _push(context, XCOM_BATCH_ID, batch_id)
+        _push(context, XCOM_CONN_TYPE, hook.vendor.conn_type)
+        batch = hook.get_batch(batch_id)
+        if batch.state in CANCELLABLE_STATUSES:
+            batch = hook.cancel_batch(batch_id)
+            self.log.info("Cancel requested for batch %s: now %s", batch_id, batch.status)
+        else:
+            self.log.info("Batch %s is %s; not cancelling", batch_id, batch.status)
+        return batch.summary()

@@ -1,0 +1,70 @@
+"""Summarise meeting notes with Kimi through Moonshot's Batch API."""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
+from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
+from airflow_provider_llmbatch.sensors.batch import BatchSensor
+
+CONN_ID = "llmbatch_moonshot"
+POLL_INTERVAL = float(os.environ.get("LLMBATCH_EXAMPLE_POLL_INTERVAL", "60"))
+
+NOTES = {
+    "standup-0312": "Backend team: payments migration 80% done, blocked on a schema review. "
+    "Frontend: new checkout page in QA. Action: Li Wei to book the review for Thursday.",
+    "retro-0314": "What went well: on-call was quiet. What did not: two hotfixes skipped code review. "
+    "Decision: no release on Fridays until the pipeline gates are back.",
+    "planning-0317": "Next sprint: search relevance, export to CSV, and the accessibility audit fixes. "
+    "Capacity is down one engineer; export to CSV may slip.",
+    "sync-0318": "Vendor call: the SMS provider raises prices 12% in May. "
+    "Options: renegotiate, or move OTP to email for low-risk logins.",
+}
+
+with DAG(
+    dag_id="example_llmbatch_moonshot",
+    schedule=None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["llmbatch", "example", "moonshot"],
+    doc_md="""
+    ### Moonshot (Kimi) batch
+
+    Summarises meeting notes with `moonshot-v1-8k`. Moonshot accepts a completion window from
+    `12h` to `7d` and rejects sampling settings (`temperature`, `top_p`, ...) in batch lines, so the
+    requests carry only `max_tokens`. Connection `llmbatch_moonshot` (type *Moonshot (Kimi)*);
+    keys for api.moonshot.cn and api.moonshot.ai are not interchangeable: pick the region.
+    """,
+) as dag:
+    create = CreateBatchOperator(
+        task_id="create_batch",
+        conn_id=CONN_ID,
+        requests=[
+            {
+                "custom_id": note_id,
+                "system": "Summarise the meeting notes in two sentences, then list the action items.",
+                "prompt": text,
+                "params": {"max_tokens": 256},
+            }
+            for note_id, text in NOTES.items()
+        ],
+        model="moonshot-v1-8k",
+        completion_window="48h",
+    )
+    wait = BatchSensor(
+        task_id="wait_for_batch",
+        conn_id=CONN_ID,
+        batch_id=create.output["batch_id"],
+        poll_interval=POLL_INTERVAL,
+    )
+    fetch = FetchBatchResultsOperator(
+        task_id="fetch_results",
+        conn_id=CONN_ID,
+        batch_id=create.output["batch_id"],
+        input_file=create.output["input_uri"],
+    )
+    create >> wait >> fetch

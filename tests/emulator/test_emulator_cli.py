@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from airflow_provider_llmbatch.emulator.cli import build_parser
+from airflow_provider_llmbatch.vendors import REGISTRY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_parser_defaults_to_loopback() -> None:
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.time_scale) == ("127.0.0.1", 8765, 1.0)
+
+
+@pytest.mark.integration
+def test_cli_serves_until_terminated(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "airflow_provider_llmbatch.emulator",
+            "--port",
+            "0",
+            "--api-key",
+            "cli-key",
+            "--data-dir",
+            str(tmp_path),
+            "--time-scale",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        match = re.search(r"on (http://127\.0\.0\.1:\d+)", first)
+        assert match, first + (proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
+        root = match.group(1)
+        urls = dict(proc.stdout.readline().split() for _ in REGISTRY)
+        assert urls == {name: root + spec.emulator_prefix for name, spec in REGISTRY.items()}
+        assert httpx.get(f"{root}/_emulator/health", timeout=5).json()["status"] == "ok"
+        ok = httpx.get(f"{urls['openai']}/batches", headers={"Authorization": "Bearer cli-key"}, timeout=5)
+        assert ok.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert "cli-key" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

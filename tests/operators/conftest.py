@@ -1,0 +1,139 @@
+"""A minimal task context for running operators' ``execute`` without a scheduler or worker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
+from airflow_provider_llmbatch.vendors import VendorSpec
+
+CONN_ID = "llmbatch_test"
+
+
+class FakeTI:
+    """Records XCom pushes in order; ``fail_on`` keys raise once, like a worker dying mid-push."""
+
+    def __init__(
+        self,
+        *,
+        dag_id: str = "llmbatch_dag",
+        task_id: str = "create",
+        run_id: str = "manual__2026-01-01T00:00:00+00:00",
+        map_index: int = -1,
+        fail_on: set[str] | None = None,
+    ) -> None:
+        self.dag_id = dag_id
+        self.task_id = task_id
+        self.run_id = run_id
+        self.map_index = map_index
+        self.fail_on = set(fail_on or ())
+        self.pushed: list[tuple[str, Any]] = []
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        if key in self.fail_on:
+            self.fail_on.discard(key)
+            raise RuntimeError(f"worker died while pushing {key}")
+        json.dumps(value)  # XCom values must serialize
+        self.pushed.append((key, value))
+
+    def xcom(self, key: str) -> Any:
+        values = [v for k, v in self.pushed if k == key]
+        assert values, f"no XCom {key!r} pushed"
+        return values[-1]
+
+
+class FakeStateStore:
+    """The task state store's get/set, in memory; shared across 'tries' like the real one."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.data: dict[str, Any] = {}
+        self.broken = broken
+        self.reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads += 1
+        if self.broken:
+            raise RuntimeError("state store unavailable")
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any, *, retention: Any = None) -> None:
+        if self.broken:
+            raise RuntimeError("state store unavailable")
+        self.data[key] = json.loads(json.dumps(value))
+
+
+def make_context(ti: FakeTI, state_store: FakeStateStore | None = None) -> dict[str, Any]:
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+
+    context: dict[str, Any] = {"ti": ti, "run_id": ti.run_id, "outlet_events": OutletEventAccessors()}
+    if state_store is not None:
+        context["task_state_store"] = state_store
+    return context
+
+
+def write_requests(path: Path, spec: VendorSpec, ids: list[str], *, endpoint: str | None = None) -> Path:
+    endpoint = endpoint or spec.default_endpoint
+    with path.open("w", encoding="utf-8") as handle:
+        for custom_id in ids:
+            line = {
+                "custom_id": custom_id,
+                "method": "POST",
+                "url": endpoint,
+                "body": {
+                    "model": "test-model",
+                    "messages": [{"role": "user", "content": f"say {custom_id}"}],
+                },
+            }
+            handle.write(json.dumps(line) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def slow_emulator_server() -> Iterator[Emulator]:
+    """An emulator whose batches stay put (validating 20 s, in progress 100 s) until a test moves them."""
+    server = Emulator(EmulatorConfig(time_scale=100.0))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def emu(slow_emulator_server: Emulator) -> Emulator:
+    """Return the slow emulator with all state dropped."""
+    slow_emulator_server.reset()
+    return slow_emulator_server
+
+
+@pytest.fixture
+def connect(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Point connection ``llmbatch_test`` at the slow emulator for a vendor; return the emulator."""
+    emulator = emu
+
+    def _connect(vendor: str) -> Emulator:
+        for key, value in emulator.airflow_conn_env(vendor, CONN_ID).items():
+            monkeypatch.setenv(key, value)
+        return emulator
+
+    return _connect
+
+
+@pytest.fixture(autouse=True)
+def airflow_home_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "airflow-home"
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _operators_run_outside_task_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let tests call ``execute`` directly, as the task runner would."""
+    from airflow.sdk.bases.operator import ExecutorSafeguard
+
+    monkeypatch.setattr(ExecutorSafeguard, "test_mode", True)
