@@ -23,7 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +38,7 @@ TRIGGER_CLASSPATH = "airflow_provider_llmbatch.triggers.batch.BatchTrigger"
 """The trigger a deferred batch sensor leaves in the metadata database."""
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_MODULE = "airflow_provider_llmbatch.demo"
 
 
 def find_example_dags() -> Path:
@@ -58,34 +59,34 @@ def _airflow_version() -> str:
 @dataclass(frozen=True)
 class DagTestRun:
     """
-    The outcome of one ``airflow dags test``, read back from the metadata database.
+    The outcome of one ``dag.test()``, read back from the metadata database.
 
     :param dag_id: the DAG that ran.
-    :param returncode: the command's exit status (1 when the run failed).
-    :param seconds: wall time of the command.
     :param run_id: the DAG run, if one was created.
-    :param state: the DAG run's final state.
+    :param state: the DAG run's final state (None if the run did not finish).
+    :param seconds: wall time of the run.
     :param tasks: task id -> final state.
     :param xcoms: task id -> return value.
     :param deferrals: the batch triggers created during the run, as stored (kwargs dict, or None if
         not readable).
-    :param log_path: the command's full output.
+    :param error: why the run could not be started or finished, if so.
+    :param log_path: the full output of the process that ran it.
     """
 
     dag_id: str
-    returncode: int
-    seconds: float
     run_id: str | None
     state: str | None
+    seconds: float
     tasks: dict[str, str | None] = field(default_factory=dict)
     xcoms: dict[str, Any] = field(default_factory=dict)
     deferrals: list[dict[str, Any] | None] = field(default_factory=list)
+    error: str | None = None
     log_path: Path | None = None
 
     @property
     def succeeded(self) -> bool:
-        """Return True when the command and the DAG run both succeeded."""
-        return self.returncode == 0 and self.state == "success"
+        """Return True when the DAG run succeeded."""
+        return self.state == "success" and self.error is None
 
 
 class MetadataReader:
@@ -112,12 +113,16 @@ class MetadataReader:
 
     def latest_run(self, dag_id: str) -> tuple[str, str | None] | None:
         """Return ``(run_id, state)`` of the DAG's newest run."""
-        rows = self._query("SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", dag_id)
+        rows = self._query(
+            "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", dag_id
+        )
         return (rows[0][0], rows[0][1]) if rows else None
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """Return task id -> state for a run (mapped tasks: the last index read wins)."""
-        rows = self._query("SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
+        rows = self._query(
+            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id
+        )
         return {task_id: state for task_id, state in rows}
 
     def return_values(self, dag_id: str, run_id: str) -> dict[str, Any]:
@@ -135,12 +140,14 @@ class MetadataReader:
                 values[task_id] = raw
         return values
 
-    def triggers(self, classpath: str, *, since: float = 0.0) -> list[dict[str, Any] | None]:
-        """Return the kwargs of triggers of a class created since an epoch time (None where encrypted)."""
+    def triggers(
+        self, classpath: str, *, since: float = 0.0, until: float = float("inf")
+    ) -> list[dict[str, Any] | None]:
+        """Return the kwargs of the triggers of a class created in a time window (None where encrypted)."""
         rows = self._query("SELECT kwargs, created_date FROM trigger WHERE classpath = ?", classpath)
         found: list[dict[str, Any] | None] = []
         for raw, created in rows:
-            if _epoch(created) < since:
+            if not since <= _epoch(created) <= until:
                 continue
             try:
                 kwargs = json.loads(raw) if str(raw).startswith("{") else None
@@ -172,7 +179,9 @@ class LocalAirflow:
     :param dags_folder: the DAGs folder (default: the repository's ``example_dags``).
     """
 
-    def __init__(self, home: str | os.PathLike[str], dags_folder: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, home: str | os.PathLike[str], dags_folder: str | os.PathLike[str] | None = None
+    ) -> None:
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve() if dags_folder else find_example_dags()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -241,7 +250,9 @@ class LocalAirflow:
         self._stamp.write_text(_airflow_version())
         return True
 
-    def clone(self, home: str | os.PathLike[str], dags_folder: str | os.PathLike[str] | None = None) -> LocalAirflow:
+    def clone(
+        self, home: str | os.PathLike[str], dags_folder: str | os.PathLike[str] | None = None
+    ) -> LocalAirflow:
         """Return a new installation at ``home`` starting from a copy of this one's migrated database."""
         other = LocalAirflow(home, dags_folder or self.dags_folder)
         if self.db_path.exists():
@@ -255,39 +266,127 @@ class LocalAirflow:
 
     def dags_test(
         self,
-        dag_id: str,
+        runs: Sequence[str | tuple[str, Mapping[str, str]]],
         *,
         env: Mapping[str, str] | None = None,
-        conf: Mapping[str, Any] | None = None,
-        timeout: float = 300.0,
+        timeout: float = 600.0,
         log_path: Path | None = None,
-    ) -> DagTestRun:
-        """Run ``airflow dags test`` (deferrals run in line) and read back what happened."""
-        log_path = log_path or self.home / "logs" / f"dags-test-{dag_id}.log"
-        args = ["dags", "test", dag_id]
-        if conf:
-            args += ["--conf", json.dumps(dict(conf))]
-        started = time.time()
-        clock = time.monotonic()
-        status = self.run(*args, env=env, log_path=log_path, timeout=timeout)
-        seconds = time.monotonic() - clock
+        on_run: Callable[[DagTestRun], None] | None = None,
+    ) -> list[DagTestRun]:
+        """
+        Run ``dag.test()`` for each DAG, one after the other, in one child process; read back each run.
+
+        One process for all: starting Airflow's in-process execution API costs seconds, once. Deferrals
+        run in line (``dag.test()`` builds the trigger from its serialized kwargs and runs it).
+
+        :param runs: DAG ids, or ``(dag_id, env)`` pairs whose variables are set before the DAG is
+            parsed (e.g. ``LLMBATCH_PIPELINE_VENDOR``).
+        :param env: variables for the whole process (connections, poll interval).
+        :param timeout: seconds for all runs together; runs not finished by then are reported so.
+        :param log_path: where the process's output goes (default: under ``logs/``).
+        :param on_run: called with each run as soon as it has finished.
+        """
+        plan: list[tuple[str, dict[str, str]]] = [
+            (run, {}) if isinstance(run, str) else (run[0], dict(run[1])) for run in runs
+        ]
+        stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+        plan_path = self.home / "logs" / f"dag-test-plan-{stamp}.json"
+        report_path = self.home / "logs" / f"dag-test-report-{stamp}.jsonl"
+        log_path = log_path or self.home / "logs" / f"dag-test-{stamp}.log"
+        plan_path.write_text(json.dumps([{"dag_id": dag_id, "env": env} for dag_id, env in plan]))
+        results: list[DagTestRun] = []
+        done = 0
+
+        def collect() -> None:
+            nonlocal done
+            lines = report_path.read_text().splitlines() if report_path.exists() else []
+            for line in lines[done:]:
+                if not line.endswith("}"):
+                    break  # still being written
+                results.append(self._read_run(json.loads(line), log_path))
+                done += 1
+                if on_run is not None:
+                    on_run(results[-1])
+
+        deadline = time.monotonic() + timeout
+        with log_path.open("wb") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", _MODULE, "--run-plan", str(plan_path), "--report", str(report_path)],
+                env=self.env(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            reason = ""
+            try:
+                while child.poll() is None and time.monotonic() < deadline:
+                    collect()
+                    time.sleep(0.2)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    reason = f"not finished after {timeout:.0f} s"
+                    log.write(f"\n*** killed: {reason}\n".encode())
+                status = child.wait()
+        collect()
+        reason = reason or f"the process running the DAGs exited early (status {status})"
+        for dag_id, _ in plan[len(results) :]:
+            missing = DagTestRun(dag_id, None, None, 0.0, error=reason, log_path=log_path)
+            results.append(missing)
+            if on_run is not None:
+                on_run(missing)
+        return results
+
+    def _read_run(self, entry: Mapping[str, Any], log_path: Path) -> DagTestRun:
+        dag_id, run_id = entry["dag_id"], entry.get("run_id")
+        seconds = entry["ended"] - entry["started"]
+        if not run_id:
+            return DagTestRun(dag_id, None, None, seconds, error=entry.get("error"), log_path=log_path)
         reader = self.reader()
-        latest = reader.latest_run(dag_id) if self.db_path.exists() else None
-        if latest is None:
-            return DagTestRun(dag_id, status, seconds, None, None, log_path=log_path)
-        run_id, state = latest
         return DagTestRun(
             dag_id=dag_id,
-            returncode=status,
-            seconds=seconds,
             run_id=run_id,
-            state=state,
+            state=entry.get("state"),
+            seconds=seconds,
             tasks=reader.task_states(dag_id, run_id),
             xcoms=reader.return_values(dag_id, run_id),
-            # Created-date precision is a second: allow for it rather than miss this run's trigger.
-            deferrals=reader.triggers(TRIGGER_CLASSPATH, since=started - 1.0),
+            # Created dates are stored to the microsecond but may lag a clock read: allow a second.
+            deferrals=reader.triggers(
+                TRIGGER_CLASSPATH, since=entry["started"] - 1.0, until=entry["ended"] + 1.0
+            ),
+            error=entry.get("error"),
             log_path=log_path,
         )
+
+
+def _run_plan(plan_path: Path, report_path: Path) -> int:
+    """Run ``dag.test()`` for each entry of a plan, in this process; append one JSON line per run."""
+    import traceback
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    plan = json.loads(plan_path.read_text())
+    worst = 0
+    for item in plan:
+        os.environ.update(item["env"])
+        entry: dict[str, Any] = {"dag_id": item["dag_id"], "started": time.time()}
+        try:
+            # Parsed afresh for each run, so variables read at parse time take this run's values.
+            bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+            dag = bag.get_dag(item["dag_id"])
+            if dag is None:
+                raise LookupError(f"DAG {item['dag_id']!r} not found; import errors: {bag.import_errors}")
+            dag_run = dag.test()
+            state = getattr(dag_run.state, "value", dag_run.state)
+            entry.update(run_id=dag_run.run_id, state=state)
+        except Exception as exc:
+            traceback.print_exc()
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["ended"] = time.time()
+        worst = max(worst, 0 if entry.get("state") == "success" else 1)
+        with report_path.open("a") as report:
+            report.write(json.dumps(entry) + "\n")
+    return worst
 
 
 def _default_home() -> Path:
@@ -305,7 +404,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="all",
         help="which vendor's pipeline to run (default: all, one after the other)",
     )
-    parser.add_argument("--home", type=Path, default=None, help="AIRFLOW_HOME to use (default: ./airflow-home)")
+    parser.add_argument(
+        "--home", type=Path, default=None, help="AIRFLOW_HOME to use (default: ./airflow-home)"
+    )
     parser.add_argument("--dags-folder", type=Path, default=None, help="DAGs folder (default: example_dags/)")
     parser.add_argument(
         "--time-scale",
@@ -314,82 +415,91 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="emulator time scale: a batch takes about 1.4 s times this (default: 3.0)",
     )
     parser.add_argument(
-        "--poll-interval", type=float, default=1.0, help="the batch sensor's poll interval, seconds (default: 1)"
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="the batch sensor's poll interval, seconds (default: 1)",
     )
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per run (default: 300)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds allowed for all runs (default: 600)"
+    )
+    # The child process that runs the DAGs.
+    parser.add_argument("--run-plan", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def _row_of(vendor: str, run: DagTestRun) -> dict[str, Any]:
+def _print_run(vendor: str, run: DagTestRun) -> None:
     fetched = run.xcoms.get("fetch_results") or {}
     summary = run.xcoms.get("summarize") or {}
-    return {
-        "vendor": vendor,
-        "state": run.state or f"exit {run.returncode}",
-        "deferred": "yes" if run.deferrals else "no",
-        "counts": fetched.get("counts") or {},
-        "tokens": (fetched.get("usage") or {}).get("total_tokens"),
-        "results": fetched.get("result_uri"),
-        "summary": summary.get("summary"),
-        "seconds": run.seconds,
-        "log": run.log_path,
-    }
-
-
-def _print_row(row: Mapping[str, Any]) -> None:
-    counts = ", ".join(f"{k} {v}" for k, v in row["counts"].items() if v) or "-"
+    counts = ", ".join(f"{k} {v}" for k, v in (fetched.get("counts") or {}).items() if v) or "-"
+    tokens = (fetched.get("usage") or {}).get("total_tokens", "-")
     print(
-        f"{row['vendor']:<10} {row['state']:<8} deferred: {row['deferred']:<3} "
-        f"requests: {counts}; tokens: {row['tokens'] if row['tokens'] is not None else '-'}; "
-        f"{row['seconds']:.1f} s",
+        f"{vendor:<10} {run.state or 'not run':<8} deferred: {'yes' if run.deferrals else 'no':<4}"
+        f"requests: {counts}; tokens: {tokens}; {run.seconds:.1f} s",
         flush=True,
     )
-    print(f"{'':<10} results: {row['results'] or '-'}", flush=True)
-    if row["summary"]:
-        print(f"{'':<10} summary: {row['summary']}", flush=True)
-    if row["state"] != "success":
-        print(f"{'':<10} log:     {row['log']}", flush=True)
+    print(f"{'':<10} results:   {fetched.get('result_uri', '-')}", flush=True)
+    if summary:
+        print(f"{'':<10} summary:   {summary.get('summary')}", flush=True)
+        print(f"{'':<10} sentiment: {summary.get('sentiment')}", flush=True)
+    if not run.succeeded:
+        failed = sorted(task for task, state in run.tasks.items() if state != "success")
+        print(f"{'':<10} failed:    {run.error or ', '.join(failed)}; log: {run.log_path}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return 0 when every run succeeded."""
     args = _parse_args(argv)
+    if args.run_plan:
+        return _run_plan(args.run_plan, args.report)
     home = (args.home or _default_home()).resolve()
     # Set before anything can import Airflow, so this process never touches ~/airflow either.
     os.environ["AIRFLOW_HOME"] = str(home)
     from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
 
+    wall = time.monotonic()
     airflow = LocalAirflow(home, args.dags_folder)
     vendors = list(REGISTRY) if args.vendor == "all" else [args.vendor]
-    wall = time.monotonic()
-    print(f"AIRFLOW_HOME {airflow.home} (DAGs: {airflow.dags_folder})", flush=True)
+    print(f"AIRFLOW_HOME {airflow.home}\nDAGs folder  {airflow.dags_folder}", flush=True)
     clock = time.monotonic()
     if airflow.migrate():
         print(f"metadata database created in {time.monotonic() - clock:.1f} s", flush=True)
-    failed = 0
     with Emulator(EmulatorConfig(time_scale=args.time_scale)) as emulator:
-        print(f"emulator on {emulator.url} (time scale {args.time_scale})", flush=True)
+        print(f"emulator     {emulator.url} (time scale {args.time_scale})", flush=True)
+        print(
+            f"\nRunning {PIPELINE_DAG_ID} for {', '.join(vendors)}. The emulator answers each prompt"
+            " with an echo,\nso the sentiment comes out 'unparsed'; a real model's JSON answers are"
+            " counted per label.\n",
+            flush=True,
+        )
         connections: dict[str, str] = {}
         for vendor in REGISTRY:
             connections.update(emulator.airflow_conn_env(vendor, f"llmbatch_{vendor}"))
-        print(f"running {PIPELINE_DAG_ID} for: {', '.join(vendors)}\n", flush=True)
-        for vendor in vendors:
-            output_dir = airflow.home / "llmbatch-pipeline" / vendor
-            run = airflow.dags_test(
+        plan = [
+            (
                 PIPELINE_DAG_ID,
-                env={
-                    **connections,
+                {
                     "LLMBATCH_PIPELINE_VENDOR": vendor,
-                    "LLMBATCH_EXAMPLE_POLL_INTERVAL": str(args.poll_interval),
-                    "LLMBATCH_OUTPUT_DIR": str(output_dir),
+                    "LLMBATCH_OUTPUT_DIR": str(airflow.home / "llmbatch-pipeline" / vendor),
                 },
-                timeout=args.timeout,
-                log_path=airflow.home / "logs" / f"demo-{vendor}.log",
             )
-            failed += not run.succeeded
-            _print_row(_row_of(vendor, run))
-    print(f"\n{len(vendors) - failed}/{len(vendors)} runs succeeded in {time.monotonic() - wall:.1f} s", flush=True)
-    return 1 if failed else 0
+            for vendor in vendors
+        ]
+        pending = iter(vendors)
+        runs = airflow.dags_test(
+            plan,
+            env={**connections, "LLMBATCH_EXAMPLE_POLL_INTERVAL": str(args.poll_interval)},
+            timeout=args.timeout,
+            log_path=airflow.home / "logs" / "demo.log",
+            on_run=lambda run: _print_run(next(pending), run),
+        )
+    ok = sum(run.succeeded for run in runs)
+    log = airflow.home / "logs" / "demo.log"
+    print(
+        f"\n{ok}/{len(runs)} runs succeeded in {time.monotonic() - wall:.1f} s (full log: {log})", flush=True
+    )
+    return 0 if ok == len(runs) else 1
 
 
 if __name__ == "__main__":

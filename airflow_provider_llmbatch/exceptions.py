@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException
 
 
 class LLMBatchError(AirflowException):
@@ -94,7 +94,8 @@ class VendorAPIError(LLMBatchError):
         self.vendor = vendor
         self.conn_id = conn_id
         self.operation = operation
-        self.status_code = status_code
+        # AirflowException's class attribute is an HTTPStatus for the API server; ours is the vendor's.
+        self.status_code = status_code  # type: ignore[assignment]
         self.code = code
         self.request_id = request_id
         self.retry_after = retry_after

@@ -47,7 +47,6 @@ RequestDestination: TypeAlias = "str | os.PathLike[str] | ObjectStoragePath"
 """Where a request file is written to."""
 
 _CHUNK = 1 << 20
-_PROMPT_KEYS = ("messages", "prompt", "input")
 
 
 @dataclass(frozen=True)
@@ -208,11 +207,13 @@ def iter_request_lines(source: RequestSource) -> Iterator[RequestLine]:
             if not line.strip():
                 continue
             try:
-                yield RequestLine.model_validate(core.loads(line))
+                obj = core.loads(line)
             except core.CODEC_ERRORS as exc:
                 field, expected, got = core.diagnose_unparsable(line, exc)
                 problem = f"line {lineno}: {field}: expected {expected}, got {got}"
                 raise InvalidRequestFileError(label, [problem]) from None
+            try:
+                request = RequestLine.model_validate(obj)
             except ValidationError as exc:
                 problems = [
                     f"line {lineno}: {'.'.join(map(str, e['loc'])) or 'json'}: "
@@ -220,6 +221,7 @@ def iter_request_lines(source: RequestSource) -> Iterator[RequestLine]:
                     for e in exc.errors()
                 ]
                 raise InvalidRequestFileError(label, problems) from None
+            yield request
 
 
 def _body_for(record: Mapping[str, Any], kind: str, system: str | None) -> dict[str, Any] | str:
@@ -373,6 +375,12 @@ def _request_for(
     }
 
 
+def _make_local_folder(folder: Any) -> None:
+    """Create a folder on a local file system; object stores have no folders to create."""
+    if getattr(folder, "protocol", "file") in ("file", "local", ""):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def _open_write(destination: RequestDestination) -> Iterator[IO[bytes]]:
     """Open a destination for writing; remove what was written if the block raises."""
@@ -391,6 +399,7 @@ def _open_write(destination: RequestDestination) -> Iterator[IO[bytes]]:
     target: Any = (
         _object_path(_label(destination)) if isinstance(destination, str | os.PathLike) else destination
     )
+    _make_local_folder(target.parent)
     try:
         with target.open("wb") as handle:
             yield handle
@@ -465,7 +474,7 @@ def split_request_file(
         folder = Path(_label(out_dir))
     else:
         folder = _object_path(_label(out_dir)) if isinstance(out_dir, str | os.PathLike) else out_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_local_folder(folder)
     stem = Path(_file_name(source) or "requests.jsonl").name.removesuffix(".jsonl")
     parts: list[Any] = []
     handle: IO[bytes] | None = None

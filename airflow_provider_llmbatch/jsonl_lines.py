@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import re
 import threading
@@ -28,6 +29,7 @@ LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 
 _BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 20
+_CPUS = os.cpu_count() or 1
 _OPEN_BRACE = 0x7B
 _MISSING: Any = object()
 _crc32 = zlib.crc32
@@ -179,7 +181,7 @@ class Tally:
         """Count and hash the next bytes, in order."""
         self.bytes += len(data)
         if self._queue is None:
-            if len(data) < _CHUNK:
+            if len(data) < _CHUNK or _CPUS < 2:
                 self.sha.update(data)
                 return
             self._queue = queue.Queue(maxsize=8)
@@ -288,6 +290,8 @@ class RequestChecker:
         self.lineno = 0
         self.requests = 0
         self.model: str | None = None
+        # Compared in the fast path: a sentinel until a model is seen, so a missing model never matches.
+        self._expected_model: Any = _MISSING
         self.problems: list[str] = []
         self.file_problems: list[str] = []
         self.truncated = 0
@@ -356,7 +360,7 @@ class RequestChecker:
                 and type(custom_id) is str
                 and custom_id != ""
                 and type(body) is dict
-                and body.get("model") == self.model
+                and body.get("model") == self._expected_model
                 and (not self._forbidden or self._forbidden.isdisjoint(body))
             )
         except (KeyError, TypeError, IndexError):
@@ -389,7 +393,7 @@ class RequestChecker:
             self.problem(f"line {lineno}", "body", "an object", show(body))
             return
         model = body.get("model", _MISSING)
-        if model != self.model:
+        if type(model) is not str or model != self._expected_model:
             self._check_model(model, lineno)
         if self._forbidden and not self._forbidden.isdisjoint(body):
             for key in sorted(self._forbidden.intersection(body)):
@@ -437,7 +441,8 @@ class RequestChecker:
         if type(model) is not str or not model:
             self.problem(f"line {lineno}", "body.model", "a non-empty string", show(model))
         elif self.model is None:
-            self.model, self._model_line = model, lineno
+            self.model = self._expected_model = model
+            self._model_line = lineno
             required = self.endpoint.required_model
             if required is not None and model != required:
                 self.problem(

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 ErrorKind = Literal[
@@ -45,8 +45,8 @@ ErrorBodyField = Literal["code", "message", "type", "param"]
 _WINDOW_RE = re.compile(r"^(\d+)([hd])$")
 
 
-def _frozen(mapping: Mapping[str, object] | None = None) -> Mapping[str, object]:
-    return MappingProxyType(dict(mapping or {}))
+def _frozen() -> Mapping[str, Any]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ with DAG(
         task_id="fetch_results",
         conn_id=CONN_ID,
         batch_id=create.output["batch_id"],
-        input_file=create.output["input_uri"],
+        # The request file the batch was created from, to join the answers to the questions.
+        input_file="{{ ti.xcom_pull(task_ids='create_batch')['input_uri'] }}",
     )
     create >> wait >> fetch

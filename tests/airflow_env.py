@@ -62,12 +62,6 @@ def airflow_template(tmp_path_factory: pytest.TempPathFactory) -> LocalAirflow:
     return migrated_template(tmp_path_factory)
 
 
-@pytest.fixture
-def local_airflow(airflow_template: LocalAirflow, tmp_path: Path) -> LocalAirflow:
-    """Return a fresh Airflow home for one test, with a copy of the migrated database."""
-    return airflow_template.clone(tmp_path / "airflow-home")
-
-
 def slow_enough_emulator(time_scale: float) -> Iterator[Emulator]:
     """Serve an emulator whose batches last ~1.4 s x ``time_scale``, long enough to make a sensor defer."""
     with Emulator(EmulatorConfig(time_scale=time_scale)) as emulator:

@@ -164,7 +164,12 @@ def test_redirect_or_unknown_status_is_the_base_class() -> None:
     [
         (b'{"error":{"code":"1302","message":"busy"}}', "1302", "busy", None),
         (b'{"error":{"type":"invalid_request_error","message":"bad"}}', "invalid_request_error", "bad", None),
-        (b'{"error":{"message":"m","type":"t","param":"p","code":"c"},"request_id":"r1"}', "c", "m [param: p]", "r1"),
+        (
+            b'{"error":{"message":"m","type":"t","param":"p","code":"c"},"request_id":"r1"}',
+            "c",
+            "m [param: p]",
+            "r1",
+        ),
         (b'{"code":"InvalidParameter","message":"flat","request_id":"r2"}', "InvalidParameter", "flat", "r2"),
         (b'{"code":1113,"msg":"numeric code"}', "1113", "numeric code", None),
         (b'{"error":"just a string"}', None, "just a string", None),
@@ -172,7 +177,12 @@ def test_redirect_or_unknown_status_is_the_base_class() -> None:
         (b"[1, 2]", None, "Bad Request", None),
         (b"", None, "Bad Request", None),
         (b"   ", None, "Bad Request", None),
-        (b"<html><body><h1>400 Bad Request</h1></body></html>", None, "Bad Request: <html><body><h1>400", None),
+        (
+            b"<html><body><h1>400 Bad Request</h1></body></html>",
+            None,
+            "Bad Request: <html><body><h1>400",
+            None,
+        ),
         (b"\xff\xfe not utf8", None, "Bad Request:", None),
     ],
 )
@@ -208,7 +218,8 @@ def test_key_echoed_in_a_json_message_or_code_is_redacted() -> None:
     content = json.dumps({"error": {"message": f"Incorrect API key provided: {KEY}", "code": KEY}}).encode()
     exc = _error(REGISTRY["openai"], 401, content)
     assert isinstance(exc, AuthenticationError)
-    assert KEY not in str(exc) and KEY not in repr(exc)
+    assert KEY not in str(exc)
+    assert KEY not in repr(exc)
     assert "***" in exc.vendor_message
 
 
@@ -262,12 +273,14 @@ def test_transport_errors(error: httpx.TransportError, cls: type[APIConnectionEr
     assert type(exc) is cls
     assert exc.status_code is None
     assert type(error).__name__ in str(exc)
-    assert "vendor=moonshot" in str(exc) and "conn_id=c" in str(exc)
+    assert "vendor=moonshot" in str(exc)
+    assert "conn_id=c" in str(exc)
 
 
 def test_validation_summary_never_contains_the_input() -> None:
     with pytest.raises(pydantic.ValidationError) as info:
         Batch.model_validate({"id": "", "status": None, "secret": KEY, "metadata": {"k": KEY}})
     summary = summarize_validation(info.value)
-    assert "id" in summary and "status" in summary
+    assert "id" in summary
+    assert "status" in summary
     assert KEY not in summary

@@ -75,7 +75,9 @@ def test_unset_file_ids(raw: Any, expected: str | None) -> None:
     ],
     ids=["normal", "null-values", "wrong-types", "empty", "null", "not-an-object", "bool"],
 )
-def test_request_counts(counts: Any, total: int | None, completed: int | None, failed: int | None, done: int) -> None:
+def test_request_counts(
+    counts: Any, total: int | None, completed: int | None, failed: int | None, done: int
+) -> None:
     batch = Batch.model_validate(_batch(request_counts=counts))
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
         total,
@@ -94,7 +96,10 @@ def test_request_counts_absent() -> None:
 @pytest.mark.parametrize(
     ("errors", "described"),
     [
-        ({"object": "list", "data": [{"code": "bad", "message": "m", "line": 3, "param": "body"}]}, ["line 3: bad: m [body]"]),
+        (
+            {"object": "list", "data": [{"code": "bad", "message": "m", "line": 3, "param": "body"}]},
+            ["line 3: bad: m [body]"],
+        ),
         ([{"code": "c", "message": "m"}], ["c: m"]),
         ({"code": "c", "message": "single object"}, ["c: single object"]),
         ({"data": None}, []),
@@ -142,7 +147,7 @@ def test_status_and_terminality(status: str, state: BatchStatus | None, terminal
 
 
 def test_status_sets_are_consistent() -> None:
-    assert TERMINAL_STATUSES | IN_PROGRESS_STATUSES == set(BatchStatus)
+    assert set(BatchStatus) == TERMINAL_STATUSES | IN_PROGRESS_STATUSES
     assert not TERMINAL_STATUSES & IN_PROGRESS_STATUSES
     assert SUCCESS_STATUSES | FAILURE_STATUSES == TERMINAL_STATUSES
 
@@ -171,7 +176,12 @@ def test_numeric_id_is_read_as_text() -> None:
 
 @pytest.mark.parametrize(
     ("metadata", "expected"),
-    [({"a": "b", "n": 1, "none": None}, {"a": "b", "n": "1", "none": ""}), (None, None), ("x", None), ([], None)],
+    [
+        ({"a": "b", "n": 1, "none": None}, {"a": "b", "n": "1", "none": ""}),
+        (None, None),
+        ("x", None),
+        ([], None),
+    ],
 )
 def test_metadata_reads_as_strings(metadata: Any, expected: dict[str, str] | None) -> None:
     assert Batch.model_validate(_batch(metadata=metadata)).metadata == expected
@@ -180,7 +190,13 @@ def test_metadata_reads_as_strings(metadata: Any, expected: dict[str, str] | Non
 @pytest.mark.parametrize(
     ("data", "ids", "first", "last", "has_more"),
     [
-        ({"data": [{"id": "a", "status": "completed"}], "first_id": "a", "last_id": "a", "has_more": True}, ["a"], "a", "a", True),
+        (
+            {"data": [{"id": "a", "status": "completed"}], "first_id": "a", "last_id": "a", "has_more": True},
+            ["a"],
+            "a",
+            "a",
+            True,
+        ),
         ({"data": None, "has_more": False}, [], None, None, False),
         ({"data": []}, [], None, None, None),
         ({"data": [{"id": "a", "status": "completed"}]}, ["a"], None, None, None),
@@ -190,7 +206,9 @@ def test_metadata_reads_as_strings(metadata: Any, expected: dict[str, str] | Non
     ],
     ids=["full", "data-null", "no-has-more", "no-first-last", "junk-items", "empty-object", "wrong-types"],
 )
-def test_pages(data: dict[str, Any], ids: list[str], first: str | None, last: str | None, has_more: bool | None) -> None:
+def test_pages(
+    data: dict[str, Any], ids: list[str], first: str | None, last: str | None, has_more: bool | None
+) -> None:
     page = Page[Batch].model_validate(data)
     assert [b.id for b in page.data] == ids
     assert (page.first_id, page.last_id, page.has_more) == (first, last, has_more)
@@ -217,7 +235,11 @@ def test_file_objects(data: dict[str, Any], bytes_: int | None, created: datetim
         ({"custom_id": "a", "response": {"status_code": 200, "body": {}}}, True, None),
         ({"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}, True, None),
         ({"custom_id": "a", "response": None, "error": {"code": "bad", "message": "m"}}, False, "bad"),
-        ({"custom_id": "a", "response": {"status_code": 400, "body": {"error": {"code": "e1"}}}}, False, "e1"),
+        (
+            {"custom_id": "a", "response": {"status_code": 400, "body": {"error": {"code": "e1"}}}},
+            False,
+            "e1",
+        ),
         ({"custom_id": "a", "error": "a plain string"}, False, None),
         ({"custom_id": "a"}, False, None),
     ],

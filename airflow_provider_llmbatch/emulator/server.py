@@ -96,6 +96,8 @@ class Emulator:
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._socket: socket.socket | None = None
 
     # lifecycle
 
@@ -103,9 +105,12 @@ class Emulator:
         """Bind, serve in a background thread and return once the server accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the emulator is already running")
+        if self._stopped:
+            raise RuntimeError("a stopped emulator cannot be restarted; create a new one")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket = sock
         sock.bind((self.host, self._requested_port))
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -129,7 +134,6 @@ class Emulator:
                 self.stop()
                 raise RuntimeError("the emulator did not start")
             time.sleep(0.005)
-        sock.close()
         return self
 
     def stop(self) -> None:
@@ -138,8 +142,13 @@ class Emulator:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._socket is not None:
+            # The server may listen on this very socket object (plain asyncio does not duplicate it).
+            self._socket.close()
         self._server = None
         self._thread = None
+        self._socket = None
+        self._stopped = True
         if self._owns_dir:
             self._cleanup()
 

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator, conf
 
-from airflow_provider_llmbatch.exceptions import InvalidInputError, NotFoundError, VendorAPIError
+from airflow_provider_llmbatch.exceptions import (
+    InvalidInputError,
+    LLMBatchError,
+    NotFoundError,
+    VendorAPIError,
+)
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import RequestFileReport, build_request_file, validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
@@ -37,6 +42,9 @@ XCOM_INPUT_FILE_ID = "input_file_id"
 
 XCOM_INPUT_FINGERPRINT = "input_fingerprint"
 """The XCom key of the SHA-256 of the request file's bytes."""
+
+XCOM_CREATE_RESULT = "create_result"
+"""The XCom key of the create result (the return value without waiting), pushed before any wait."""
 
 KEY_METADATA = "llmbatch_key"
 """The batch metadata key that identifies the task instance and input a batch was created for."""
@@ -60,12 +68,14 @@ def airflow_home() -> Path:
 def task_identity(context: Context) -> tuple[str, str, str, int]:
     """Return ``(dag_id, task_id, run_id, map_index)`` of the running task instance."""
     ti = context.get("ti")
-    map_index = getattr(ti, "map_index", None)
+    if ti is None:
+        raise LLMBatchError("the task context has no task instance; run the operator as an Airflow task")
+    map_index = ti.map_index
     return (
-        str(getattr(ti, "dag_id", None) or context.get("dag").dag_id),  # type: ignore[union-attr]
-        str(getattr(ti, "task_id", None) or context.get("task").task_id),  # type: ignore[union-attr]
-        str(getattr(ti, "run_id", None) or context.get("run_id")),
-        int(map_index) if isinstance(map_index, int) else -1,
+        str(ti.dag_id),
+        str(ti.task_id),
+        str(ti.run_id),
+        map_index if isinstance(map_index, int) and map_index >= 0 else -1,
     )
 
 
@@ -96,8 +106,15 @@ class _StateStore:
     def __init__(self, context: Context, log: Any) -> None:
         self._store = context.get("task_state_store")
         self._log = log
+        self._value: dict[str, Any] | None = None
 
     def get(self, key: str) -> dict[str, Any]:
+        """Return what an earlier try stored for ``key`` (read once), or an empty dict."""
+        if self._value is None:
+            self._value = self._read()
+        return self._value if self._value.get("key") == key else {}
+
+    def _read(self) -> dict[str, Any]:
         if self._store is None:
             return {}
         try:
@@ -105,11 +122,11 @@ class _StateStore:
         except Exception as exc:
             self._disable("read", exc)
             return {}
-        if not isinstance(value, Mapping) or value.get("key") != key:
-            return {}
-        return dict(value)
+        return dict(value) if isinstance(value, Mapping) else {}
 
     def set(self, value: dict[str, Any]) -> None:
+        """Store ``value`` for later tries."""
+        self._value = dict(value)
         if self._store is None:
             return
         try:
@@ -142,7 +159,9 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
     :param input_file: the request file: a local path, or a URI such as ``file:///...`` or ``s3://...``.
         (templated)
     :param requests: records to build the request file from (a list or an XComArg), instead of
-        ``input_file``; see :func:`~airflow_provider_llmbatch.jsonl.build_request_file`. (templated)
+        ``input_file``; see :func:`~airflow_provider_llmbatch.jsonl.build_request_file`. A literal list
+        is rendered as a template like any templated field: wrap it in ``airflow.sdk.literal(...)`` when
+        prompts contain Jinja syntax (``{{``, ``{%``, ``{#``). (templated)
     :param model: the model of every request built from ``requests``. (templated)
     :param endpoint: the batch endpoint. (templated) (default: the vendor's first)
     :param completion_window: the batch window, e.g. ``24h``. (templated) (default: the vendor's)
@@ -357,7 +376,34 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
         }
         if not self.wait_for_completion:
             return result
+        # Deferral kwargs carry the result in a real deployment; dag.test() drops them on resume, so
+        # execute_complete can also read it back from XCom.
+        _push(context, XCOM_CREATE_RESULT, result)
         return self._wait_for_batch(context, batch.id, extra=result)
+
+    def execute_complete(
+        self, context: Context, event: Any = None, extra: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Resume after the trigger fired: judge the batch, return its summary over the create result."""
+        if extra is None:
+            extra = self._pulled_result(context)
+        return super().execute_complete(context, event, extra)
+
+    def _pulled_result(self, context: Context) -> dict[str, Any] | None:
+        ti = context.get("ti")
+        if ti is None:
+            return None
+        map_index = getattr(ti, "map_index", -1)
+        try:
+            value = ti.xcom_pull(
+                task_ids=ti.task_id,
+                key=XCOM_CREATE_RESULT,
+                map_indexes=map_index if isinstance(map_index, int) and map_index >= 0 else None,
+            )
+        except Exception as exc:
+            self.log.warning("Could not read back the create result: %s", exc)
+            return None
+        return dict(value) if isinstance(value, Mapping) else None
 
     def _find_earlier_batch(self, hook: BatchHook, state: _StateStore, key: str) -> Batch | None:
         """Return this task instance's earlier batch for this input, if it is worth re-attaching to."""

@@ -144,7 +144,7 @@ class FetchBatchResultsOperator(BaseOperator):
             "counts": report.counts,
             "usage": report.usage,
             "anomalies": report.anomalies,
-            "input_uri": requests if isinstance(requests, str) and input_file else None,
+            "input_uri": input_file,
             "output_file_id": batch.output_file_id,
             "error_file_id": batch.error_file_id,
         }

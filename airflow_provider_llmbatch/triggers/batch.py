@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
@@ -35,6 +36,27 @@ clock: Callable[[], float] = time.time
 
 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 """Wait without blocking the event loop."""
+
+MAX_CONCURRENT_POLLS = 16
+"""
+Polls in flight at once per event loop, across every trigger of a triggerer.
+
+Hundreds of triggers started together would otherwise all poll at once. The HTTP pool's bookkeeping
+grows with (queued requests x connections) per request, so a burst costs the whole loop CPU time;
+a small bound keeps every poll below the pool's keep-alive size and spreads the burst instead.
+"""
+
+_POLL_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _poll_slots() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    slots = _POLL_SLOTS.get(loop)
+    if slots is None:
+        slots = _POLL_SLOTS[loop] = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
+    return slots
 
 
 def make_event(kind: EventKind, *, batch: dict[str, Any] | None, message: str, polls: int) -> dict[str, Any]:
@@ -162,7 +184,8 @@ class BatchTrigger(BaseTrigger):
             polls += 1
             retry_after: float | None = None
             try:
-                batch = await self.hook.aget_batch(self.batch_id)
+                async with _poll_slots():
+                    batch = await self.hook.aget_batch(self.batch_id)
             except VendorAPIError as exc:
                 if classify(exc) is None:
                     return self._error_event(f"Polling batch {self.batch_id} failed: {exc}", summary, polls)

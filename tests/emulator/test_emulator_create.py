@@ -172,7 +172,8 @@ def test_batch_list_pages(api: VendorClient, spec: VendorSpec) -> None:
     if spec.batch_list.has_first_last_ids:
         assert (page["first_id"], page["last_id"]) == (newest_first[0], newest_first[1])
     else:
-        assert "first_id" not in page and "last_id" not in page
+        assert "first_id" not in page
+        assert "last_id" not in page
     rest = api.http.get("/batches", params={"limit": 2, "after": newest_first[1]}).json()
     assert [b["id"] for b in rest["data"]] == newest_first[2:]
     assert rest["has_more"] is False

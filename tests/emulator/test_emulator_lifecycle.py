@@ -52,7 +52,8 @@ def test_batch_runs_to_completed_through_every_phase(frozen_api: VendorClient, s
     assert _counts(done) == (4, 3, 1)
     parsed = Batch.model_validate(done)
     assert parsed.is_terminal
-    assert parsed.created_at is not None and parsed.completed_at is not None
+    assert parsed.created_at is not None
+    assert parsed.completed_at is not None
     assert (parsed.completed_at - parsed.created_at).total_seconds() == pytest.approx(
         1.4, abs=1.0
     )  # whole seconds for most vendors
@@ -98,7 +99,8 @@ def test_result_line_ids_and_request_ids_follow_the_format(
         else:
             assert len(line["id"]) == 36
         if fmt.request_id == "in_body":
-            assert "request_id" not in response and response["body"]["request_id"]
+            assert "request_id" not in response
+            assert response["body"]["request_id"]
         elif fmt.request_id == "empty":
             assert response["request_id"] == ""
         else:
@@ -133,7 +135,7 @@ def test_emulator_outcome_metadata_forces_the_end(
     frozen_api.emulator.advance_clock(10)
     done = frozen_api.get(created["id"])
     assert done["status"] == outcome
-    total, completed, failed = _counts(done)
+    _, completed, failed = _counts(done)
     if outcome == "completed":
         assert (completed, failed) == (4, 0)
     elif outcome == "failed":

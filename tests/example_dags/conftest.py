@@ -3,11 +3,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from airflow_env import airflow_template, local_airflow, slow_enough_emulator
+from airflow_env import airflow_template, slow_enough_emulator
 
 from airflow_provider_llmbatch.emulator import Emulator
 
-__all__ = ["airflow_template", "dag_emulator", "local_airflow"]
+__all__ = ["airflow_template", "dag_emulator"]
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,9 @@ def test_every_region_of_every_vendor(vendor: VendorSpec) -> None:
 
 def test_unknown_region_names_the_choices() -> None:
     with pytest.raises(InvalidInputError, match="cn, intl"):
-        settings_from_connection("c1", conn_type="llmbatch_zhipu", host="", password=KEY, extra={"region": "eu"})
+        settings_from_connection(
+            "c1", conn_type="llmbatch_zhipu", host="", password=KEY, extra={"region": "eu"}
+        )
 
 
 @pytest.mark.parametrize("password", [None, ""])
@@ -94,14 +96,18 @@ def test_foreign_connection_type() -> None:
         ({"timeout": "", "max_retries": None}, None, 60.0, 5),
     ],
 )
-def test_timeout_and_retries(extra: dict[str, Any], override: float | None, timeout: float, retries: int) -> None:
+def test_timeout_and_retries(
+    extra: dict[str, Any], override: float | None, timeout: float, retries: int
+) -> None:
     settings = settings_from_connection(
         "c1", conn_type="llmbatch_openai", host="", password=KEY, extra=extra, timeout=override
     )
     assert (settings.timeout, settings.max_retries) == (timeout, retries)
 
 
-@pytest.mark.parametrize("extra", [{"timeout": "soon"}, {"timeout": 0}, {"max_retries": -1}, {"max_retries": "x"}])
+@pytest.mark.parametrize(
+    "extra", [{"timeout": "soon"}, {"timeout": 0}, {"max_retries": -1}, {"max_retries": "x"}]
+)
 def test_bad_numbers_are_input_errors(extra: dict[str, Any]) -> None:
     with pytest.raises(InvalidInputError, match="'c1'"):
         settings_from_connection("c1", conn_type="llmbatch_openai", host="", password=KEY, extra=extra)
@@ -150,14 +156,19 @@ def test_create_defaults_from_the_spec(vendor: VendorSpec) -> None:
     assert body["endpoint"] == vendor.default_endpoint
     assert body["completion_window"] == vendor.completion_window.default
     assert "completion_window" in body  # sent as null where the vendor ignores it
-    assert key is not None and body["metadata"] == {IDEMPOTENCY_KEY: key}
+    assert key is not None
+    assert body["metadata"] == {IDEMPOTENCY_KEY: key}
 
 
 def test_ignored_window_is_null_unless_given() -> None:
     core = _core(REGISTRY["zhipu"])
-    request, _ = core.create_batch(input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra=None)
+    request, _ = core.create_batch(
+        input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra=None
+    )
     assert _body(request)["completion_window"] is None
-    request, _ = core.create_batch(input_file_id="f", endpoint=None, completion_window="72h", metadata=None, extra=None)
+    request, _ = core.create_batch(
+        input_file_id="f", endpoint=None, completion_window="72h", metadata=None, extra=None
+    )
     assert _body(request)["completion_window"] == "72h"
 
 
@@ -185,7 +196,9 @@ def test_completion_window_is_checked(vendor: str, window: str, ok: bool) -> Non
         assert _body(request)["completion_window"] == window
     else:
         with pytest.raises(InvalidInputError, match="completion_window"):
-            core.create_batch(input_file_id="f", endpoint=None, completion_window=window, metadata=None, extra=None)
+            core.create_batch(
+                input_file_id="f", endpoint=None, completion_window=window, metadata=None, extra=None
+            )
 
 
 @pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
@@ -201,12 +214,15 @@ def test_metadata_limits(vendor: VendorSpec) -> None:
     core, limits = _core(vendor), vendor.limits
 
     def create(metadata: dict[str, str]) -> Any:
-        return core.create_batch(input_file_id="f", endpoint=None, completion_window=None, metadata=metadata, extra=None)
+        return core.create_batch(
+            input_file_id="f", endpoint=None, completion_window=None, metadata=metadata, extra=None
+        )
 
     full = {f"k{i}": "v" for i in range(limits.metadata_pairs)}
     request, key = create(full)
     # No room for the idempotency tag: the batch is created untagged (and never blindly re-created).
-    assert key is None and _body(request)["metadata"] == full
+    assert key is None
+    assert _body(request)["metadata"] == full
     with pytest.raises(InvalidInputError, match="at most"):
         create({**full, "one": "more"})
     with pytest.raises(InvalidInputError, match="metadata key"):
@@ -222,12 +238,26 @@ def test_metadata_limits(vendor: VendorSpec) -> None:
 @pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
 def test_extra_fields_from_the_spec(vendor: VendorSpec) -> None:
     core = _core(vendor)
-    with pytest.raises(InvalidInputError, match="allowed: " + (", ".join(f.name for f in vendor.extra_create_fields) or "none")):
-        core.create_batch(input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra={"bogus": 1})
-    samples = {"boolean": False, "string": "x", "object": {"anchor": "created_at", "seconds": 3600}, "integer": 3}
+    with pytest.raises(
+        InvalidInputError,
+        match="allowed: " + (", ".join(f.name for f in vendor.extra_create_fields) or "none"),
+    ):
+        core.create_batch(
+            input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra={"bogus": 1}
+        )
+    samples = {
+        "boolean": False,
+        "string": "x",
+        "object": {"anchor": "created_at", "seconds": 3600},
+        "integer": 3,
+    }
     for field in vendor.extra_create_fields:
         request, _ = core.create_batch(
-            input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra={field.name: samples[field.type]}
+            input_file_id="f",
+            endpoint=None,
+            completion_window=None,
+            metadata=None,
+            extra={field.name: samples[field.type]},
         )
         body = _body(request)
         if field.in_metadata:
@@ -237,13 +267,25 @@ def test_extra_fields_from_the_spec(vendor: VendorSpec) -> None:
             assert body[field.name] == samples[field.type]
         wrong = 12345 if field.type != "integer" else "x"
         with pytest.raises(InvalidInputError, match=field.name):
-            core.create_batch(input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra={field.name: wrong})
+            core.create_batch(
+                input_file_id="f",
+                endpoint=None,
+                completion_window=None,
+                metadata=None,
+                extra={field.name: wrong},
+            )
 
 
 def test_dashscope_ds_name_limit_applies_via_extra() -> None:
     core = _core(REGISTRY["dashscope"])
     with pytest.raises(InvalidInputError, match="at most 100"):
-        core.create_batch(input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra={"ds_name": "n" * 101})
+        core.create_batch(
+            input_file_id="f",
+            endpoint=None,
+            completion_window=None,
+            metadata=None,
+            extra={"ds_name": "n" * 101},
+        )
 
 
 @pytest.mark.parametrize("bad", ["", "  ", None])
@@ -298,18 +340,39 @@ FULL = ListSpec(params=frozenset({"after", "limit"}))
 @pytest.mark.parametrize(
     ("spec", "pages", "expected", "requests"),
     [
-        (FULL, [_page(["a", "b"], has_more=True, last_id="b"), _page(["c"], has_more=False)], ["a", "b", "c"], 2),
+        (
+            FULL,
+            [_page(["a", "b"], has_more=True, last_id="b"), _page(["c"], has_more=False)],
+            ["a", "b", "c"],
+            2,
+        ),
         (FULL, [_page(["a", "b"], has_more=True), _page(["c"])], ["a", "b", "c"], 2),
-        (FULL, [_page(["a"], has_more=True, last_id="a"), _page(["a"], has_more=True, last_id="a")], ["a"], 2),
+        (
+            FULL,
+            [_page(["a"], has_more=True, last_id="a"), _page(["a"], has_more=True, last_id="a")],
+            ["a"],
+            2,
+        ),
         (FULL, [_page(["a", "b"], has_more=True), _page(["a", "b"], has_more=True)], ["a", "b"], 2),
         (FULL, [_page([], has_more=True)], [], 1),
         (FULL, [_page(["a"], has_more=True, last_id=""), _page(["b"])], ["a", "b"], 2),
         (FULL, [_page(["a"])], ["a"], 1),
         (ListSpec(params=frozenset(), has_more=False), [_page(["a", "b"], has_more=True)], ["a", "b"], 1),
     ],
-    ids=["has-more", "cursor-from-data", "stuck-cursor", "repeated-page", "empty-page", "empty-last-id", "no-has-more", "no-after"],
+    ids=[
+        "has-more",
+        "cursor-from-data",
+        "stuck-cursor",
+        "repeated-page",
+        "empty-page",
+        "empty-last-id",
+        "no-has-more",
+        "no-after",
+    ],
 )
-def test_pager_always_ends(spec: ListSpec, pages: list[Page[Batch]], expected: list[str], requests: int) -> None:
+def test_pager_always_ends(
+    spec: ListSpec, pages: list[Page[Batch]], expected: list[str], requests: int
+) -> None:
     pager = Pager(spec, {}, 2)
     got: list[str] = []
     sent: list[dict[str, str]] = []
@@ -335,7 +398,7 @@ def test_multipart_layout_parses_as_a_form(filename: str) -> None:
     message = BytesParser(policy=HTTP).parsebytes(
         f"Content-Type: {layout.content_type}\r\n\r\n".encode() + body
     )
-    parts = list(message.iter_parts())  # type: ignore[attr-defined]
+    parts = list(message.iter_parts())
     assert [p.get_param("name", header="content-disposition") for p in parts] == ["purpose", "file"]
     assert parts[0].get_payload(decode=True) == b"batch"
     assert parts[1].get_payload(decode=True) == content

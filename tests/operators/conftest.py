@@ -41,6 +41,12 @@ class FakeTI:
         json.dumps(value)  # XCom values must serialize
         self.pushed.append((key, value))
 
+    def xcom_pull(self, *, task_ids: str, key: str, map_indexes: int | None = None) -> Any:
+        assert task_ids == self.task_id
+        assert map_indexes == (self.map_index if self.map_index >= 0 else None)
+        values = [v for k, v in self.pushed if k == key]
+        return values[-1] if values else None
+
     def xcom(self, key: str) -> Any:
         values = [v for k, v in self.pushed if k == key]
         assert values, f"no XCom {key!r} pushed"

@@ -91,7 +91,26 @@ def test_requests_are_built_into_a_kept_request_file(connect: Any, tmp_path: Pat
     assert emu.stats("zhipu")["batches_created"] == 1
 
 
-def test_requests_default_file_lives_underairflow_home_dir(connect: Any, airflow_home_dir: Path) -> None:
+def test_literal_requests_keep_jinja_syntax(connect: Any, tmp_path: Path) -> None:
+    from airflow.sdk import literal
+
+    connect("openai")
+    destination = tmp_path / "requests.jsonl"
+    op = _op(
+        requests=literal([{"custom_id": "x", "prompt": "keep {{ this }} and {# that"}]),
+        model="m",
+        request_file_destination=str(destination),
+    )
+    context = make_context(FakeTI())
+    op.render_template_fields(context)
+
+    op.execute(context)
+
+    line = json.loads(destination.read_text())
+    assert line["body"]["messages"][-1]["content"] == "keep {{ this }} and {# that"
+
+
+def test_requests_default_file_lives_under_airflow_home(connect: Any, airflow_home_dir: Path) -> None:
     connect("openai")
     ti = FakeTI(run_id="scheduled__2026-01-01T00:00:00+00:00", map_index=3)
 
@@ -529,6 +548,13 @@ def test_wait_for_completion_defers_with_the_result(connect: Any, tmp_path: Path
     )
     assert result["status"] == "completed"
     assert result["input_uri"] == extra["input_uri"]
+
+    # dag.test() resumes without the deferral kwargs: the result is read back from XCom.
+    assert ti.xcom("create_result") == extra
+    resumed = fresh.execute_complete(
+        make_context(ti), event={"event": "terminal", "batch": summary, "message": "", "polls": 2}
+    )
+    assert resumed == result
 
 
 def test_cancel_operator(connect: Any, tmp_path: Path) -> None:

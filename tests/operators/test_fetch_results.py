@@ -244,7 +244,7 @@ def test_bad_batch_id(connect: Any, batch_id: Any) -> None:
         _fetch(batch_id=batch_id).execute(make_context(FakeTI()))
 
 
-def test_templated_batch_id_renders_from_xcom(connect: Any, tmp_path: Path) -> None:
+def test_templated_arguments_are_rendered_then_used(connect: Any, tmp_path: Path) -> None:
     emu = connect("openai")
     created, path = _create(emu, tmp_path, "openai")
     emu.force_status("openai", created["batch_id"], "completed")

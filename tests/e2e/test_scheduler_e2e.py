@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from airflow_cluster import LOOPBACK, AirflowCluster
+from airflow_env import REVIEWS_FILE, count_lines, read_jsonl
+
+from airflow_provider_llmbatch.demo import PIPELINE_DAG_ID, LocalAirflow
+
+SENSOR = "wait_for_batch"
+BUDGET_SECONDS = 240
+FINISHED = {"success", "failed"}
+
+
+@pytest.mark.e2e
+@pytest.mark.airflow
+@pytest.mark.timeout(BUDGET_SECONDS + 60)
+def test_pipeline_defers_and_resumes_under_a_real_scheduler_and_triggerer(
+    airflow_template: LocalAirflow, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    started = time.monotonic()
+    airflow = airflow_template.clone(tmp_path / "airflow-home")
+    output_dir = tmp_path / "pipeline-output"
+    # A batch lasts ~14 s: longer than the scheduler takes to start the sensor, so the sensor defers.
+    cluster = AirflowCluster(
+        airflow,
+        {"LLMBATCH_EXAMPLE_POLL_INTERVAL": "1", "LLMBATCH_OUTPUT_DIR": str(output_dir)},
+        emulator_time_scale=10.0,
+    )
+    reader = airflow.reader()
+    sensor_states: list[str | None] = []
+    try:
+        cluster.start()
+        cluster.wait_until(lambda: reader.has_dag(PIPELINE_DAG_ID), 120, "the DAG to be parsed")
+        cluster.cli("dags", "unpause", PIPELINE_DAG_ID)
+        cluster.cli("dags", "trigger", PIPELINE_DAG_ID)
+        listening: set[str] = set()
+
+        def finished() -> bool:
+            latest = reader.latest_run(PIPELINE_DAG_ID)
+            if latest is None:
+                return False
+            state = reader.task_states(PIPELINE_DAG_ID, latest[0]).get(SENSOR)
+            if state and (not sensor_states or sensor_states[-1] != state):
+                sensor_states.append(state)
+                if state == "deferred":
+                    listening.update(cluster.listening_addresses())
+            return latest[1] in FINISHED
+
+        remaining = BUDGET_SECONDS - (time.monotonic() - started)
+        cluster.wait_until(finished, remaining, f"the run to finish (sensor states so far: {sensor_states})")
+        run_id, run_state = reader.latest_run(PIPELINE_DAG_ID) or ("", None)
+        tasks = reader.task_states(PIPELINE_DAG_ID, run_id)
+        xcoms = reader.return_values(PIPELINE_DAG_ID, run_id)
+        assert run_state == "success", f"{tasks}\n{cluster.all_logs_tail()}"
+    finally:
+        cluster.stop()
+    wall = time.monotonic() - started
+    record_property("wall_seconds", round(wall, 1))
+    print(f"\nend-to-end run: {wall:.1f} s wall; sensor states: {' -> '.join(map(str, sensor_states))}")
+
+    assert set(tasks.values()) == {"success"}, tasks
+    assert "deferred" in sensor_states, sensor_states
+    assert sensor_states[-1] == "success"
+    assert sensor_states.index("deferred") < len(sensor_states) - 1
+    assert listening <= {LOOPBACK}, f"something listens beyond loopback: {listening}"
+    assert all(process.poll() is not None for process in cluster.processes.values())
+
+    requests = count_lines(REVIEWS_FILE)
+    manifest = xcoms["fetch_results"]
+    assert manifest["counts"]["succeeded"] == requests
+    rows = read_jsonl(manifest["result_uri"])
+    assert len(rows) == requests
+    assert {row["status"] for row in rows} == {"succeeded"}
+    assert Path(xcoms["summarize"]["summary"]).is_file()
