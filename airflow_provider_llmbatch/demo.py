@@ -5,10 +5,11 @@ Run the example pipeline end to end against the bundled emulator, in a private A
 
 Starts the emulator on a free loopback port, prepares a private ``AIRFLOW_HOME`` (``./airflow-home``:
 a SQLite metadata database, migrated once and reused), points the connections ``llmbatch_<vendor>``
-at the emulator through ``AIRFLOW_CONN_*`` variables and runs ``airflow dags test
-example_llmbatch_pipeline`` once per vendor. The batch sensor defers for real: its trigger runs in
-line, then the task resumes. Prints per vendor the run state, where the results landed, the counts,
-the tokens and the wall time; exits non-zero if a run failed.
+at the emulator through ``AIRFLOW_CONN_*`` variables and runs ``example_llmbatch_pipeline`` with
+``dag.test()`` once per vendor, in one Airflow child process. The batch sensor defers for real: its
+trigger runs in line, then the task resumes. Prints per vendor the run state, whether the sensor
+deferred, where the results landed, the counts, the tokens and the wall time; exits non-zero if a
+run failed.
 
 :class:`LocalAirflow` and :class:`MetadataReader` are also what the test suite runs Airflow with.
 """
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ class DagTestRun:
     :param deferrals: the batch triggers created during the run, as stored (kwargs dict, or None if
         not readable).
     :param error: why the run could not be started or finished, if so.
+    :param import_errors: DAG file -> error, for files of the DAGs folder that failed to parse.
     :param log_path: the full output of the process that ran it.
     """
 
@@ -81,6 +84,7 @@ class DagTestRun:
     xcoms: dict[str, Any] = field(default_factory=dict)
     deferrals: list[dict[str, Any] | None] = field(default_factory=list)
     error: str | None = None
+    import_errors: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
 
     @property
@@ -101,7 +105,7 @@ class MetadataReader:
 
     def _query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
         # Read-only and with a busy timeout: the scheduler and workers may be writing right now.
-        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+        con = sqlite3.connect(f"{self.db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             return con.execute(sql, args).fetchall()
         finally:
@@ -158,8 +162,6 @@ class MetadataReader:
 
 
 def _epoch(created: Any) -> float:
-    from datetime import UTC, datetime
-
     try:
         moment = datetime.fromisoformat(str(created))
     except ValueError:
@@ -199,16 +201,17 @@ class LocalAirflow:
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Return the environment of an Airflow process of this installation, plus ``extra``."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        python_path = [str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")]
         env.update(
             {
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
-                "PYTHONPATH": os.pathsep.join(p for p in python_path if p),
             }
         )
+        if (_PACKAGE_ROOT / "pyproject.toml").is_file():
+            # A source checkout that is not installed: the DAGs must still import the provider.
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
         env.update(extra or {})
         return env
 
@@ -264,7 +267,7 @@ class LocalAirflow:
         """Return a read-only view of the metadata database."""
         return MetadataReader(self.db_path)
 
-    def dags_test(
+    def run_dag_tests(
         self,
         runs: Sequence[str | tuple[str, Mapping[str, str]]],
         *,
@@ -299,10 +302,9 @@ class LocalAirflow:
 
         def collect() -> None:
             nonlocal done
-            lines = report_path.read_text().splitlines() if report_path.exists() else []
-            for line in lines[done:]:
-                if not line.endswith("}"):
-                    break  # still being written
+            text = report_path.read_text() if report_path.exists() else ""
+            # Only newline-terminated lines are complete; the last piece may still be being written.
+            for line in text.split("\n")[:-1][done:]:
                 results.append(self._read_run(json.loads(line), log_path))
                 done += 1
                 if on_run is not None:
@@ -340,8 +342,17 @@ class LocalAirflow:
     def _read_run(self, entry: Mapping[str, Any], log_path: Path) -> DagTestRun:
         dag_id, run_id = entry["dag_id"], entry.get("run_id")
         seconds = entry["ended"] - entry["started"]
+        import_errors = dict(entry.get("import_errors") or {})
         if not run_id:
-            return DagTestRun(dag_id, None, None, seconds, error=entry.get("error"), log_path=log_path)
+            return DagTestRun(
+                dag_id,
+                None,
+                None,
+                seconds,
+                error=entry.get("error"),
+                import_errors=import_errors,
+                log_path=log_path,
+            )
         reader = self.reader()
         return DagTestRun(
             dag_id=dag_id,
@@ -355,6 +366,7 @@ class LocalAirflow:
                 TRIGGER_CLASSPATH, since=entry["started"] - 1.0, until=entry["ended"] + 1.0
             ),
             error=entry.get("error"),
+            import_errors=import_errors,
             log_path=log_path,
         )
 
@@ -368,11 +380,13 @@ def _run_plan(plan_path: Path, report_path: Path) -> int:
     plan = json.loads(plan_path.read_text())
     worst = 0
     for item in plan:
+        saved = {key: os.environ.get(key) for key in item["env"]}
         os.environ.update(item["env"])
         entry: dict[str, Any] = {"dag_id": item["dag_id"], "started": time.time()}
         try:
             # Parsed afresh for each run, so variables read at parse time take this run's values.
             bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+            entry["import_errors"] = {str(path): str(error) for path, error in bag.import_errors.items()}
             dag = bag.get_dag(item["dag_id"])
             if dag is None:
                 raise LookupError(f"DAG {item['dag_id']!r} not found; import errors: {bag.import_errors}")
@@ -382,6 +396,12 @@ def _run_plan(plan_path: Path, report_path: Path) -> int:
         except Exception as exc:
             traceback.print_exc()
             entry["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         entry["ended"] = time.time()
         worst = max(worst, 0 if entry.get("state") == "success" else 1)
         with report_path.open("a") as report:
@@ -487,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for vendor in vendors
         ]
         pending = iter(vendors)
-        runs = airflow.dags_test(
+        runs = airflow.run_dag_tests(
             plan,
             env={**connections, "LLMBATCH_EXAMPLE_POLL_INTERVAL": str(args.poll_interval)},
             timeout=args.timeout,

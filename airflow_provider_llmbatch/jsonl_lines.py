@@ -11,6 +11,7 @@ reading a file or while writing one. All vendor differences come from the :class
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,14 @@ _JSON_TYPES: dict[type, str] = {
     bool: "boolean",
     type(None): "null",
 }
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> Any:
@@ -80,6 +89,35 @@ def _select_codec() -> tuple[Callable[[bytes], Any], Callable[[Any], bytes], tup
 
 loads, dumps, CODEC_ERRORS = _select_codec()
 """The parser and serializer used for request lines (replaceable, for tests of the fallback)."""
+
+_DEFAULT_LOADS = loads
+
+
+@functools.cache
+def _shape_decoder(forbidden: frozenset[str]) -> tuple[Callable[[bytes], Any], tuple[str, ...], Any] | None:
+    """
+    Return a decoder that builds only what the checks read, the names of forbidden keys, and "unset".
+
+    The rest of a line (the prompts) is parsed and checked for syntax but never built into Python
+    objects, which is most of the cost of parsing. None when msgspec is not installed.
+    """
+    try:
+        import msgspec
+    except ImportError:  # pragma: no cover - see _select_codec
+        return None
+    unset = msgspec.UNSET
+    names = tuple(f"forbidden_{i}" for i in range(len(forbidden)))
+    body = msgspec.defstruct(
+        "RequestBodyShape",
+        [("model", Any, unset), *((name, Any, unset) for name in names)],
+        rename=dict(zip(names, sorted(forbidden), strict=True)),
+    )
+    line = msgspec.defstruct(
+        "RequestLineShape",
+        [("custom_id", Any, unset), ("method", Any, unset), ("url", Any, unset), ("body", body, unset)],
+        forbid_unknown_fields=True,
+    )
+    return msgspec.json.Decoder(line).decode, names, unset
 
 
 def resolve_vendor(vendor: VendorSpec | str) -> VendorSpec:
@@ -301,6 +339,12 @@ class RequestChecker:
         self._url = endpoint.path
         self._forbidden = spec.forbidden_body_keys
         self._loads = loads
+        shape = _shape_decoder(self._forbidden) if loads is _DEFAULT_LOADS else None
+        self._shape: Callable[[bytes], Any] | None = None
+        self._forbidden_names: tuple[str, ...] = ()
+        self._unset: Any = None
+        if shape is not None:
+            self._shape, self._forbidden_names, self._unset = shape
         self._errors = CODEC_ERRORS
         if file_name is not None and not file_name.endswith(".jsonl"):
             self.file_problem("name", "a file name ending in '.jsonl'", repr(file_name))
@@ -344,12 +388,35 @@ class RequestChecker:
             )
             if len(raw) < size:
                 return
+        if self._shape is not None:
+            unset = self._unset
+            try:
+                shape = self._shape(raw)
+            except self._errors:
+                shape = None
+            # A good line in one expression; any doubt goes to the full parse and the detailed checks.
+            # Skipped text is syntax-checked but not decoded, hence the UTF-8 check of non-ASCII lines.
+            if (
+                shape is not None
+                and shape.method == "POST"
+                and shape.url == self._url
+                and type(custom_id := shape.custom_id) is str
+                and custom_id != ""
+                and (body := shape.body) is not unset
+                and body.model == self._expected_model
+                and not (
+                    self._forbidden_names
+                    and any(getattr(body, name) is not unset for name in self._forbidden_names)
+                )
+                and (raw.isascii() or _is_utf8(raw))
+            ):
+                self._check_unique(custom_id, lineno)
+                return
         try:
             obj = self._loads(raw)
         except self._errors as exc:
             self.problem(f"line {lineno}", *diagnose_unparsable(raw, exc))
             return
-        # The common case, a good line, in one expression; any doubt goes to the detailed checks.
         try:
             custom_id = obj["custom_id"]
             body = obj["body"]

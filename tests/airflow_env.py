@@ -1,9 +1,9 @@
 """
-A private Airflow for the tests that run DAGs: one migrated SQLite database per session, cloned per test.
+A private Airflow for the tests that run DAGs: one SQLite database migrated per session, then copied.
 
-Airflow runs in child processes (``airflow dags test``, or scheduler, triggerer, ... for the end-to-end
-test) with an environment built from scratch, so these tests neither depend on nor disturb whatever
-Airflow configuration the test process itself was started with.
+Airflow runs in child processes (``dag.test()`` for every example DAG in one process, or a scheduler,
+triggerer, ... for the end-to-end test) with an environment built from scratch, so these tests neither
+depend on nor disturb whatever Airflow configuration the test process itself was started with.
 """
 
 from __future__ import annotations

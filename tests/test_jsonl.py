@@ -195,6 +195,16 @@ def _not_utf8(spec: VendorSpec, ep: EndpointSpec) -> tuple[VendorSpec, list[byte
     return spec, lines, ["line 3: encoding: expected UTF-8 text, got byte 0xe9"]
 
 
+def _not_utf8_in_prompt(spec: VendorSpec, ep: EndpointSpec) -> tuple[VendorSpec, list[bytes], list[str]]:
+    # Invalid bytes inside the prompt text: the part of a line the checks otherwise never look at.
+    line = dump(request(ep, 2, body=body_for(ep, messages="caf\x00", input="caf\x00", prompt="caf\x00")))
+    return (
+        spec,
+        [*good_lines(ep, 1), line.replace(b"\\u0000", b"\xff")],
+        ["line 2: encoding: expected UTF-8 text"],
+    )
+
+
 def _bom(spec: VendorSpec, ep: EndpointSpec) -> tuple[VendorSpec, list[bytes], list[str]]:
     lines = good_lines(ep, 2)
     lines[0] = b"\xef\xbb\xbf" + lines[0]
@@ -267,6 +277,7 @@ CASES: dict[str, Case] = {
     "nan": _nan,
     "infinity": _infinity,
     "not-utf8": _not_utf8,
+    "not-utf8-in-prompt": _not_utf8_in_prompt,
     "bom": _bom,
     "blank-line-in-middle": _blank_middle,
     "blank-line-at-end": _trailing_blank,
@@ -295,6 +306,7 @@ def test_broken_file_names_line_and_field(tmp_path: Path, spec: VendorSpec, case
 
 
 @pytest.mark.parametrize("spec", VENDORS, ids=[s.name for s in VENDORS])
+@pytest.mark.usefixtures("parser")
 def test_forbidden_body_keys_follow_the_spec(tmp_path: Path, spec: VendorSpec) -> None:
     endpoint = spec.endpoints[0]
     body = body_for(endpoint, temperature=0.2, top_p=0.9)

@@ -1,4 +1,4 @@
-"""The async face of the batch hook: ``a``-prefixed methods on a loop-shared ``httpx.AsyncClient``, for triggers."""
+"""The async face of the batch hook: ``a``-prefixed methods on a loop-shared ``httpx.AsyncClient``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from airflow_provider_llmbatch.hooks._base import (
     RECOVERY_SCAN_LIMIT,
     HookBase,
     M,
+    Matcher,
     T,
-    _Matcher,
-    _multipart_headers,
-    _pick_upload,
-    _scan_page_size,
+    multipart_headers,
+    pick_upload,
+    reply,
+    scan_page_size,
 )
 from airflow_provider_llmbatch.hooks._core import (
     ERROR_BODY_LIMIT,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from airflow_provider_llmbatch.hooks._base import Source
 
 _ASYNC_WRITE_BUFFER = 1024 * 1024
-"""Bytes gathered before one thread hop writes them: keeps file writes off the loop without a hop per chunk."""
+"""Bytes gathered per thread hop when writing a download: file writes stay off the loop, hops stay rare."""
 
 
 class AsyncFace(HookBase):
@@ -109,10 +110,11 @@ class AsyncFace(HookBase):
 
     async def _aexchange(
         self, request: Request, content: Any = None, headers: Mapping[str, str] | None = None
-    ) -> bytes:
+    ) -> httpx.Response:
         response = await self._aopen(request, content, headers)
         try:
-            return await response.aread()
+            await response.aread()
+            return response
         except httpx.TransportError as exc:
             raise self._transport(await self._async_core(), request, exc) from exc
         finally:
@@ -155,7 +157,7 @@ class AsyncFace(HookBase):
         core = await self._async_core()
 
         async def once() -> M:
-            return core.parse(request, 200, {}, await self._aexchange(request), model)
+            return core.parse(request, *reply(await self._aexchange(request)), model)
 
         return await self._aretrying(request, once)
 
@@ -177,15 +179,17 @@ class AsyncFace(HookBase):
             handle, owned = await asyncio.to_thread(src.open)
             try:
                 content = _async_body(layout, handle)
-                body = await self._aexchange(request, content, _multipart_headers(layout, src.size))
+                body = await self._aexchange(request, content, multipart_headers(layout, src.size))
             finally:
                 if owned:
                     await asyncio.to_thread(handle.close)
-            return core.parse(request, 200, {}, body, FileObject)
+            return core.parse(request, *reply(body), FileObject)
 
+        # An upload whose answer was lost may be stored already; a blind repeat stores a second copy
+        # (and counts against the vendor's stored-file limit). Look for the same name and size first.
         async def recover() -> FileObject | None:
             files = [f async for f in _atake(self.alist_files(purpose=purpose), RECOVERY_SCAN_LIMIT)]
-            return _pick_upload(iter(files), name, src.size, started)
+            return pick_upload(iter(files), name, src.size, started)
 
         return await self._aretrying(
             request, once, recover=recover if src.size is not None else None, can_repeat=src.can_repeat
@@ -223,7 +227,7 @@ class AsyncFace(HookBase):
             page_request: Request = core.list_request(kind, pager.params())
 
             async def once(request: Request = page_request) -> Page[M]:
-                return core.parse_page(request, 200, {}, await self._aexchange(request), model)
+                return core.parse_page(request, *reply(await self._aexchange(request)), model)
 
             yield pager.feed(await self._aretrying(page_request, once))
 
@@ -321,8 +325,10 @@ class AsyncFace(HookBase):
         )
 
         async def once() -> Batch:
-            return core.parse(request, 200, {}, await self._aexchange(request), Batch)
+            return core.parse(request, *reply(await self._aexchange(request)), Batch)
 
+        # A create whose answer was lost may have started a batch that is paid for; find it by its
+        # idempotency key before creating another. Without a key there is no safe repeat at all.
         async def recover() -> Batch | None:
             return await self.afind_batch(metadata={IDEMPOTENCY_KEY: key or ""})
 
@@ -338,7 +344,7 @@ class AsyncFace(HookBase):
         request = core.cancel_batch(batch_id)
 
         async def once() -> Batch:
-            return core.parse(request, 200, {}, await self._aexchange(request), Batch)
+            return core.parse(request, *reply(await self._aexchange(request)), Batch)
 
         async def current() -> Batch:
             return await self.aget_batch(batch_id)
@@ -357,8 +363,8 @@ class AsyncFace(HookBase):
     ) -> Batch | None:
         """Return the newest batch whose metadata contains all ``metadata`` pairs, like :meth:`find_batch`."""
         core = await self._async_core()
-        pager = core.batch_pager(_scan_page_size(core.vendor), {})
-        matcher = _Matcher(metadata, max_scan)
+        pager = core.batch_pager(scan_page_size(core.vendor), {})
+        matcher = Matcher(metadata, max_scan)
         async for items in self._aiter_pages("batches", pager, Batch):
             if matcher.feed(items):
                 break
@@ -369,7 +375,7 @@ class AsyncFace(HookBase):
         try:
             core = await self._async_core()
             request = core.list_request("batches", core.batch_pager(1, {}).params())
-            core.parse_page(request, 200, {}, await self._aexchange(request), Batch)
+            core.parse_page(request, *reply(await self._aexchange(request)), Batch)
         except Exception as exc:
             return False, str(exc)
         return True, f"Connected to {core.vendor.display_name} at {core.settings.base_url}"

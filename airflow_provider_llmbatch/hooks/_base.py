@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -217,7 +217,13 @@ def _content_length(response: httpx.Response) -> int | None:
         return None
 
 
-def _multipart_headers(layout: MultipartLayout, size: int | None) -> dict[str, str]:
+def reply(response: httpx.Response) -> tuple[int, httpx.Headers, bytes]:
+    """Return what the core reads from a finished response: status, headers (request id), body."""
+    return response.status_code, response.headers, response.content
+
+
+def multipart_headers(layout: MultipartLayout, size: int | None) -> dict[str, str]:
+    """Return an upload's headers; without a known size the body goes chunked."""
     headers = {"Content-Type": layout.content_type}
     length = layout.content_length(size)
     if length is not None:
@@ -225,7 +231,7 @@ def _multipart_headers(layout: MultipartLayout, size: int | None) -> dict[str, s
     return headers
 
 
-def _pick_upload(
+def pick_upload(
     files: Iterator[FileObject], name: str, size: int | None, started: float
 ) -> FileObject | None:
     """Return the newest file that looks like our upload: same name and size, created since we started."""
@@ -245,12 +251,13 @@ def _pick_upload(
     return best
 
 
-def _scan_page_size(vendor: VendorSpec) -> int | None:
+def scan_page_size(vendor: VendorSpec) -> int | None:
+    """Return the page size for scans: large pages, few calls (DashScope allows 100 lists a minute)."""
     most = vendor.batch_list.max_limit
     return min(100, most) if most is not None else None
 
 
-class _Matcher:
+class Matcher:
     """Keep the newest batch whose metadata holds every wanted pair; stop after the first matching page."""
 
     def __init__(self, wanted: Mapping[str, str], max_scan: int) -> None:
@@ -260,6 +267,7 @@ class _Matcher:
         self.best: Batch | None = None
 
     def feed(self, items: list[Batch]) -> bool:
+        """Take one page; return True when the scan can stop."""
         for batch in items:
             self.scanned += 1
             metadata = batch.metadata or {}

@@ -13,11 +13,12 @@ from airflow_provider_llmbatch.hooks._base import (
     RECOVERY_SCAN_LIMIT,
     HookBase,
     M,
+    Matcher,
     T,
-    _Matcher,
-    _multipart_headers,
-    _pick_upload,
-    _scan_page_size,
+    multipart_headers,
+    pick_upload,
+    reply,
+    scan_page_size,
 )
 from airflow_provider_llmbatch.hooks._core import (
     ERROR_BODY_LIMIT,
@@ -91,11 +92,12 @@ class SyncFace(HookBase):
 
     def _exchange(
         self, request: Request, content: Any = None, headers: Mapping[str, str] | None = None
-    ) -> bytes:
-        """Send ``request`` and return the whole body of its successful response."""
+    ) -> httpx.Response:
+        """Send ``request`` and return its successful response, read whole."""
         response = self._open(request, content, headers)
         try:
-            return response.read()
+            response.read()
+            return response
         except httpx.TransportError as exc:
             raise self._transport(self._sync_core(), request, exc) from exc
         finally:
@@ -139,7 +141,7 @@ class SyncFace(HookBase):
         core = self._sync_core()
 
         def once() -> M:
-            return core.parse(request, 200, {}, self._exchange(request), model)
+            return core.parse(request, *reply(self._exchange(request)), model)
 
         return self._retrying(request, once)
 
@@ -167,14 +169,16 @@ class SyncFace(HookBase):
             handle, owned = src.open()
             try:
                 content = _sync_body(layout, handle)
-                body = self._exchange(request, content, _multipart_headers(layout, src.size))
+                body = self._exchange(request, content, multipart_headers(layout, src.size))
             finally:
                 if owned:
                     handle.close()
-            return core.parse(request, 200, {}, body, FileObject)
+            return core.parse(request, *reply(body), FileObject)
 
+        # An upload whose answer was lost may be stored already; a blind repeat stores a second copy
+        # (and counts against the vendor's stored-file limit). Look for the same name and size first.
         def recover() -> FileObject | None:
-            return _pick_upload(self.list_files(purpose=purpose), name, src.size, started)
+            return pick_upload(self.list_files(purpose=purpose), name, src.size, started)
 
         return self._retrying(
             request, once, recover=recover if src.size is not None else None, can_repeat=src.can_repeat
@@ -212,7 +216,7 @@ class SyncFace(HookBase):
             page_request: Request = core.list_request(kind, pager.params())
 
             def once(request: Request = page_request) -> Page[M]:
-                return core.parse_page(request, 200, {}, self._exchange(request), model)
+                return core.parse_page(request, *reply(self._exchange(request)), model)
 
             yield pager.feed(self._retrying(page_request, once))
 
@@ -331,8 +335,10 @@ class SyncFace(HookBase):
         )
 
         def once() -> Batch:
-            return core.parse(request, 200, {}, self._exchange(request), Batch)
+            return core.parse(request, *reply(self._exchange(request)), Batch)
 
+        # A create whose answer was lost may have started a batch that is paid for; find it by its
+        # idempotency key before creating another. Without a key there is no safe repeat at all.
         def recover() -> Batch | None:
             return self.find_batch(metadata={IDEMPOTENCY_KEY: key or ""})
 
@@ -348,7 +354,7 @@ class SyncFace(HookBase):
         request = core.cancel_batch(batch_id)
 
         def once() -> Batch:
-            return core.parse(request, 200, {}, self._exchange(request), Batch)
+            return core.parse(request, *reply(self._exchange(request)), Batch)
 
         return self._retrying(request, once, settle=(ConflictError, lambda: self.get_batch(batch_id)))
 
@@ -370,8 +376,8 @@ class SyncFace(HookBase):
         :param max_scan: batches scanned at most (newest first).
         """
         core = self._sync_core()
-        pager = core.batch_pager(_scan_page_size(core.vendor), {})
-        matcher = _Matcher(metadata, max_scan)
+        pager = core.batch_pager(scan_page_size(core.vendor), {})
+        matcher = Matcher(metadata, max_scan)
         for items in self._iter_pages("batches", pager, Batch):
             if matcher.feed(items):
                 break
@@ -382,7 +388,7 @@ class SyncFace(HookBase):
         try:
             core = self._sync_core()
             request = core.list_request("batches", core.batch_pager(1, {}).params())
-            core.parse_page(request, 200, {}, self._exchange(request), Batch)
+            core.parse_page(request, *reply(self._exchange(request)), Batch)
         except Exception as exc:
             return False, str(exc)
         return True, f"Connected to {core.vendor.display_name} at {core.settings.base_url}"

@@ -39,23 +39,25 @@ sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 MAX_CONCURRENT_POLLS = 16
 """
-Polls in flight at once per event loop, across every trigger of a triggerer.
+Polls in flight at once per event loop and connection, across every trigger of a triggerer.
 
 Hundreds of triggers started together would otherwise all poll at once. The HTTP pool's bookkeeping
 grows with (queued requests x connections) per request, so a burst costs the whole loop CPU time;
-a small bound keeps every poll below the pool's keep-alive size and spreads the burst instead.
+a small bound keeps the polls of one connection within the pool's keep-alive size and spreads the
+burst instead. Per connection, so one vendor's outage (whose retries wait inside a slot) never holds
+back another vendor's polls.
 """
 
-_POLL_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+_POLL_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _poll_slots() -> asyncio.Semaphore:
-    loop = asyncio.get_running_loop()
-    slots = _POLL_SLOTS.get(loop)
+def _poll_slots(conn_id: str) -> asyncio.Semaphore:
+    per_conn = _POLL_SLOTS.setdefault(asyncio.get_running_loop(), {})
+    slots = per_conn.get(conn_id)
     if slots is None:
-        slots = _POLL_SLOTS[loop] = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
+        slots = per_conn[conn_id] = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
     return slots
 
 
@@ -184,7 +186,7 @@ class BatchTrigger(BaseTrigger):
             polls += 1
             retry_after: float | None = None
             try:
-                async with _poll_slots():
+                async with _poll_slots(self.conn_id):
                     batch = await self.hook.aget_batch(self.batch_id)
             except VendorAPIError as exc:
                 if classify(exc) is None:

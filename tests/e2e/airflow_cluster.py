@@ -8,6 +8,7 @@ Each process leads its own process group and is stopped by group id, children in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -76,7 +77,7 @@ class AirflowCluster:
             # Task processes talk to the API server's execution API, authenticated with JWTs the
             # scheduler signs: both must know the same secret.
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOOPBACK}:{self.api_port}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             **connections,
             **(extra_env or {}),
@@ -171,27 +172,31 @@ class AirflowCluster:
                 addresses.update(c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN)
         return addresses
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop every process group: SIGTERM, then SIGKILL for what is left after ``grace`` seconds."""
+    def stop(self, grace: float = 20.0) -> dict[str, float | None]:
+        """
+        Stop every process group: SIGTERM, then SIGKILL for what is left after ``grace`` seconds.
+
+        Return each process's seconds to exit after SIGTERM (None: it had to be killed).
+        """
+        asked = time.monotonic()
         for process in self.processes.values():
             self._signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
+        exited: dict[str, float | None] = dict.fromkeys(self.processes)
+        while time.monotonic() < asked + grace and None in exited.values():
+            for name, process in self.processes.items():
+                if exited[name] is None and process.poll() is not None:
+                    exited[name] = round(time.monotonic() - asked, 1)
+            time.sleep(0.1)
         for process in self.processes.values():
             # Workers and other children share the leader's group: kill the group even if the leader exited.
             self._signal_group(process, signal.SIGKILL)
             process.wait()
+        return exited
 
     @staticmethod
     def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
 
     @staticmethod
     def tail(path: Path, lines: int = 40) -> str:

@@ -57,7 +57,7 @@ def example_runs(
     airflow = airflow_template.clone(tmp_path_factory.mktemp("example-dags") / "airflow-home")
     output = airflow.home / "pipeline-output"
     plan = [(case.dag_id, {**case.env, "LLMBATCH_OUTPUT_DIR": str(output / case.id)}) for case in cases]
-    runs = airflow.dags_test(plan, env=env_for(dag_emulator), timeout=60 + 60 * len(plan))
+    runs = airflow.run_dag_tests(plan, env=env_for(dag_emulator), timeout=60 + 45 * len(plan))
     return {case.id: run for case, run in zip(cases, runs, strict=True)}
 
 
@@ -70,6 +70,7 @@ def test_every_vendor_has_an_example_dag(vendor: str) -> None:
 
 @pytest.mark.airflow
 @pytest.mark.integration
+@pytest.mark.timeout(480)  # the first test to run also pays for running every DAG (see example_runs)
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_example_dag_runs_against_the_emulator(
     case: Case, example_runs: dict[str, DagTestRun], dag_emulator: Emulator
@@ -77,6 +78,7 @@ def test_example_dag_runs_against_the_emulator(
     run = example_runs[case.id]
 
     assert run.succeeded, f"{run.error}\n{failing_tail(run.log_path)}"
+    assert run.import_errors == {}
     assert set(run.tasks.values()) == {"success"}, run.tasks
     created = run.xcoms["create_batch"]
     batch_id = created["batch_id"]
@@ -89,6 +91,8 @@ def test_example_dag_runs_against_the_emulator(
         run.deferrals
     )
     assert dag_emulator.api_key not in json.dumps(run.deferrals)
+    assert run.log_path is not None
+    assert dag_emulator.api_key not in run.log_path.read_text(errors="replace")
     assert run.xcoms["wait_for_batch"]["status"] == "completed"
 
     manifest = run.xcoms["fetch_results"]
@@ -102,6 +106,7 @@ def test_example_dag_runs_against_the_emulator(
 
 @pytest.mark.airflow
 @pytest.mark.integration
+@pytest.mark.timeout(480)
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=[case.id for case in PIPELINE_CASES])
 def test_pipeline_summary_counts_every_review(case: Case, example_runs: dict[str, DagTestRun]) -> None:
     run = example_runs[case.id]

@@ -137,9 +137,13 @@ def test_quota_429_is_never_retried(
 
 
 def test_malformed_success_is_not_retried(mock_hook: Callable[..., BatchHook], script: Script) -> None:
-    script.on("GET", "/batches/b1", httpx.Response(200, content=b'{"id": "b1", "stat'))
-    with pytest.raises(MalformedResponseError, match="not JSON"):
+    truncated = httpx.Response(200, content=b'{"id": "b1", "stat', headers={"x-request-id": "rid-7"})
+    script.on("GET", "/batches/b1", truncated)
+    with pytest.raises(MalformedResponseError, match="not JSON") as info:
         mock_hook().get_batch("b1")
+    assert info.value.status_code == 200
+    assert info.value.request_id == "rid-7"
+    assert info.value.operation == "get_batch"
     script.on("GET", "/batches/b2", ok({"object": "batch"}))
     with pytest.raises(MalformedResponseError, match="not a Batch: id: Field required"):
         mock_hook().get_batch("b2")
@@ -777,3 +781,42 @@ def test_timeouts_are_typed(mock_hook: Callable[..., BatchHook], script: Script)
     script.on("GET", "/batches/b1", _read_timeout)
     with pytest.raises(APITimeoutError):
         mock_hook().get_batch("b1")
+
+
+class _OffLoopOnly(io.BytesIO):
+    """A file whose every read, write and seek fails when it runs on an event loop's thread."""
+
+    def _check(self) -> None:
+        assert asyncio._get_running_loop() is None, "file I/O on the event loop"
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._check()
+        return super().read(size)
+
+    def write(self, data: Any, /) -> int:
+        self._check()
+        return super().write(data)
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        self._check()
+        return super().seek(offset, whence)
+
+
+def test_async_transfers_keep_file_io_off_the_loop(
+    mock_hook: Callable[..., BatchHook], script: Script
+) -> None:
+    script.on("POST", "/files", lambda r: ok(_file_json("f1", "x.jsonl", len(CONTENT))))
+    script.on("GET", "/files/f1/content", lambda r: httpx.Response(200, content=CONTENT))
+    hook = mock_hook()
+    source = _OffLoopOnly(CONTENT)
+    sink = _OffLoopOnly()
+
+    async def main() -> int:
+        await hook.aupload_file(source, filename="x.jsonl")
+        written = await hook.adownload_file("f1", sink)
+        await hook.aclose()
+        return int(written)
+
+    assert run(main()) == len(CONTENT)
+    assert sink.getvalue() == CONTENT
+    assert _form_file(script.bodies[0]) == CONTENT

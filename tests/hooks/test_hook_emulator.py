@@ -304,21 +304,57 @@ def test_transient_faults_are_retried(
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_create_and_upload_that_time_out_after_taking_effect_are_not_duplicated(
+def test_create_and_upload_that_time_out_are_looked_up_before_any_repeat(
     vendor: str, emulator: Emulator, conn: Callable[..., str], tmp_path: Path
 ) -> None:
-    # The vendor answers after our read timeout but does the work: the hook must find it, not repeat it.
-    conn_id = conn(vendor, extra={"timeout": 0.25})
-    hook = BatchHook(conn_id, retry_policy=RetryPolicy(max_retries=2, sleep=lambda seconds: time.sleep(0.6)))
-    emulator.add_fault(FaultRule("slow", vendor=vendor, operation="upload", delay=0.4, times=1))
-    emulator.add_fault(FaultRule("slow", vendor=vendor, operation="create", delay=0.4, times=1))
+    # The answer comes after our read timeout: the effect is unknown, so the hook looks the object up
+    # (list) before it repeats the call, and the vendor ends up with exactly one file and one batch.
+    # (The "found it" branch needs a vendor that acts and then fails; the MockTransport tests cover it.)
+    hook = BatchHook(
+        conn(vendor, extra={"timeout": 0.15}),
+        retry_policy=RetryPolicy(max_retries=2, sleep=lambda seconds: time.sleep(0.5)),
+    )
+    emulator.add_fault(FaultRule("slow", vendor=vendor, operation="upload", delay=0.3, times=1))
+    emulator.add_fault(FaultRule("slow", vendor=vendor, operation="create", delay=0.3, times=1))
     uploaded = hook.upload_file(request_file(tmp_path, REGISTRY[vendor], 2))
     batch = hook.create_batch(input_file_id=uploaded.id)
     stats = emulator.stats(vendor)
     assert stats["files_uploaded"] == 1
     assert stats["batches_created"] == 1
     assert [b["id"] for b in emulator.batches(vendor)] == [batch.id]
+    assert stats["operations"]["list_files"] >= 1
+    assert stats["operations"]["list_batches"] >= 1
     hook.close()
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_unknown_effect_finds_what_the_vendor_already_has(
+    vendor: str, face: str, emulator: Emulator, conn: Callable[..., str], face_factory: Any, tmp_path: Path
+) -> None:
+    # Stand-ins for "the vendor acted, then the answer was lost": the object exists before the 5xx.
+    call = face_factory(
+        conn(vendor), face, retry_policy=RetryPolicy(max_retries=2, sleep=_no_sleep, asleep=_ano_sleep)
+    )
+    source = request_file(tmp_path, REGISTRY[vendor], 3)
+    existing_file = call("upload_file", source)
+    existing = call("create_batch", input_file_id=existing_file.id, metadata={IDEMPOTENCY_KEY: "key-1"})
+    emulator.add_fault(FaultRule("500", vendor=vendor, operation="upload", times=1))
+    emulator.add_fault(FaultRule("502", vendor=vendor, operation="create", times=1))
+    assert call("upload_file", source).id == existing_file.id
+    again = call("create_batch", input_file_id=existing_file.id, metadata={IDEMPOTENCY_KEY: "key-1"})
+    assert again.id == existing.id
+    stats = emulator.stats(vendor)
+    assert stats["files_uploaded"] == 1
+    assert stats["batches_created"] == 1
+
+
+def _no_sleep(seconds: float) -> None:
+    return None
+
+
+async def _ano_sleep(seconds: float) -> None:
+    return None
 
 
 def test_async_face_reads_env_connections_without_the_sync_lookup(
