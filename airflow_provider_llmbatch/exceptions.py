@@ -155,7 +155,7 @@ class NotFoundError(VendorAPIError):
 
 
 class ConflictError(VendorAPIError):
-    """Raise when the resource is not in a state that allows the operation (409, cancel of a finished batch)."""
+    """Raise when the resource is not in a state that allows the operation (409; cancel of an ended batch)."""
 
 
 class RateLimitError(VendorAPIError):
@@ -163,7 +163,7 @@ class RateLimitError(VendorAPIError):
 
 
 class QuotaExceededError(VendorAPIError):
-    """Raise when the account is out of quota or in arrears (429 with a quota code); retrying will not help."""
+    """Raise when the account is out of quota or in arrears (429 with a quota code); retrying won't help."""
 
 
 class ServerError(VendorAPIError):

@@ -641,4 +641,6 @@ def vendor_for_conn_type(conn_type: str | None) -> VendorSpec:
         return _BY_CONN_TYPE[conn_type or ""]
     except KeyError:
         known = ", ".join(sorted(_BY_CONN_TYPE))
-        raise KeyError(f"connection type {conn_type!r} is not an LLM batch connection; use one of: {known}") from None
+        raise KeyError(
+            f"connection type {conn_type!r} is not an LLM batch connection; use one of: {known}"
+        ) from None
