@@ -388,65 +388,21 @@ class Core:
         :param extra: vendor-only fields (``spec.extra_create_fields``).
         :param idempotency_key: a fixed key, for tests; else taken from ``metadata`` or generated.
         """
-        vendor = self.vendor
         _segment("input_file_id", input_file_id)
-        endpoint = endpoint or vendor.default_endpoint
-        if vendor.endpoint(endpoint) is None:
-            allowed = ", ".join(e.path for e in vendor.endpoints)
-            raise InvalidInputError(
-                f"{vendor.display_name} does not accept endpoint {endpoint!r}; use one of: {allowed}"
-            )
-        rule = vendor.completion_window
-        window = completion_window if completion_window is not None else rule.default
-        problem = rule.check(window)
-        if problem:
-            raise InvalidInputError(f"completion_window for {vendor.display_name}: {problem}")
-        merged: dict[str, str] = {}
-        for name, value in (metadata or {}).items():
-            if not isinstance(name, str) or not isinstance(value, str):
-                raise InvalidInputError(f"metadata must map strings to strings, got {name!r}: {value!r}")
-            merged[name] = value
-        body: dict[str, Any] = {
-            "input_file_id": input_file_id,
-            "endpoint": endpoint,
-            "completion_window": window,
-        }
-        fields = {f.name: f for f in vendor.extra_create_fields}
-        for name, value in (extra or {}).items():
-            spec = fields.get(name)
-            if spec is None:
-                allowed = ", ".join(fields) or "none"
-                raise InvalidInputError(
-                    f"{vendor.display_name} has no create field {name!r}; allowed: {allowed}"
-                )
-            _check_extra_type(spec, value)
-            if spec.in_metadata:
-                if name in merged and merged[name] != value:
-                    raise InvalidInputError(f"{name!r} is given both in metadata and in extra, differently")
-                merged[name] = value
-            else:
-                body[name] = value
-        limits = vendor.limits
+        body, merged = create_arguments(
+            self.vendor,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            extra=extra,
+        )
         key: str | None = idempotency_key or merged.get(IDEMPOTENCY_KEY)
-        if key is None and len(merged) < limits.metadata_pairs:
+        if key is None and len(merged) < self.vendor.limits.metadata_pairs:
             key = uuid.uuid4().hex
         if key is not None:
             merged[IDEMPOTENCY_KEY] = key
-        if len(merged) > limits.metadata_pairs:
-            raise InvalidInputError(
-                f"{vendor.display_name} accepts at most {limits.metadata_pairs} metadata pairs, "
-                f"got {len(merged)}"
-            )
-        for k, v in merged.items():
-            if not k or len(k) > limits.metadata_key_chars:
-                raise InvalidInputError(
-                    f"metadata key {k!r}: expected 1 to {limits.metadata_key_chars} characters, got {len(k)}"
-                )
-            most = limits.metadata_value_chars_by_key.get(k, limits.metadata_value_chars)
-            if len(v) > most:
-                raise InvalidInputError(
-                    f"metadata value of {k!r}: expected at most {most} characters, got {len(v)}"
-                )
+        check_metadata(self.vendor, merged)
+        body = {"input_file_id": input_file_id, **body}
         if merged:
             body["metadata"] = merged
         request = Request(
@@ -531,6 +487,98 @@ class Core:
                 request, status, headers, f"the {request.operation} page is malformed: {summary}"
             ) from None
         return page.model_copy(update={"data": valid})
+
+
+def create_arguments(
+    vendor: VendorSpec,
+    *,
+    endpoint: str | None,
+    completion_window: str | None,
+    metadata: Mapping[str, str] | None,
+    extra: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """
+    Check create-batch arguments against the vendor's spec; return the body fields and the merged metadata.
+
+    The body holds ``endpoint``, ``completion_window`` and the vendor's extra fields; fields the vendor
+    carries inside ``metadata`` (DashScope ``ds_*``) are merged into the returned metadata instead.
+
+    :raises InvalidInputError: naming the argument and what the vendor accepts.
+    """
+    endpoint = endpoint or vendor.default_endpoint
+    if vendor.endpoint(endpoint) is None:
+        allowed = ", ".join(e.path for e in vendor.endpoints)
+        raise InvalidInputError(
+            f"{vendor.display_name} does not accept endpoint {endpoint!r}; use one of: {allowed}"
+        )
+    rule = vendor.completion_window
+    window = completion_window if completion_window is not None else rule.default
+    problem = rule.check(window)
+    if problem:
+        raise InvalidInputError(f"completion_window for {vendor.display_name}: {problem}")
+    merged: dict[str, str] = {}
+    for name, value in (metadata or {}).items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidInputError(f"metadata must map strings to strings, got {name!r}: {value!r}")
+        merged[name] = value
+    body: dict[str, Any] = {"endpoint": endpoint, "completion_window": window}
+    fields = {f.name: f for f in vendor.extra_create_fields}
+    for name, value in (extra or {}).items():
+        spec = fields.get(name)
+        if spec is None:
+            allowed = ", ".join(fields) or "none"
+            raise InvalidInputError(f"{vendor.display_name} has no create field {name!r}; allowed: {allowed}")
+        _check_extra_type(spec, value)
+        if spec.in_metadata:
+            if name in merged and merged[name] != value:
+                raise InvalidInputError(f"{name!r} is given both in metadata and in extra, differently")
+            merged[name] = value
+        else:
+            body[name] = value
+    return body, merged
+
+
+def check_metadata(vendor: VendorSpec, metadata: Mapping[str, str]) -> None:
+    """
+    Check metadata against the vendor's pair, key and value limits.
+
+    :raises InvalidInputError: naming the key and the limit.
+    """
+    limits = vendor.limits
+    if len(metadata) > limits.metadata_pairs:
+        raise InvalidInputError(
+            f"{vendor.display_name} accepts at most {limits.metadata_pairs} metadata pairs, "
+            f"got {len(metadata)}"
+        )
+    for k, v in metadata.items():
+        if not k or len(k) > limits.metadata_key_chars:
+            raise InvalidInputError(
+                f"metadata key {k!r}: expected 1 to {limits.metadata_key_chars} characters, got {len(k)}"
+            )
+        most = limits.metadata_value_chars_by_key.get(k, limits.metadata_value_chars)
+        if len(v) > most:
+            raise InvalidInputError(
+                f"metadata value of {k!r}: expected at most {most} characters, got {len(v)}"
+            )
+
+
+def check_create_args(
+    vendor: VendorSpec,
+    *,
+    endpoint: str | None = None,
+    completion_window: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """
+    Check create-batch arguments before anything is uploaded, exactly as ``create_batch`` will.
+
+    :raises InvalidInputError: naming the argument and what the vendor accepts.
+    """
+    _, merged = create_arguments(
+        vendor, endpoint=endpoint, completion_window=completion_window, metadata=metadata, extra=extra
+    )
+    check_metadata(vendor, merged)
 
 
 def _check_extra_type(spec: ExtraCreateField, value: Any) -> None:

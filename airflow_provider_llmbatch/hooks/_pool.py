@@ -20,7 +20,16 @@ PoolKey = tuple[str, float]
 """(origin, timeout seconds)."""
 
 MAX_CONNECTIONS = 100
-MAX_KEEPALIVE = 20
+"""Connections one shared client opens at most (per loop and origin); more requests queue for one."""
+
+MAX_KEEPALIVE = MAX_CONNECTIONS
+"""
+Idle connections kept open; equal to ``MAX_CONNECTIONS`` on purpose.
+
+httpcore counts every pooled connection, busy or idle, against the keep-alive limit: with fewer
+keep-alive slots than connections, each response past the limit closes a connection the next poll
+has to reopen, and a burst of polls turns into a storm of reconnects that stalls the loop.
+"""
 
 
 @dataclass

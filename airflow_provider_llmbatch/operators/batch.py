@@ -26,6 +26,7 @@ from airflow_provider_llmbatch.exceptions import (
     NotFoundError,
     VendorAPIError,
 )
+from airflow_provider_llmbatch.hooks._core import check_create_args
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import RequestFileReport, build_request_file, validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
@@ -46,6 +47,8 @@ XCOM_INPUT_FINGERPRINT = "input_fingerprint"
 XCOM_CREATE_RESULT = "create_result"
 """The XCom key of the create result (the return value without waiting), pushed before any wait."""
 
+KEY_LENGTH = 32
+"""Hex characters of the retry-safe identity key."""
 KEY_METADATA = "llmbatch_key"
 """The batch metadata key that identifies the task instance and input a batch was created for."""
 
@@ -91,7 +94,7 @@ def batch_key(context: Context, input_fingerprint: str) -> str:
     """Return the short key naming this task instance's batch for this input (32 hex characters)."""
     dag_id, task_id, run_id, map_index = task_identity(context)
     identity = "\x1f".join((dag_id, task_id, run_id, str(map_index), input_fingerprint))
-    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return hashlib.sha256(identity.encode()).hexdigest()[:KEY_LENGTH]
 
 
 def _push(context: Context, key: str, value: Any) -> None:
@@ -269,46 +272,20 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
-        if self.endpoint is not None and spec.endpoint(self.endpoint) is None:
-            allowed = ", ".join(e.path for e in spec.endpoints)
-            raise InvalidInputError(
-                f"{spec.display_name} does not accept endpoint {self.endpoint!r}; use one of: {allowed}"
-            )
-        problem = spec.completion_window.check(self.completion_window)
-        if problem:
-            raise InvalidInputError(f"completion_window for {spec.display_name}: {problem}")
-        self._check_metadata(spec)
-
-    def _check_metadata(self, spec: VendorSpec) -> None:
         metadata = self.metadata if self.metadata is not None else {}
         options = self.vendor_options if self.vendor_options is not None else {}
         if not isinstance(metadata, Mapping) or not isinstance(options, Mapping):
             raise InvalidInputError("metadata and vendor_options must be dicts")
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise InvalidInputError(f"metadata must map strings to strings, got {key!r}: {value!r}")
         if KEY_METADATA in metadata:
             raise InvalidInputError(f"metadata key {KEY_METADATA!r} is reserved for retry-safe re-attaching")
-        fields = {f.name: f for f in spec.extra_create_fields}
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            allowed = ", ".join(fields) or "none"
-            raise InvalidInputError(f"{spec.display_name} has no create field {unknown}; allowed: {allowed}")
-        in_metadata = {k for k in options if fields[k].in_metadata}
-        limits = spec.limits
-        pairs = len(set(metadata) | in_metadata) + 1
-        if pairs > limits.metadata_pairs:
-            raise InvalidInputError(
-                f"{spec.display_name} accepts at most {limits.metadata_pairs} metadata pairs; "
-                f"{pairs} needed ({KEY_METADATA} included)"
-            )
-        for key, value in metadata.items():
-            most = limits.metadata_value_chars_by_key.get(key, limits.metadata_value_chars)
-            if not key or len(key) > limits.metadata_key_chars or len(value) > most:
-                raise InvalidInputError(
-                    f"metadata {key!r}: expected a key of 1 to {limits.metadata_key_chars} characters "
-                    f"and a value of at most {most}"
-                )
+        # The key's value is a fixed-length hash, so a placeholder of that length checks the limits exactly.
+        check_create_args(
+            spec,
+            endpoint=self.endpoint,
+            completion_window=self.completion_window,
+            metadata={**metadata, KEY_METADATA: "0" * KEY_LENGTH},
+            extra=options,
+        )
 
     # -- the request file ---------------------------------------------------------------------------
 
