@@ -80,11 +80,12 @@ def _select_codec() -> tuple[Callable[[bytes], Any], Callable[[Any], bytes], tup
     try:
         import msgspec
     except ImportError:  # pragma: no cover - msgspec comes with Airflow, the fallback is for slim installs
-        return json_loads, json_dumps, (ValueError, TypeError)
+        return json_loads, json_dumps, (ValueError, TypeError, RecursionError)
     # msgspec rejects NaN/Infinity and checks UTF-8 while parsing, so it is strict by itself.
     decode: Callable[[bytes], Any] = msgspec.json.Decoder().decode
     encode: Callable[[Any], bytes] = msgspec.json.Encoder().encode
-    return decode, encode, (msgspec.MsgspecError, ValueError, TypeError, OverflowError)
+    # Both parsers stop nesting deeper than about 1,000 levels with RecursionError: a bad line, not a crash.
+    return decode, encode, (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError)
 
 
 loads, dumps, CODEC_ERRORS = _select_codec()
@@ -182,6 +183,8 @@ def diagnose_unparsable(raw: bytes, error: Exception) -> tuple[str, str, str]:
     except UnicodeDecodeError as exc:
         bad = raw[exc.start : exc.start + 1].hex()
         return "encoding", "UTF-8 text", f"byte 0x{bad} at byte {exc.start + 1} of the line ({exc.reason})"
+    if isinstance(error, RecursionError):
+        return "json", "a JSON object nested less deeply", "nesting deeper than the JSON parser allows"
     message = str(error)
     match = _MSGSPEC_OFFSET.search(message)
     for constant in ("-Infinity", "Infinity", "NaN"):
@@ -196,6 +199,8 @@ def diagnose_unparsable(raw: bytes, error: Exception) -> tuple[str, str, str]:
         json_loads(text.encode("utf-8"))
     except ValueError as exc:
         return "json", "a JSON object", f"malformed JSON ({exc})"
+    except RecursionError:
+        return "json", "a JSON object nested less deeply", "nesting deeper than the JSON parser allows"
     return "json", "a JSON object", f"JSON the parser rejects ({error})"
 
 

@@ -77,7 +77,11 @@ def parse_timestamp(value: Any) -> datetime | None:
                 return None
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     elif isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            # An integer beyond any float is no timestamp.
+            return None
     else:
         return None
     if not math.isfinite(number) or number <= 0:

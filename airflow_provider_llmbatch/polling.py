@@ -21,8 +21,22 @@ WARMUP_FRACTION = 0.25
 WARMUP_POLL_INTERVALS = 4.0
 """How many ``poll_interval`` of elapsed time the ramp up to ``poll_interval`` takes."""
 
-GROWTH = 0.1
-"""Past the ramp, the delay is this share of the time waited so far (polls grow log-like in number)."""
+GROWTH = 0.05
+"""
+Past the ramp, the delay is this share of the time waited so far (polls grow log-like in number).
+
+It bounds the resume latency of a batch that reports no progress: the end is seen at most this share
+of the batch's duration late (measured in ``bench/polls_per_batch.py``).
+"""
+
+DEFAULT_POLL_INTERVAL = 30.0
+"""The default ``poll_interval`` of the trigger, the sensor and the operators."""
+
+DEFAULT_MAX_POLL_INTERVAL = 600.0
+"""
+The default ``max_poll_interval``: a 20-hour batch takes about 200 polls (a fixed minute: 1,200), and
+the end of a long batch is seen at most ten minutes late, under 1% of its duration.
+"""
 
 JITTER = 0.2
 """The delay is shortened by a random share of up to this much; jitter never lengthens it past the cap."""

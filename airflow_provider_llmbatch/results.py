@@ -111,10 +111,27 @@ class _Malformed:
 _MALFORMED = _Malformed()
 
 
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _loads(raw: bytes) -> Any:
+    """Parse a vendor line strictly: NaN, Infinity or overflowing numbers could not be written back as JSON."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+
+
 def _custom_id_of(raw: bytes) -> str | _Malformed | None:
     try:
-        data = json.loads(raw)
-    except ValueError:
+        data = _loads(raw)
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser allows, a malformed line like any other.
         return _MALFORMED
     if not isinstance(data, dict):
         return _MALFORMED
@@ -149,7 +166,7 @@ def _index(files: Sequence[Path], anomalies: _Anomalies) -> dict[str, _Entry]:
 def _read_line(handles: Sequence[IO[bytes]], entry: _Entry) -> ResultLine:
     handle = handles[entry.file]
     handle.seek(entry.offset)
-    return ResultLine.model_validate(json.loads(handle.readline()))
+    return ResultLine.model_validate(_loads(handle.readline()))
 
 
 def _as_readable(source: Location) -> str | os.PathLike[str] | ObjectStoragePath:
@@ -178,7 +195,7 @@ def _iter_requests(source: Location) -> Iterator[tuple[str, dict[str, Any] | Non
                 continue
             try:
                 data = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 data = None
             if not isinstance(data, dict) or data.get("custom_id") in (None, ""):
                 # Request files are validated before upload; a line without an id means the file

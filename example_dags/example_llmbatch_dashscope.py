@@ -63,6 +63,6 @@ with DAG(
         conn_id=CONN_ID,
         batch_id=create.output["batch_id"],
         # The request file the batch was created from, to join the answers to the questions.
-        input_file="{{ ti.xcom_pull(task_ids='create_batch')['input_uri'] }}",
+        input_file=create.output["input_uri"],
     )
     create >> wait >> fetch

@@ -4,7 +4,14 @@ import random
 
 import pytest
 
-from airflow_provider_llmbatch.polling import JITTER, WARMUP_FRACTION, error_delay, next_poll_delay
+from airflow_provider_llmbatch.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    JITTER,
+    WARMUP_FRACTION,
+    error_delay,
+    next_poll_delay,
+)
 
 
 class Fixed:
@@ -29,7 +36,7 @@ TABLE = [
     (60.0, None, 30.0, 300.0, 22.5),  # ramping up
     (90.0, None, 30.0, 300.0, 30.0),  # ramp done
     (300.0, None, 30.0, 300.0, 30.0),  # poll_interval
-    (1000.0, None, 30.0, 300.0, 100.0),  # grows with elapsed time
+    (1000.0, None, 30.0, 300.0, 50.0),  # grows with elapsed time
     (10_000.0, None, 30.0, 300.0, 300.0),  # capped
     (10_000.0, None, 30.0, 120.0, 120.0),  # capped lower
     (0.0, None, 30.0, 5.0, 5.0),  # cap below poll_interval wins
@@ -37,8 +44,8 @@ TABLE = [
     (10_000.0, progress(100, 1), 30.0, 300.0, 300.0),  # far from the end: ETA does not lengthen
     (1000.0, progress(100, 100), 30.0, 300.0, 7.5),  # all done but not terminal yet: floor
     (1000.0, {"status": "finalizing"}, 30.0, 300.0, 30.0),  # short phase: poll_interval at most
-    (1000.0, progress(0, 0, status="validating"), 30.0, 300.0, 100.0),  # no progress: no ETA
-    (1000.0, {"status": "in_progress", "request_counts": {"total": None}}, 30.0, 300.0, 100.0),
+    (1000.0, progress(0, 0, status="validating"), 30.0, 300.0, 50.0),  # no progress: no ETA
+    (1000.0, {"status": "in_progress", "request_counts": {"total": None}}, 30.0, 300.0, 50.0),
     (-5.0, None, 30.0, 300.0, 7.5),  # a clock step backwards reads as 0
 ]
 
@@ -118,3 +125,33 @@ def test_error_delay_table(errors, retry_after, expected):
         errors, poll_interval=30, max_poll_interval=300, retry_after=retry_after, rng=NO_JITTER
     )
     assert delay == pytest.approx(expected)
+
+
+def _simulate(duration: float, rng: random.Random) -> tuple[int, float]:
+    """Return (polls, seconds the end was seen late) for a batch reporting no progress, with the defaults."""
+    elapsed, polls = 0.0, 0
+    while True:
+        polls += 1
+        if elapsed >= duration:
+            return polls, elapsed - duration
+        elapsed += next_poll_delay(
+            elapsed,
+            {"status": "in_progress"},
+            poll_interval=DEFAULT_POLL_INTERVAL,
+            max_poll_interval=DEFAULT_MAX_POLL_INTERVAL,
+            rng=rng,
+        )
+
+
+@pytest.mark.parametrize("hours", [2, 20])
+def test_defaults_bound_the_resume_latency(hours):
+    duration = hours * 3600.0
+    for seed in range(20):
+        _, late = _simulate(duration, random.Random(seed))
+        assert late <= 0.05 * duration
+
+
+def test_defaults_poll_a_20_hour_batch_5x_less_than_every_minute():
+    duration = 20 * 3600.0
+    polls, _ = _simulate(duration, random.Random(0))
+    assert polls * 5 <= duration / 60

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import math
 import socket
@@ -15,13 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from airflow_provider_llmbatch.emulator import dialects
 from airflow_provider_llmbatch.emulator.config import EmulatorConfig, OffsetClock
 from airflow_provider_llmbatch.emulator.creation import parse_create_body
 from airflow_provider_llmbatch.emulator.errors import ApiError, problem_error
-from airflow_provider_llmbatch.emulator.faults import FaultRule, FaultSet, RateLimiter
+from airflow_provider_llmbatch.emulator.faults import AFTER_EFFECT_KINDS, FaultRule, FaultSet, RateLimiter
 from airflow_provider_llmbatch.emulator.listing import filter_batches, filter_files, paginate
 from airflow_provider_llmbatch.emulator.records import FileInfo, new_request_id
 from airflow_provider_llmbatch.emulator.state import Store
@@ -72,17 +73,79 @@ class _Reset(Response):
         super().__init__(status_code=500)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = scope.get(TRANSPORT_SCOPE_KEY)
-        if transport is None:
-            raise ConnectionAbortedError("emulated connection reset")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # SO_LINGER 0 makes close() send RST instead of FIN: the client sees a reset, not an EOF.
+        # SO_LINGER 0 makes close() send RST instead of FIN: the client sees a reset, not an EOF.
+        _drop(scope)
+        await _settle()
+
+
+def _drop(scope: Scope) -> None:
+    """Abort the request's connection with a reset (RST), as a crashed proxy would."""
+    transport = scope.get(TRANSPORT_SCOPE_KEY)
+    if transport is None:
+        raise ConnectionAbortedError("emulated connection reset")
+    if transport.is_closing():
+        return  # the client gave up first (its read timeout): nothing left to drop
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-        # Let the server notice the disconnect, so it does not try to answer on the dead connection.
-        for _ in range(3):
-            await asyncio.sleep(0)
+    transport.abort()
+
+
+class _LostAnswer(Response):
+    """
+    Let a request take effect, then break its answer (see the ``*_after`` and ``*_mid_body`` fault kinds).
+
+    :param inner: the real response of the handler.
+    :param rule: the fault rule deciding how the answer breaks.
+    """
+
+    def __init__(self, inner: Response, rule: FaultRule) -> None:
+        super().__init__(status_code=inner.status_code)
+        self.inner = inner
+        self.rule = rule
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rule = self.rule
+        if rule.kind in ("reset_after", "stall_after"):
+            if rule.kind == "stall_after":
+                await asyncio.sleep(rule.delay)
+            _drop(scope)
+            await _settle()
+            return
+        budget: list[int | None] = [rule.after_bytes]
+        broken = [False]
+
+        async def partial(message: Message) -> None:
+            if broken[0]:
+                return
+            if message["type"] == "http.response.start":
+                if budget[0] is None:
+                    length = dict(message.get("headers", [])).get(b"content-length")
+                    budget[0] = int(length) // 2 if length else 0
+                await send(message)
+                return
+            body = message.get("body", b"")
+            left = budget[0] or 0
+            if len(body) < left or (len(body) == left and message.get("more_body", False)):
+                budget[0] = left - len(body)
+                await send(message)
+                return
+            if left:
+                await send({"type": "http.response.body", "body": body[:left], "more_body": True})
+            broken[0] = True
+            if rule.kind == "stall_mid_body":
+                await asyncio.sleep(rule.delay)
+            _drop(scope)
+            await _settle()
+
+        await self.inner(scope, receive, partial)
+
+
+async def _settle() -> None:
+    # Let the server notice the disconnect, so it does not try to answer on the dead connection.
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -134,6 +197,8 @@ class VendorAPI:
         rule = self.rt.faults.pick(self.name, operation)
         if rule is not None and rule.kind == "slow":
             await asyncio.sleep(rule.delay)
+        elif rule is not None and rule.kind in AFTER_EFFECT_KINDS:
+            pass  # the request takes effect below; only its answer is lost
         elif rule is not None:
             if rule.kind == "reset":
                 return _Reset()
@@ -155,7 +220,10 @@ class VendorAPI:
             response = await handler(request)
         except ApiError as exc:
             response = self._error(exc, request_id)
-        return self._with_ids(response, request_id)
+        response = self._with_ids(response, request_id)
+        if rule is not None and rule.kind in AFTER_EFFECT_KINDS:
+            return _LostAnswer(response, rule)
+        return response
 
     def _authorized(self, request: Request) -> bool:
         given = request.headers.get("authorization", "").encode()

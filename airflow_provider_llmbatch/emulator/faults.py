@@ -20,10 +20,29 @@ Operation = Literal[
     "download",
     "delete_file",
 ]
-FaultKind = Literal["429", "429_retry_after", "500", "502", "503", "reset", "slow", "malformed", "html"]
+FaultKind = Literal[
+    "429",
+    "429_retry_after",
+    "500",
+    "502",
+    "503",
+    "reset",
+    "slow",
+    "malformed",
+    "html",
+    "reset_after",
+    "stall_after",
+    "reset_mid_body",
+    "stall_mid_body",
+]
 
 OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
 FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
+
+AFTER_EFFECT_KINDS: frozenset[str] = frozenset(
+    {"reset_after", "stall_after", "reset_mid_body", "stall_mid_body"}
+)
+"""Kinds that let the request take effect (a file stored, a batch created) and then break the answer."""
 
 # Which documented rate-limit bucket (VendorSpec.rate_limits_per_minute) an operation counts against.
 RATE_BUCKETS: Mapping[str, str] = {
@@ -42,12 +61,19 @@ class FaultRule:
     :param kind: what happens: an HTTP error status (``429``, ``429_retry_after``, ``500``, ``502``, ``503``),
         ``reset`` (the connection drops without a response), ``slow`` (the answer comes ``delay`` seconds
         late), ``malformed`` (a 200 with a truncated, non-JSON body) or ``html`` (a gateway's HTML page, 502).
+        The following kinds let the request take effect first and then lose the answer: ``reset_after``
+        (the connection drops instead of the response), ``stall_after`` (no response for ``delay`` seconds,
+        then the connection drops: the client's read timeout), ``reset_mid_body`` (the status, headers and
+        the first ``after_bytes`` bytes of the body, then the connection drops) and ``stall_mid_body``
+        (the same start, then ``delay`` seconds of silence, then the drop).
     :param vendor: the vendor it applies to (None: all).
     :param operation: the operation it applies to (None: all).
     :param times: how many matching requests it hits before it is spent (None: unlimited).
     :param probability: the chance a matching request is hit (seeded, reproducible).
     :param delay: seconds of delay for ``slow``.
     :param retry_after: the ``Retry-After`` seconds sent by ``429_retry_after``.
+    :param after_bytes: body bytes sent before ``reset_mid_body``/``stall_mid_body`` break the answer
+        (None: half the body).
     """
 
     kind: FaultKind
@@ -57,6 +83,7 @@ class FaultRule:
     probability: float | None = None
     delay: float = 1.0
     retry_after: float = 1.0
+    after_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -67,6 +94,8 @@ class FaultRule:
             raise ValueError(f"probability must be within [0, 1], got {self.probability}")
         if self.times is not None and self.times < 0:
             raise ValueError(f"times must be >= 0 or None, got {self.times}")
+        if self.after_bytes is not None and self.after_bytes < 0:
+            raise ValueError(f"after_bytes must be >= 0 or None, got {self.after_bytes}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FaultRule:

@@ -430,7 +430,7 @@ class Core:
     def _json(self, request: Request, status: int, headers: Mapping[str, str], content: bytes) -> Any:
         try:
             return json.loads(content)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             raise self._malformed(
                 request, status, headers, f"the {request.operation} response is not JSON"
             ) from None

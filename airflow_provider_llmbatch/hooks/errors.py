@@ -110,7 +110,7 @@ def parse_error_body(content: bytes, *, reason: str, secret: str | None) -> Erro
     """
     try:
         body: Any = json.loads(content) if content.strip() else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         body = None
         # Redact before cutting, so a key straddling the cut cannot leak its first half.
         text = redact(_WS.sub(" ", content.decode("utf-8", errors="replace")).strip(), secret)

@@ -44,6 +44,9 @@ XCOM_INPUT_FILE_ID = "input_file_id"
 XCOM_INPUT_FINGERPRINT = "input_fingerprint"
 """The XCom key of the SHA-256 of the request file's bytes."""
 
+XCOM_INPUT_URI = "input_uri"
+"""The XCom key of the request file the batch was created from (for the results join)."""
+
 XCOM_CREATE_RESULT = "create_result"
 """The XCom key of the create result (the return value without waiting), pushed before any wait."""
 
@@ -339,6 +342,7 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
         _push(context, XCOM_BATCH_ID, batch.id)
         _push(context, XCOM_CONN_TYPE, spec.conn_type)
         _push(context, XCOM_INPUT_FINGERPRINT, fingerprint)
+        _push(context, XCOM_INPUT_URI, input_uri)
         result = {
             "batch_id": batch.id,
             "input_file_id": input_file_id,

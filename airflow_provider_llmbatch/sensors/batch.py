@@ -25,7 +25,12 @@ from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.outcomes import describe, judge
-from airflow_provider_llmbatch.polling import error_delay, next_poll_delay
+from airflow_provider_llmbatch.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    error_delay,
+    next_poll_delay,
+)
 from airflow_provider_llmbatch.retry import classify
 from airflow_provider_llmbatch.triggers.batch import EVENT_KINDS, BatchTrigger
 
@@ -314,7 +319,7 @@ class BatchSensor(BatchWaitMixin, BaseSensorOperator):
         (default: ``llmbatch_default``)
     :param deferrable: wait in the triggerer instead of a worker slot. (default: True)
     :param poll_interval: the typical seconds between polls; early polls come sooner. (default: 30)
-    :param max_poll_interval: no wait between polls is longer. (default: 300)
+    :param max_poll_interval: no wait between polls is longer. (default: 600)
     :param timeout: seconds (or timedelta) to wait before giving up. (default: 7 days)
     :param max_failed_fraction: share of failed requests a completed batch may have. (default: 0.0)
     :param cancel_on_timeout: cancel the batch when the timeout passes. (default: True)
@@ -332,8 +337,8 @@ class BatchSensor(BatchWaitMixin, BaseSensorOperator):
         batch_id: str,
         conn_id: str = BatchHook.default_conn_name,
         deferrable: bool = True,
-        poll_interval: float = 30.0,
-        max_poll_interval: float = 300.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         timeout: float | timedelta = DEFAULT_TIMEOUT,
         max_failed_fraction: float = 0.0,
         cancel_on_timeout: bool = True,

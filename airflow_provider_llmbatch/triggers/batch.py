@@ -17,10 +17,16 @@ from typing import Any, Literal
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_llmbatch.exceptions import VendorAPIError
+from airflow_provider_llmbatch.hooks import _pool
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.outcomes import describe, request_counts
-from airflow_provider_llmbatch.polling import error_delay, next_poll_delay
+from airflow_provider_llmbatch.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    error_delay,
+    next_poll_delay,
+)
 from airflow_provider_llmbatch.retry import classify
 
 EventKind = Literal["terminal", "timeout", "error"]
@@ -37,15 +43,14 @@ clock: Callable[[], float] = time.time
 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 """Wait without blocking the event loop."""
 
-MAX_CONCURRENT_POLLS = 16
+MAX_CONCURRENT_POLLS = _pool.MAX_CONNECTIONS
 """
 Polls in flight at once per event loop and connection, across every trigger of a triggerer.
 
-Hundreds of triggers started together would otherwise all poll at once. The HTTP pool's bookkeeping
-grows with (queued requests x connections) per request, so a burst costs the whole loop CPU time;
-a small bound keeps the polls of one connection within the pool's keep-alive size and spreads the
-burst instead. Per connection, so one vendor's outage (whose retries wait inside a slot) never holds
-back another vendor's polls.
+As many as the shared HTTP pool has connections: polls then never queue inside the pool, whose
+bookkeeping grows with (queued requests x connections) per request, so a burst of triggers started
+together waits here, cheaply, instead. Per connection, so one vendor's outage (whose retries wait
+inside a slot) never holds back another vendor's polls.
 """
 
 _POLL_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = (
@@ -112,7 +117,7 @@ class BatchTrigger(BaseTrigger):
     :param conn_id: the LLM batch connection; its type decides the vendor.
     :param batch_id: the vendor's batch id.
     :param poll_interval: the typical seconds between polls; early polls come sooner (default: 30).
-    :param max_poll_interval: no wait between polls is longer (default: 300).
+    :param max_poll_interval: no wait between polls is longer (default: 600).
     :param deadline: epoch seconds (wall clock) after which the wait ends with ``timeout``
         (default: no deadline).
     :param cancel_on_kill: cancel the batch when a user kills the deferred task (default: True).
@@ -124,8 +129,8 @@ class BatchTrigger(BaseTrigger):
         self,
         conn_id: str,
         batch_id: str,
-        poll_interval: float = 30.0,
-        max_poll_interval: float = 300.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         deadline: float | None = None,
         cancel_on_kill: bool = True,
         cancel_on_timeout: bool = True,

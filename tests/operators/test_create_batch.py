@@ -46,13 +46,20 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
 
     result = _op(input_file=str(path), metadata={"team": "nlp"}).execute(make_context(ti))
 
-    assert [k for k, _ in ti.pushed] == ["input_file_id", "batch_id", "conn_type", "input_fingerprint"]
+    assert [k for k, _ in ti.pushed] == [
+        "input_file_id",
+        "batch_id",
+        "conn_type",
+        "input_fingerprint",
+        "input_uri",
+    ]
     stats = emu.stats(vendor)
     assert (stats["files_uploaded"], stats["batches_created"]) == (1, 1)
     [batch] = emu.batches(vendor)
     assert result["batch_id"] == batch["id"] == ti.xcom("batch_id")
     assert result["input_file_id"] == batch["input_file_id"] == ti.xcom("input_file_id")
     assert result["conn_type"] == ti.xcom("conn_type") == f"llmbatch_{vendor}"
+    assert result["input_uri"] == ti.xcom("input_uri")
     assert result["request_count"] == 3
     assert result["input_uri"] == str(path)
     assert result["reattached"] is False

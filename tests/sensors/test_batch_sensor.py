@@ -114,7 +114,7 @@ def test_defaults():
     assert s.deferrable is True
     assert s.conn_id == "llmbatch_default"
     assert s.poll_interval == 30.0
-    assert s.max_poll_interval == 300.0
+    assert s.max_poll_interval == 600.0
     assert s.timeout == DEFAULT_TIMEOUT == 7 * 24 * 3600
     assert s.max_failed_fraction == 0.0
     assert s.cancel_on_timeout is True

@@ -129,7 +129,7 @@ def test_defaults_round_trip():
         "conn_id": "c",
         "batch_id": "b",
         "poll_interval": 30.0,
-        "max_poll_interval": 300.0,
+        "max_poll_interval": 600.0,
         "deadline": None,
         "cancel_on_kill": True,
         "cancel_on_timeout": True,
