@@ -43,6 +43,18 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _MODULE = "airflow_provider_llmbatch.demo"
 
 
+DEMO_REPLIES: tuple[tuple[str, str], ...] = (
+    (r"(?i)\b(but|though|although|however)\b|但|不过", '{"sentiment": "mixed", "issue": "trade-off"}'),
+    (
+        r"(?i)disconnect|broke|stopped|refund|return|worst|cheap|late|差|坏|退",
+        '{"sentiment": "negative", "issue": "quality"}',
+    ),
+    (r"(?i)great|love|excellent|perfect|best|lasts|好|棒|喜欢", '{"sentiment": "positive", "issue": null}'),
+    (r"", '{"sentiment": "neutral", "issue": null}'),
+)
+"""Keyword rules that let the emulator answer the pipeline's prompts the way a model would."""
+
+
 def find_example_dags() -> Path:
     """Return the ``example_dags`` folder of a source checkout, or of the current directory."""
     for candidate in (_PACKAGE_ROOT / "example_dags", Path.cwd() / "example_dags"):
@@ -485,12 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = time.monotonic()
     if airflow.migrate():
         print(f"metadata database created in {time.monotonic() - clock:.1f} s", flush=True)
-    with Emulator(EmulatorConfig(time_scale=args.time_scale)) as emulator:
+    config = EmulatorConfig(time_scale=args.time_scale, replies=DEMO_REPLIES)
+    with Emulator(config) as emulator:
         print(f"emulator     {emulator.url} (time scale {args.time_scale})", flush=True)
         print(
-            f"\nRunning {PIPELINE_DAG_ID} for {', '.join(vendors)}. The emulator answers each prompt"
-            " with an echo,\nso the sentiment comes out 'unparsed'; a real model's JSON answers are"
-            " counted per label.\n",
+            f"\nRunning {PIPELINE_DAG_ID} for {', '.join(vendors)}. The emulator plays the model with"
+            " canned keyword rules,\nso the sentiment labels are a stand-in for a real model's.\n",
             flush=True,
         )
         connections: dict[str, str] = {}

@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", default=None, help="where files are kept (default: a temp dir)")
     parser.add_argument("--fail-pattern", default="^fail", help="custom_id regex of requests that fail")
+    parser.add_argument(
+        "--reply",
+        action="append",
+        default=[],
+        metavar="REGEX=TEXT",
+        help="a canned chat answer for prompts matching REGEX (repeatable; first match wins)",
+    )
     parser.add_argument("--rate-limits", action="store_true", help="enforce documented per-minute limits")
     parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults")
     parser.add_argument("--access-log", action="store_true", help="log each request line (never headers)")
@@ -39,14 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reply(rule: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    pattern, sep, text = rule.partition("=")
+    if not sep or not pattern:
+        parser.error(f"--reply expects REGEX=TEXT, got {rule!r}")
+    return pattern, text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulator in the foreground; print each vendor's base URL; stop on SIGINT/SIGTERM."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = EmulatorConfig(
         time_scale=args.time_scale,
         fail_custom_id_pattern=args.fail_pattern,
         rate_limits=args.rate_limits,
         seed=args.seed,
+        replies=tuple(_reply(rule, parser) for rule in args.reply),
     )
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or DEFAULT_API_KEY
     emulator = Emulator(

@@ -31,6 +31,8 @@ class EmulatorConfig:
     :param seed: seed of the random generator used by probabilistic faults.
     :param max_problems: validation problems reported per file.
     :param vendors: the vendor specs served, by name (default: the registry).
+    :param replies: canned chat answers as ``(regex, reply)`` pairs, tried in order on the last user
+        message (first match wins); a request that matches none gets an echo of its prompt.
     """
 
     time_scale: float = 1.0
@@ -44,11 +46,18 @@ class EmulatorConfig:
     seed: int = 0
     max_problems: int = 20
     vendors: Mapping[str, VendorSpec] = field(default_factory=lambda: dict(REGISTRY))
+    replies: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
         re.compile(self.fail_custom_id_pattern)
+        for pattern, _ in self.replies:
+            re.compile(pattern)
+
+    def reply_to(self, text: str) -> str | None:
+        """Return the canned reply for a prompt, or None when no pattern matches."""
+        return next((reply for pattern, reply in self.replies if re.search(pattern, text)), None)
 
     def scaled(self, seconds: float) -> float:
         """Return a duration on the emulator's time scale."""

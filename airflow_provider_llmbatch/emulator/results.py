@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,17 @@ def _vector(text: str) -> list[float]:
     return [round((b - 127.5) / 127.5, 6) for b in raw[:_EMBEDDING_DIMS]]
 
 
-def fake_body(kind: str, custom_id: str, body: dict[str, Any], created: int) -> dict[str, Any]:
+def fake_body(
+    kind: str,
+    custom_id: str,
+    body: dict[str, Any],
+    created: int,
+    reply_to: Callable[[str], str | None] = lambda _: None,
+) -> dict[str, Any]:
     """Return a deterministic response body for one request of an endpoint kind."""
     text, prompt_tokens = _prompt(body)
     model = str(body.get("model", ""))
-    reply = f"echo: {text}"[:_ECHO_CHARS]
+    reply = reply_to(text) or f"echo: {text}"[:_ECHO_CHARS]
     completion_tokens = _words(reply)
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -180,6 +187,7 @@ def write_results(
     *,
     created: int,
     unfinished_code: str | None,
+    reply_to: Callable[[str], str | None] = lambda _: None,
 ) -> tuple[int, int]:
     """
     Write a finished batch's output and error files line by line; return the lines in each.
@@ -214,7 +222,8 @@ def write_results(
                     err.write(json.dumps(line, ensure_ascii=False) + "\n")
                     written_err += 1
                 else:
-                    line = success_line(spec, batch.id, custom_id, fake_body(kind, custom_id, body, created))
+                    answer = fake_body(kind, custom_id, body, created, reply_to)
+                    line = success_line(spec, batch.id, custom_id, answer)
                     out.write(json.dumps(line, ensure_ascii=False) + "\n")
                     written_ok += 1
             elif unfinished_code is not None:

@@ -262,7 +262,13 @@ class Store:
                 batch.unfinished_failed = batch.total - batch.processed
             out_path, err_path = self.new_path(vendor, ".jsonl"), self.new_path(vendor, ".jsonl")
             ok, bad = write_results(
-                spec, batch, out_path, err_path, created=int(at), unfinished_code=unfinished_code
+                spec,
+                batch,
+                out_path,
+                err_path,
+                created=int(at),
+                unfinished_code=unfinished_code,
+                reply_to=self.config.reply_to,
             )
             if ok:
                 batch.output_file_id = self._result_file(vendor, out_path, batch, "output", "file-", at)

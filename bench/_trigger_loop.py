@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""
+One event loop running N batch triggers, as a triggerer does; the process under test of ``triggerer_load``.
+
+Reads its plan as JSON (argv[1]) and prints what it measured as one JSON line. The emulator runs in
+another process; the parent schedules when batches finish and reads the emulator's poll counts at the
+same epoch times this process samples its own CPU and memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import psutil
+
+
+def _sockets(proc: psutil.Process, port: int) -> int:
+    return sum(1 for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr[1] == port)
+
+
+def _make(impl: str, batch_id: str, plan: dict[str, Any]) -> Any:
+    interval = plan["poll_interval"]
+    if impl == "llmbatch":
+        from airflow_provider_llmbatch.triggers.batch import BatchTrigger
+
+        return BatchTrigger(
+            "llmbatch_bench",
+            batch_id,
+            poll_interval=interval,
+            max_poll_interval=plan.get("max_poll_interval", interval),
+            cancel_on_kill=False,
+            cancel_on_timeout=False,
+            max_consecutive_errors=1000,
+        )
+    if impl == "openai":
+        from airflow.providers.openai.triggers.openai import OpenAIBatchTrigger
+
+        return OpenAIBatchTrigger("openai_bench", batch_id, poll_interval=interval, timeout=3600)
+    if impl == "common-ai":
+        from airflow.providers.common.ai.triggers.llm_batch import LLMBatchTrigger
+
+        return LLMBatchTrigger(
+            llm_conn_id="openai_bench",
+            adapter="openai",
+            batch_id=batch_id,
+            poll_interval=interval,
+            end_time=time.time() + 3600,
+            cancel_on_kill=False,
+            cancel_on_timeout=False,
+        )
+    raise SystemExit(f"unknown implementation {impl!r}")
+
+
+async def _main(plan: dict[str, Any]) -> dict[str, Any]:
+    proc = psutil.Process()
+    port = plan["port"]
+    impl = plan["impl"]
+    ids: list[str] = plan["ids"]
+    loop = asyncio.get_running_loop()
+    # Import everything before the baseline, so RSS per trigger is the triggers' own.
+    for batch_id in ids[:1]:
+        _make(impl, batch_id, plan)
+    gc.collect()
+    rss_before = proc.memory_info().rss
+    sockets_before = _sockets(proc, port)
+    t0 = plan["t0"]
+    await asyncio.sleep(max(t0 - time.time(), 0))
+
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def watchdog() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(0.05)
+            lags.append(time.perf_counter() - started - 0.05)
+
+    samples: dict[str, dict[str, float]] = {}
+
+    async def sample(name: str, at: float) -> None:
+        await asyncio.sleep(max(at - time.time(), 0))
+        cpu = proc.cpu_times()
+        samples[name] = {
+            "t": time.time(),
+            "cpu": cpu.user + cpu.system,
+            "rss": proc.memory_info().rss,
+            "sockets": _sockets(proc, port),
+            "threads": proc.num_threads(),
+        }
+
+    fired: dict[str, float] = {}
+    events: dict[str, Any] = {}
+
+    async def run_one(trigger: Any, batch_id: str) -> None:
+        try:
+            async for event in trigger.run():
+                fired[batch_id] = time.time()
+                events[batch_id] = event.payload
+                break
+        finally:
+            await trigger.cleanup()
+
+    dog = asyncio.create_task(watchdog())
+    samplers = [asyncio.create_task(sample(k, t0 + v)) for k, v in plan["samples"].items()]
+    tasks = []
+    for batch_id in ids:
+        tasks.append(asyncio.create_task(run_one(_make(impl, batch_id, plan), batch_id)))
+        await asyncio.sleep(0)  # as the triggerer starts them, one at a time
+    done, pending = await asyncio.wait(tasks, timeout=max(t0 + plan["end"] - time.time(), 0))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*samplers, return_exceptions=True)
+    stop.set()
+    await dog
+    # What a triggerer would hold once these triggers are gone.
+    gc.collect()
+    await asyncio.sleep(0.5)
+    sockets_after = _sockets(proc, port)
+    kinds: dict[str, int] = {}
+    for payload in events.values():
+        kind = str(payload.get("event") or payload.get("status"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    del loop
+    return {
+        "impl": impl,
+        "n": len(ids),
+        "lags": lags,
+        "samples": samples,
+        "fired": fired,
+        "event_kinds": kinds,
+        "not_fired": len(pending),
+        "rss_before": rss_before,
+        "sockets_before": sockets_before,
+        "sockets_after": sockets_after,
+    }
+
+
+def main() -> None:
+    plan = json.loads(sys.argv[1])
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("airflow", "airflow.task", "httpx", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    result = asyncio.run(_main(plan))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # peers' clients are never closed; do not let their teardown hang the run
+
+
+if __name__ == "__main__":
+    main()

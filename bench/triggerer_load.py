@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""
+Triggerer load: N batch triggers in one event loop against the emulator, next to the peers' triggers.
+
+Each round runs one implementation in a fresh process (``_trigger_loop.py``) with the emulator in
+another (``_emulator_proc.py``), both on this machine. A round: all N triggers start at t0 and poll
+batches held ``in_progress`` (the emulator answers each request after the injected latency); polls/s,
+CPU per poll and memory are read over a steady window; then the batches complete one by one at
+staggered times and the round records when each trigger fired; the watchdog samples loop lag every
+50 ms throughout.
+
+    bench/.venv/bin/python bench/triggerer_load.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+OPENAI_CONN = "AIRFLOW_CONN_OPENAI_BENCH"
+OURS_CONN = "AIRFLOW_CONN_LLMBATCH_BENCH"
+START_MARGIN = 8.0  # seconds for the child to import Airflow before t0
+
+# name -> round settings; times are seconds after t0.
+ROUNDS: dict[str, dict[str, Any]] = {
+    "n200": {"n": 200, "poll_interval": 1.0, "steady": (5, 15), "finish": (15, 25), "end": 35},
+    "n1000": {"n": 1000, "poll_interval": 5.0, "steady": (8, 20), "finish": (20, 35), "end": 48},
+    "n1000-429": {
+        "n": 1000,
+        "poll_interval": 5.0,
+        "steady": (8, 20),
+        "finish": (20, 30),
+        "end": 40,
+        "fault": {"kind": "429_retry_after", "operation": "get_batch", "times": None, "probability": 0.3,
+                  "retry_after": 1.0},
+    },
+    "n200-429": {
+        "n": 200,
+        "poll_interval": 1.0,
+        "steady": (5, 15),
+        "finish": (15, 20),
+        "end": 30,
+        "fault": {"kind": "429_retry_after", "operation": "get_batch", "times": None, "probability": 0.3,
+                  "retry_after": 1.0},
+    },
+}
+
+
+class EmulatorProcess:
+    def __init__(self, python: str) -> None:
+        self.proc = subprocess.Popen(
+            [python, str(BENCH / "_emulator_proc.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        hello = json.loads(self._read())
+        self.url: str = hello["url"]
+        self.api_key: str = hello["api_key"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("the emulator process died")
+        return line
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        reply: dict[str, Any] = json.loads(self._read())
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.call(op="quit")
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: float) -> dict[str, Any]:
+    cfg = ROUNDS[name]
+    n = cfg["n"]
+    emu.call(op="clear")
+    emu.call(op="latency", seconds=latency)
+    ids: list[str] = emu.call(op="prepare", vendor="openai", n=n)["ids"]
+    t0 = time.time() + START_MARGIN
+    f0, f1 = cfg["finish"]
+    finish_at = {bid: t0 + f0 + (f1 - f0) * i / max(n - 1, 1) for i, bid in enumerate(ids)}
+    # Spread in a shuffled order, so finishing order is not starting order.
+    order = sorted(ids, key=lambda b: hash((b, 7)))
+    finish_at = {bid: finish_at[ids[i]] for i, bid in enumerate(order)}
+    s0, s1 = cfg["steady"]
+    plan = {
+        "impl": impl,
+        "ids": ids,
+        "t0": t0,
+        "port": emu.port,
+        "poll_interval": cfg["poll_interval"],
+        "max_poll_interval": cfg["poll_interval"],
+        "samples": {"s0": s0, "s1": s1},
+        "end": cfg["end"],
+    }
+    home = tempfile.mkdtemp(prefix="llmbatch-bench-home-")
+    base = emu.url + "/openai/v1"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "AIRFLOW_HOME": home,
+        OURS_CONN: json.dumps({"conn_type": "llmbatch_openai", "host": base, "password": emu.api_key}),
+        OPENAI_CONN: json.dumps({"conn_type": "openai", "host": base, "password": emu.api_key}),
+    }
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(
+            [python, str(BENCH / "_trigger_loop.py"), json.dumps(plan)], stdout=out, env=env
+        )
+        emu.call(op="finish", vendor="openai", at=finish_at)
+        if "fault" in cfg:
+            time.sleep(max(t0 - time.time(), 0))
+            emu.call(op="fault", rule=cfg["fault"])
+        stats = {}
+        for key, at in (("s0", s0), ("s1", s1)):
+            time.sleep(max(t0 + at - time.time(), 0))
+            stats[key] = emu.call(op="stats", vendor="openai")
+        child.wait(timeout=cfg["end"] + START_MARGIN + 120)
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    if child.returncode != 0 or not lines:
+        raise SystemExit(f"{impl} round {name} failed (exit {child.returncode})")
+    res = json.loads(lines[-1])
+    finished: dict[str, float] = emu.call(op="finished")["finished"]
+    emu.call(op="clear")
+    polls = stats["s1"]["stats"]["operations"].get("get_batch", 0) - stats["s0"]["stats"]["operations"].get(
+        "get_batch", 0
+    )
+    window = s1 - s0
+    smp = res["samples"]
+    cpu = smp["s1"]["cpu"] - smp["s0"]["cpu"]
+    late = [res["fired"][b] - finished[b] for b in finished if b in res["fired"]]
+    interval = cfg["poll_interval"]
+    return {
+        "impl": impl,
+        "round": name,
+        "n": n,
+        "latency": latency,
+        "poll_interval": interval,
+        "polls_per_s": polls / window,
+        "cpu_per_poll_ms": 1000 * cpu / polls if polls else float("nan"),
+        "loop_cpu_share": cpu / window,
+        "emulator_cpu_share": (stats["s1"]["cpu"] - stats["s0"]["cpu"]) / window,
+        "lag_p50_ms": 1000 * _pct(res["lags"], 0.5),
+        "lag_p99_ms": 1000 * _pct(res["lags"], 0.99),
+        "lag_max_ms": 1000 * max(res["lags"]),
+        "rss_per_trigger_kb": (smp["s1"]["rss"] - res["rss_before"]) / 1024 / n,
+        "fired": len(late),
+        "fired_within_interval": sum(1 for x in late if x <= interval),
+        "fire_p50_s": _pct(late, 0.5),
+        "fire_max_s": max(late) if late else float("nan"),
+        "not_fired": n - len(late),
+        "sockets_before": res["sockets_before"],
+        "sockets_peak": max(smp["s0"]["sockets"], smp["s1"]["sockets"]),
+        "sockets_after": res["sockets_after"],
+        "threads_peak": max(smp["s0"]["threads"], smp["s1"]["threads"]),
+        "events": res["event_kinds"],
+    }
+
+
+PLAN: list[tuple[str, str]] = [
+    ("llmbatch", "n200"),
+    ("openai", "n200"),
+    ("common-ai", "n200"),
+    ("llmbatch", "n1000"),
+    ("llmbatch", "n1000-429"),
+    ("llmbatch", "n200-429"),
+    ("openai", "n200-429"),
+    ("common-ai", "n200-429"),
+]
+
+
+def median_rows(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["runs"] = len(runs)
+    # The worst of the runs for the pass/fail limits, next to the median.
+    out["lag_max_ms_worst"] = max(r["lag_max_ms"] for r in runs)
+    out["fire_max_s_worst"] = max(r["fire_max_s"] for r in runs)
+    out["sockets_after_worst"] = max(r["sockets_after"] for r in runs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--only", nargs="*", help="impl:round pairs")
+    parser.add_argument("--output", type=Path, default=BENCH / "results" / "triggerer_load.json")
+    args = parser.parse_args(argv)
+    python = sys.executable
+    plan = PLAN
+    if args.only:
+        plan = [tuple(x.split(":", 1)) for x in args.only]  # type: ignore[misc]
+    raw: dict[str, list[dict[str, Any]]] = {}
+    emu = EmulatorProcess(python)
+    try:
+        for rep in range(args.repeat):
+            for impl, name in plan:
+                row = run_round(emu, python, impl, name, args.latency)
+                raw.setdefault(f"{impl}:{name}", []).append(row)
+                print(
+                    f"[{rep + 1}/{args.repeat}] {impl:<9} {name:<10} polls/s {row['polls_per_s']:7.1f} "
+                    f"lag p50/p99/max {row['lag_p50_ms']:.1f}/{row['lag_p99_ms']:.1f}/{row['lag_max_ms']:.1f} ms "
+                    f"cpu/poll {row['cpu_per_poll_ms']:.2f} ms fired {row['fired']}/{row['n']} "
+                    f"fire max {row['fire_max_s']:.2f}s sockets {row['sockets_before']}/{row['sockets_peak']}/"
+                    f"{row['sockets_after']} emu cpu {row['emulator_cpu_share']:.2f}",
+                    flush=True,
+                )
+    finally:
+        emu.close()
+    rows = [median_rows(runs) for runs in raw.values()]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
