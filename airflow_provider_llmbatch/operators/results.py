@@ -48,7 +48,7 @@ class FetchBatchResultsOperator(BaseOperator):
         (templated)
     :param conn_id: the LLM batch connection. (templated) (default: ``llmbatch_default``)
     :param input_file: the request file the batch ran (path or URI), e.g.
-        ``{{ ti.xcom_pull(task_ids='create')['input_uri'] }}``. (templated) (default: the batch's input
+        ``create.output["input_uri"]``. (templated) (default: the batch's input
         file downloaded from the vendor, where the vendor allows it)
     :param destination: the results file (path or URI). (templated)
         (default: ``$AIRFLOW_HOME/llmbatch-results/<dag>/<run>/<task>.jsonl``)
@@ -178,7 +178,13 @@ class FetchBatchResultsOperator(BaseOperator):
     def _download(self, hook: BatchHook, file_id: str | None, path: Path) -> Path | None:
         if not file_id:
             return None
-        size = hook.download_file(file_id, path)
+        expected: int | None = None
+        try:
+            # The listed size lets the download refuse a garbled body that would land as the file.
+            expected = hook.get_file(file_id).bytes
+        except VendorAPIError as exc:
+            self.log.warning("Could not read the size of %s (%s); downloading unchecked", file_id, exc)
+        size = hook.download_file(file_id, path, expected_bytes=expected)
         self.log.info("Downloaded %s (%d bytes)", file_id, size)
         return path
 
