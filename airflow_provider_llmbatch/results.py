@@ -123,7 +123,7 @@ def _finite(text: str) -> float:
 
 
 def _loads(raw: bytes) -> Any:
-    """Parse a vendor line strictly: NaN, Infinity or overflowing numbers could not be written back as JSON."""
+    """Parse a vendor line strictly: NaN, Infinity and overflowing numbers cannot be written back as JSON."""
     return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
 
 

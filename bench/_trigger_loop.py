@@ -148,7 +148,14 @@ def main() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("airflow", "airflow.task", "httpx", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    result = asyncio.run(_main(plan))
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(asyncio.run, _main(plan))
+        profiler.dump_stats(os.environ["BENCH_PROFILE"])
+    else:
+        result = asyncio.run(_main(plan))
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     os._exit(0)  # peers' clients are never closed; do not let their teardown hang the run

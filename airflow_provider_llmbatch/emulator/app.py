@@ -207,7 +207,10 @@ class VendorAPI:
         try:
             if not self._authorized(request):
                 await _drain(request)
-                raise ApiError("authentication", "invalid or missing API key")
+                message = "invalid or missing API key"
+                if self.rt.config.echo_credentials:
+                    message += f"; got Authorization: {request.headers.get('authorization', '')}"
+                raise ApiError("authentication", message)
             wait = self.rt.limiter.check(
                 self.name, self.spec.rate_limits_per_minute, operation, self.rt.store.clock()
             )

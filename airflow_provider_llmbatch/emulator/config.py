@@ -33,6 +33,8 @@ class EmulatorConfig:
     :param vendors: the vendor specs served, by name (default: the registry).
     :param replies: canned chat answers as ``(regex, reply)`` pairs, tried in order on the last user
         message (first match wins); a request that matches none gets an echo of its prompt.
+    :param echo_credentials: answer a wrong key with a 401 that quotes the ``Authorization`` header it got,
+        as careless gateways do (to prove clients redact it; default: off).
     """
 
     time_scale: float = 1.0
@@ -47,6 +49,7 @@ class EmulatorConfig:
     max_problems: int = 20
     vendors: Mapping[str, VendorSpec] = field(default_factory=lambda: dict(REGISTRY))
     replies: tuple[tuple[str, str], ...] = ()
+    echo_credentials: bool = False
 
     def __post_init__(self) -> None:
         if self.time_scale < 0:

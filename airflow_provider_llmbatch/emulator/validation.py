@@ -52,8 +52,10 @@ def scan_request_file(
                 out.add("line_too_large", f"expected at most {max_line} bytes, got {len(raw)}", number)
             try:
                 record = json.loads(raw)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+                if isinstance(exc, RecursionError):
+                    detail = "nested too deeply"
                 out.add("invalid_json", f"expected a JSON object, got invalid JSON ({detail})", number)
                 info.fail_flags.append(0)
                 continue

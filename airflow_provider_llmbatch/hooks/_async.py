@@ -231,7 +231,9 @@ class AsyncFace(HookBase):
 
             yield pager.feed(await self._aretrying(page_request, once))
 
-    async def adownload_file(self, file_id: str, destination: Source) -> int:
+    async def adownload_file(
+        self, file_id: str, destination: Source, *, expected_bytes: int | None = None
+    ) -> int:
         """Stream a file's content like :meth:`download_file`; file writes run in a worker thread."""
         core = await self._async_core()
         request = core.file_content(file_id)
@@ -250,6 +252,7 @@ class AsyncFace(HookBase):
                 if buffer:
                     await asyncio.to_thread(sink.write, bytes(buffer))
                 self._check_length(core, request, response, sink.written)
+                self._check_size(core, request, sink.written, expected_bytes)
             except httpx.TransportError as exc:
                 raise self._transport(core, request, exc) from exc
             finally:

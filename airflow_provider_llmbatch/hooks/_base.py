@@ -166,6 +166,17 @@ class HookBase(BaseHook):
             operation=request.operation,
         )
 
+    def _check_size(self, core: Core, request: Request, got: int, expected: int | None) -> None:
+        # A proxy can answer 200 with a page of its own and a matching Content-Length; only the size the
+        # vendor lists tells that body from the file.
+        if expected is not None and expected > 0 and got != expected:
+            raise APIConnectionError(
+                f"the download has {got} bytes, the vendor lists the file at {expected} bytes",
+                vendor=core.vendor.name,
+                conn_id=core.settings.conn_id,
+                operation=request.operation,
+            )
+
     def _decide(
         self,
         request: Request,

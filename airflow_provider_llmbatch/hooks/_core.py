@@ -444,7 +444,10 @@ class Core:
             conn_id=self.settings.conn_id,
             operation=request.operation,
             status=status,
-            request_id=errors.request_id_from(self.vendor, headers, None),
+            request_id=errors.redact(
+                errors.request_id_from(self.vendor, headers, None) or "", self.settings.api_key
+            )
+            or None,
         )
 
     def parse(

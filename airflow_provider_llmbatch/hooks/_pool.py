@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -19,17 +20,14 @@ import httpx
 PoolKey = tuple[str, float]
 """(origin, timeout seconds)."""
 
-MAX_CONNECTIONS = 100
-"""Connections one shared client opens at most (per loop and origin); more requests queue for one."""
+SHARDS = 4
+"""Connection pools one shared client spreads its requests over."""
 
-MAX_KEEPALIVE = MAX_CONNECTIONS
-"""
-Idle connections kept open; equal to ``MAX_CONNECTIONS`` on purpose.
+CONNECTIONS_PER_SHARD = 16
+"""Connections of each shard; all of them may stay open while idle."""
 
-httpcore counts every pooled connection, busy or idle, against the keep-alive limit: with fewer
-keep-alive slots than connections, each response past the limit closes a connection the next poll
-has to reopen, and a burst of polls turns into a storm of reconnects that stalls the loop.
-"""
+MAX_CONNECTIONS = SHARDS * CONNECTIONS_PER_SHARD
+"""Connections one shared client opens at most (per loop and origin): the polls it can have in flight."""
 
 
 @dataclass
@@ -45,10 +43,67 @@ _POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[PoolKey, _Entr
 _LOCK = threading.Lock()
 
 
+class _CountedStream(httpx.AsyncByteStream):
+    """A response body that tells its shard when it is closed, so the shard's load is known."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[], None] | None = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done()
+
+
+class _ShardedTransport(httpx.AsyncBaseTransport):
+    """
+    Several small connection pools behind one transport; each request goes to the least busy one.
+
+    httpcore's pool does work proportional to (connections x connections) on every request it
+    assigns, so one pool of many connections costs the event loop milliseconds per poll under load;
+    a few pools of a few connections each carry the same concurrency for a small fraction of that.
+    Every shard keeps all its connections alive while idle: httpcore counts busy connections against
+    the keep-alive limit too, and a lower limit closes connections the next poll has to reopen.
+    """
+
+    def __init__(self, shards: int, connections: int) -> None:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self._shards = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        self._busy = [0] * shards
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        index = min(range(len(self._shards)), key=self._busy.__getitem__)
+        self._busy[index] += 1
+
+        def done() -> None:
+            self._busy[index] -= 1
+
+        try:
+            response = await self._shards[index].handle_async_request(request)
+        except BaseException:
+            done()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _CountedStream(response.stream, done)
+        return response
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
+
+
 def _new_client(timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
-        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE),
+        transport=_ShardedTransport(SHARDS, CONNECTIONS_PER_SHARD),
         follow_redirects=False,
     )
 

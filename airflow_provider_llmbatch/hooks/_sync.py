@@ -224,12 +224,14 @@ class SyncFace(HookBase):
         for items in self._iter_pages(kind, pager, model):
             yield from items
 
-    def download_file(self, file_id: str, destination: Source) -> int:
+    def download_file(self, file_id: str, destination: Source, *, expected_bytes: int | None = None) -> int:
         """
         Stream a file's content to a path (whole or not at all), a binary file object or a storage path.
 
         :param file_id: the file to download.
         :param destination: where to write.
+        :param expected_bytes: the file's size as the vendor lists it (``get_file(...).bytes``); a body of
+            another size is retried, then refused, instead of landing as the file.
         :return: the number of bytes written.
         """
         core = self._sync_core()
@@ -243,6 +245,7 @@ class SyncFace(HookBase):
                 for chunk in response.iter_bytes():
                     sink.write(chunk)
                 self._check_length(core, request, response, sink.written)
+                self._check_size(core, request, sink.written, expected_bytes)
             except httpx.TransportError as exc:
                 raise self._transport(core, request, exc) from exc
             finally:

@@ -201,6 +201,8 @@ def error_from_response(
     :param operation: the hook operation.
     :param secret: the API key, never to appear in the result.
     """
+    # The reason phrase and the headers come from the server as much as the body does: a proxy may echo.
+    reason = redact(reason, secret)
     body = parse_error_body(content, reason=reason, secret=secret)
     kind = error_kind(vendor, status, body, operation=operation)
     cls = KIND_EXCEPTIONS[kind] if kind is not None else VendorAPIError
@@ -216,7 +218,7 @@ def error_from_response(
         operation=operation,
         status_code=status,
         code=redact(code, secret) if code else None,
-        request_id=request_id_from(vendor, headers, body),
+        request_id=redact(request_id_from(vendor, headers, body) or "", secret) or None,
         retry_after=retry_after,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +17,30 @@ from airflow_provider_llmbatch.vendors import REGISTRY
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "load: the many-triggers load test (select with -m load)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ssl_context() -> Iterator[None]:
+    """
+    Build the default TLS context once: every httpx client loads the CA bundle (~50 ms) although these
+    tests speak plain HTTP over loopback, and the fault matrix makes two clients per case.
+    """
+    from httpx._transports import default
+
+    original = default.create_ssl_context
+    cache: dict[tuple[Any, ...], ssl.SSLContext] = {}
+
+    def cached(verify: Any = True, cert: Any = None, trust_env: bool = True) -> ssl.SSLContext:
+        if verify is not True or cert is not None:
+            return original(verify=verify, cert=cert, trust_env=trust_env)
+        key = (trust_env,)
+        if key not in cache:
+            cache[key] = original(verify=verify, cert=cert, trust_env=trust_env)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(default, "create_ssl_context", cached)
+        yield
 
 
 @pytest.fixture

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from relkit import FACES, MAX_RETRIES, VENDORS, Face, Waits, sha256, write_request_file
 
 from airflow_provider_llmbatch.emulator import Emulator, FaultRule
+from airflow_provider_llmbatch.emulator.testing import VendorClient, request_lines
 from airflow_provider_llmbatch.exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -49,6 +51,8 @@ HTTP_KINDS = ["429", "429_retry_after", "500", "502", "503", "html"]
 LOST_ANSWER_KINDS = ["reset_after", "reset_mid_body", "stall_after", "stall_mid_body"]
 TIMED_KINDS = {"slow", "stall_after", "stall_mid_body"}
 KINDS = [*HTTP_KINDS, "reset", "slow", "malformed", *LOST_ANSWER_KINDS]
+OUTAGE_KINDS = {"429_retry_after", "503", "html", "reset", "malformed", "reset_after", "stall_after"}
+"""Kinds also tried as a lasting outage: one per error class and per lost-answer shape, to keep CI short."""
 
 TIMEOUT = 0.1
 """The client's timeout in the timed cases; the emulator stalls for ``STALL`` seconds."""
@@ -104,22 +108,30 @@ def _invoke(face: Face, call: str, setup: Setup, tmp_path: Path) -> Any:
     if call == "create_batch":
         return face(call, input_file_id=setup.input_file_id)
     if call == "download_file":
-        return face(call, setup.output_file_id, tmp_path / "out" / "output.jsonl")
+        # As FetchBatchResultsOperator does: the size the vendor lists lets a garbled 200 be refused.
+        assert setup.output_path is not None
+        size = setup.output_path.stat().st_size
+        return face(call, setup.output_file_id, tmp_path / "out" / "output.jsonl", expected_bytes=size)
     if call == "list_batches":
         return face(call)
     return face(call, setup.batch_id)
 
 
+def _garbled_read(kind: str, call: str) -> bool:
+    """A garbled 200 of a download is caught by its size and repeated like a broken body."""
+    return kind == "malformed" and call == "download_file"
+
+
 def _expect_success(kind: str, persistent: bool, call: str) -> bool:
     if not persistent:
         # One hit: every kind but a garbled success is retried (or, for a write, looked up) and succeeds.
-        return kind != "malformed"
+        return kind != "malformed" or _garbled_read(kind, call)
     # A write whose effect happened is found by its lookup however often the answer is lost.
     return call in WRITES and kind in LOST_ANSWER_KINDS
 
 
 def _expected_attempts(kind: str, persistent: bool, call: str) -> int:
-    if kind == "malformed":
+    if kind == "malformed" and not _garbled_read(kind, call):
         return 1  # a 200 with a broken body is not repeated: the call may have worked
     if call in WRITES and kind in LOST_ANSWER_KINDS:
         return 1  # acted, answer lost: found by the lookup, never sent again
@@ -131,8 +143,7 @@ CASES = [
     for call in OPERATIONS
     for kind in KINDS
     for persistent in (False, True)
-    # Persistent timed faults add seconds and nothing the single hit and the persistent reset do not show.
-    if not (persistent and kind in TIMED_KINDS and kind != "stall_after")
+    if not (persistent and kind not in OUTAGE_KINDS)
     # The vendor acting *after* the client gave up (slow, then act) is a race no client can close; the
     # lookup-before-repeat narrows it (tests/hooks) and the operator's llmbatch_key closes it across tries.
     and not (call in WRITES and kind == "slow")
@@ -186,12 +197,12 @@ def test_fault_during_operation(
     if _expect_success(kind, persistent, call):
         assert not isinstance(outcome, BaseException), f"expected success, got {outcome!r}"
     else:
-        expected = ERROR_CLASS[kind]
+        expected = APIConnectionError if _garbled_read(kind, call) else ERROR_CLASS[kind]
         assert type(outcome) is expected, f"expected {expected.__name__}, got {outcome!r}"
         message = str(outcome)
         assert f"vendor={vendor}" in message
         assert f"operation={call}" in message
-        if kind in HTTP_KINDS or kind == "malformed":
+        if kind in HTTP_KINDS or (kind == "malformed" and not _garbled_read(kind, call)):
             status = 200 if kind == "malformed" else 502 if kind == "html" else int(kind[:3])
             assert f"http_status={status}" in message
         assert "emulator-key" not in message
@@ -231,3 +242,60 @@ def test_fault_during_operation(
         assert [p.name for p in (tmp_path / "out").glob(".*")] == []  # no temporary left behind
     if call == "cancel_batch" and not isinstance(outcome, BaseException):
         assert emulator.batch(vendor, setup.batch_id)["status"] in {"cancelling", "cancelled"}
+
+
+# -- the fault kinds that let the request take effect, at the HTTP level -----------------------------
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_lost_answer_kinds_act_then_break_the_answer(vendor: str, emulator: Emulator, tmp_path: Path) -> None:
+    spec = REGISTRY[vendor]
+    api = VendorClient(emulator, spec)
+    try:
+        emulator.add_fault(FaultRule("reset_after", vendor=vendor, operation="upload"))
+        with pytest.raises(httpx.ReadError):
+            api.upload(request_lines(spec, ["a", "b"]))
+        assert emulator.stats(vendor)["files_uploaded"] == 1  # stored, answer lost
+
+        file_id = emulator.files(vendor)[0]["id"]
+        emulator.add_fault(FaultRule("stall_after", vendor=vendor, operation="create", delay=0.3))
+        with pytest.raises(httpx.ReadTimeout):
+            api.http.post(
+                "/batches",
+                json={
+                    "input_file_id": file_id,
+                    "endpoint": spec.default_endpoint,
+                    "completion_window": spec.completion_window.default or "24h",
+                },
+                timeout=0.1,
+            )
+        [batch] = emulator.batches(vendor)
+        finished = emulator.force_status(vendor, batch["id"], "completed")
+        size = emulator.file_path(vendor, finished["output_file_id"]).stat().st_size
+
+        for after_bytes, expected in ((None, size // 2), (7, 7), (0, 0)):
+            emulator.add_fault(
+                FaultRule("reset_mid_body", vendor=vendor, operation="download", after_bytes=after_bytes)
+            )
+            got = bytearray()
+            with api.http.stream("GET", f"/files/{finished['output_file_id']}/content") as response:
+                assert response.status_code == 200
+                assert int(response.headers["content-length"]) == size
+                with pytest.raises(httpx.TransportError):
+                    _read_raw(response, got)
+            assert len(got) == expected
+        assert emulator.stats(vendor)["batches_created"] == 1
+    finally:
+        api.close()
+
+
+def _read_raw(response: httpx.Response, into: bytearray) -> None:
+    for chunk in response.iter_raw():
+        into += chunk
+
+
+def test_after_bytes_is_checked_and_round_trips() -> None:
+    rule = FaultRule.from_dict({"kind": "stall_mid_body", "after_bytes": 10, "delay": 2})
+    assert rule.to_dict()["after_bytes"] == 10
+    with pytest.raises(ValueError, match="after_bytes must be"):
+        FaultRule("reset_mid_body", after_bytes=-1)

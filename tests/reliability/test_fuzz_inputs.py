@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_llmbatch import jsonl_lines, results
+from airflow_provider_llmbatch.emulator.validation import scan_request_file
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
 from airflow_provider_llmbatch.jsonl import RequestFileReport, iter_request_lines, validate_request_file
 from airflow_provider_llmbatch.vendors import REGISTRY
@@ -59,13 +60,16 @@ def _write(tmp_path: Path, data: bytes) -> Path:
 
 def _check_outcome(path: Path, vendor: str) -> RequestFileReport | InvalidRequestFileError:
     """Validate; any exception but the typed one fails the property."""
+    outcome: RequestFileReport | InvalidRequestFileError
     try:
-        return validate_request_file(path, vendor)
+        outcome = validate_request_file(path, vendor)
     except InvalidRequestFileError as exc:
-        assert exc.problems, "a rejected file lists at least one problem"
-        for problem in exc.problems:
+        outcome = exc
+    if isinstance(outcome, InvalidRequestFileError):
+        assert outcome.problems, "a rejected file lists at least one problem"
+        for problem in outcome.problems:
             assert PROBLEM.match(problem), problem
-        return exc
+    return outcome
 
 
 def _line(custom_id: str, vendor: str, **body: Any) -> dict[str, Any]:
@@ -105,10 +109,12 @@ def test_json_shaped_noise_gives_a_report_or_a_typed_error(tmp_path: Path, data:
 @given(data=st.binary(max_size=2048))
 def test_iterating_arbitrary_bytes_yields_requests_or_a_typed_error(tmp_path: Path, data: bytes) -> None:
     path = _write(tmp_path, data)
+    problems: list[str] = []
     try:
         list(iter_request_lines(path))
     except InvalidRequestFileError as exc:
-        assert all(PROBLEM.match(p) for p in exc.problems), exc.problems
+        problems = exc.problems
+    assert all(PROBLEM.match(p) for p in problems), problems
 
 
 MUTATIONS = [
@@ -148,7 +154,9 @@ def _wrong(field: str, value: Any, vendor: str) -> bool:
     value=json_values,
     position=st.floats(min_value=0.0, max_value=1.0),
     depth=st.integers(min_value=2_000, max_value=50_000),
-    bad_byte=st.sampled_from([b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\x80", b"\xf8\x88\x80\x80\x80"]),
+    bad_byte=st.sampled_from(
+        [b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\x80", b"\xf8\x88\x80\x80\x80"]
+    ),
 )
 def test_one_mutation_of_a_valid_file_is_named_or_harmless(
     tmp_path: Path,
@@ -248,7 +256,8 @@ def test_very_deep_nesting_is_a_line_problem(tmp_path: Path, vendor: str, depth:
     with pytest.raises(InvalidRequestFileError) as info:
         validate_request_file(path, vendor)
     assert info.value.problems == [
-        "line 2: json: expected a JSON object nested less deeply, got nesting deeper than the JSON parser allows"
+        "line 2: json: expected a JSON object nested less deeply, "
+        "got nesting deeper than the JSON parser allows"
     ]
     with pytest.raises(InvalidRequestFileError, match="line 2: json"):
         list(iter_request_lines(path))
@@ -282,11 +291,14 @@ def test_fifty_megabyte_line_is_checked_in_bounded_memory(tmp_path: Path, vendor
         tracemalloc.stop()
     if limit is not None and size > limit:
         assert report is None
-        assert problems == [f"line 1: line: expected at most {limit} bytes (6 MiB) per line, got {size} bytes"]
+        assert problems == [
+            f"line 1: line: expected at most {limit} bytes (6 MiB) per line, got {size} bytes"
+        ]
         # Past the limit only the first bytes of the line are kept (plus a few chunks in flight).
         assert peak < 32 * 1024 * 1024, peak
     else:
-        assert report is not None and report.lines == 1
+        assert report is not None
+        assert report.lines == 1
         # The line itself and its parse, never a multiple of the file.
         assert peak < 3 * FIFTY_MB, peak
 
@@ -310,3 +322,14 @@ def test_file_without_newlines_is_read_in_bounded_memory(tmp_path: Path) -> None
 def test_a_source_that_is_not_a_file_is_a_typed_error() -> None:
     with pytest.raises(InvalidInputError):
         validate_request_file(12345, "openai")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_the_emulator_rejects_a_deep_line_like_a_vendor(tmp_path: Path, vendor: str) -> None:
+    line = _encode([_line("deep", vendor)])[0]
+    path = _write(tmp_path, line[:-2] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n")
+
+    info = scan_request_file(path, REGISTRY[vendor], None, re.compile("^fail"))
+
+    assert [(p.code, p.line) for p in info.problems] == [("invalid_json", 1)]
+    assert "nested too deeply" in info.problems[0].message

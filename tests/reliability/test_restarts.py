@@ -1,0 +1,384 @@
+"""
+Restarts: the triggerer dies mid-wait, the worker dies after the create, the worker dies mid-download.
+
+Each scenario runs the interrupted path, then the restarted one, and compares the outcome with an
+uninterrupted run: the same trigger event, exactly one batch and one uploaded file, and a results file
+byte-identical to a clean run's (never a partial file at the final URI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.sdk.module_loading import import_string
+from relkit import VENDORS, sha256, write_request_file
+
+from airflow_provider_llmbatch import results as results_module
+from airflow_provider_llmbatch.emulator import Emulator, FaultRule
+from airflow_provider_llmbatch.exceptions import VendorAPIError
+from airflow_provider_llmbatch.hooks import _base as hook_base
+from airflow_provider_llmbatch.hooks import _pool
+from airflow_provider_llmbatch.hooks.batch import BatchHook
+from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
+from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
+from airflow_provider_llmbatch.retry import RetryPolicy
+from airflow_provider_llmbatch.triggers import batch as trigger_module
+from airflow_provider_llmbatch.triggers.batch import BatchTrigger
+from airflow_provider_llmbatch.vendors import REGISTRY
+from tests.operators.conftest import FakeStateStore, FakeTI, make_context
+
+pytestmark = pytest.mark.integration
+
+OUTCOMES = ["completed", "failed", "expired", "cancelled"]
+
+
+def _quick_policy(**kwargs: Any) -> RetryPolicy:
+    return RetryPolicy(**{"base_delay": 0.001, "max_delay": 0.004, **kwargs})
+
+
+CONN_ID = "llmbatch_rel"
+
+
+@pytest.fixture(autouse=True)
+def _operators_run_outside_task_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.bases.operator import ExecutorSafeguard
+
+    monkeypatch.setattr(ExecutorSafeguard, "test_mode", True)
+
+
+@pytest.fixture
+def connect(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """Point ``llmbatch_rel`` at the emulator for a vendor, with tiny retry waits."""
+
+    def _connect(vendor: str, **extra: Any) -> str:
+        value = json.loads(emulator.airflow_conn_env(vendor, CONN_ID)[f"AIRFLOW_CONN_{CONN_ID.upper()}"])
+        value["extra"] = {"max_retries": 2, **extra}
+        monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(value))
+        # Operators build their own hooks: keep those hooks' backoff in milliseconds too.
+        monkeypatch.setattr(hook_base, "RetryPolicy", _quick_policy)
+        return CONN_ID
+
+    return _connect
+
+
+@pytest.fixture
+def quick_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the trigger's waits and the hook's backoff in milliseconds."""
+
+    async def short(seconds: float) -> None:
+        await asyncio.sleep(min(seconds, 0.01))
+
+    monkeypatch.setattr(trigger_module, "sleep", short)
+
+
+def _batch(vendor: str, tmp_path: Path, n: int = 6, metadata: dict[str, str] | None = None) -> str:
+    source = write_request_file(tmp_path / f"{vendor}-setup.jsonl", REGISTRY[vendor], n, failing=1)
+    with BatchHook(CONN_ID) as hook:
+        uploaded = hook.upload_file(source)
+        return hook.create_batch(input_file_id=uploaded.id, metadata=metadata).id
+
+
+def _rebuild(trigger: BatchTrigger) -> BatchTrigger:
+    classpath, kwargs = trigger.serialize()
+    rebuilt = import_string(classpath)(**json.loads(json.dumps(kwargs)))
+    assert isinstance(rebuilt, BatchTrigger)
+    return rebuilt
+
+
+async def _run(trigger: BatchTrigger) -> list[dict[str, Any]]:
+    try:
+        return [event.payload async for event in trigger.run()]
+    finally:
+        await trigger.cleanup()
+
+
+def _stable(event: dict[str, Any]) -> dict[str, Any]:
+    """Return an event without what differs between two runs that saw the same batch (poll counts)."""
+    return {k: v for k, v in event.items() if k != "polls"}
+
+
+# -- the triggerer dies mid-wait --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_triggerer_dies_mid_wait_and_the_rebuilt_trigger_ends_the_same(
+    vendor: str,
+    outcome: str,
+    emulator: Emulator,
+    connect: Callable[..., str],
+    quick_sleep: None,
+    tmp_path: Path,
+) -> None:
+    conn_id = connect(vendor)
+    batch_id = _batch(vendor, tmp_path)
+    emulator.force_status(vendor, batch_id, "in_progress")
+    deadline = 4_000_000_000.0
+    trigger = BatchTrigger(conn_id, batch_id, poll_interval=0.01, max_poll_interval=0.02, deadline=deadline)
+
+    async def first_life() -> None:
+        # Each life runs on its own event loop, as a new triggerer process would.
+        task = asyncio.create_task(_run(trigger))
+        polls_before = emulator.stats(vendor)["operations"].get("get_batch", 0)
+        while emulator.stats(vendor)["operations"].get("get_batch", 0) < polls_before + 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        assert _pool.shared_clients() == {}
+
+    asyncio.run(first_life())
+    # A restart is not a kill: the batch runs on, untouched.
+    assert emulator.batch(vendor, batch_id)["status"] == "in_progress"
+    assert emulator.stats(vendor)["cancels"] == 0
+
+    emulator.force_status(vendor, batch_id, outcome)
+    rebuilt = _rebuild(trigger)
+    assert rebuilt.serialize() == trigger.serialize()
+    events = asyncio.run(_run(rebuilt))
+    # The same batch read by a trigger that never died: the reference outcome.
+    reference = asyncio.run(_run(BatchTrigger(conn_id, batch_id, poll_interval=0.01, deadline=deadline)))
+
+    assert len(events) == 1
+    assert events[0]["event"] == "terminal"
+    assert events[0]["batch"]["status"] == outcome
+    assert _stable(events[0]) == _stable(reference[0])
+    assert emulator.stats(vendor)["batches_created"] == 1
+
+
+# -- the worker dies after the create, before (or during) its XCom pushes -----------------------------
+
+KILL_POINTS = ["after_create_returned", "batch_id", "conn_type", "input_fingerprint", "input_file_id"]
+"""Where the worker dies: right after the vendor created the batch, or while pushing one of the XComs."""
+
+
+@pytest.mark.parametrize("store", ["state_store", "metadata_only"])
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_worker_dies_after_create_and_the_retry_reattaches(
+    vendor: str,
+    kill_at: str,
+    store: str,
+    emulator: Emulator,
+    connect: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    connect(vendor)
+    source = write_request_file(tmp_path / "requests.jsonl", REGISTRY[vendor], 5, failing=1)
+    state = FakeStateStore() if store == "state_store" else None
+    dying = FakeTI(fail_on={kill_at} if kill_at != "after_create_returned" else None)
+    real_create = BatchHook.create_batch
+    if kill_at == "after_create_returned":
+
+        def create_then_die(self: BatchHook, **kwargs: Any) -> Any:
+            real_create(self, **kwargs)
+            raise RuntimeError("worker died right after the create")
+
+        monkeypatch.setattr(BatchHook, "create_batch", create_then_die)
+    with pytest.raises(RuntimeError, match="worker died"):
+        CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
+            make_context(dying, state)
+        )
+    monkeypatch.setattr(BatchHook, "create_batch", real_create)
+
+    retry = FakeTI()
+    result = CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
+        make_context(retry, state)
+    )
+
+    stats = emulator.stats(vendor)
+    assert (stats["files_uploaded"], stats["batches_created"], stats["batches"]) == (1, 1, 1)
+    [batch] = emulator.batches(vendor)
+    assert result["batch_id"] == batch["id"] == retry.xcom("batch_id")
+    assert result["input_file_id"] == batch["input_file_id"] == retry.xcom("input_file_id")
+    # Killed while pushing the file id, the worker had not created anything yet: the retry creates
+    # (reusing the upload); killed later, it re-attaches.
+    assert result["reattached"] is (kill_at != "input_file_id")
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from airflow.sdk.bases.operator import ExecutorSafeguard
+    from airflow_provider_llmbatch.hooks.batch import BatchHook
+    from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
+    from tests.operators.conftest import FakeTI, make_context
+
+    ExecutorSafeguard.test_mode = True
+    real_create = BatchHook.create_batch
+
+    def create_then_sigkill(self, **kwargs):
+        batch = real_create(self, **kwargs)
+        print("created", batch.id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    BatchHook.create_batch = create_then_sigkill
+    CreateBatchOperator(task_id="create", conn_id={conn_id!r}, input_file={source!r}).execute(
+        make_context(FakeTI())
+    )
+    print("survived", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("vendor", ["zhipu", "dashscope"])
+def test_worker_sigkilled_right_after_create_then_retried(
+    vendor: str, emulator: Emulator, connect: Callable[..., str], tmp_path: Path
+) -> None:
+    connect(vendor)
+    source = write_request_file(tmp_path / "requests.jsonl", REGISTRY[vendor], 5)
+    root = str(Path(__file__).resolve().parents[2])
+    script = CHILD.format(root=root, conn_id=CONN_ID, source=str(source))
+    child = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    created = [line.split()[1] for line in child.stdout.splitlines() if line.startswith("created ")]
+    assert len(created) == 1, child.stdout
+    assert "survived" not in child.stdout
+    created_id = created[0]
+    assert [b["id"] for b in emulator.batches(vendor)] == [created_id]
+
+    retry = FakeTI()
+    result = CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
+        make_context(retry)
+    )
+
+    assert result["reattached"] is True
+    assert result["batch_id"] == created_id
+    stats = emulator.stats(vendor)
+    assert (stats["files_uploaded"], stats["batches_created"]) == (1, 1)
+
+
+# -- the worker dies mid-download or mid-join --------------------------------------------------------
+
+
+def _finished_batch(emulator: Emulator, vendor: str, tmp_path: Path) -> tuple[str, Path]:
+    source = write_request_file(tmp_path / "requests.jsonl", REGISTRY[vendor], 300, failing=20)
+    with BatchHook(CONN_ID) as hook:
+        uploaded = hook.upload_file(source)
+        batch_id = hook.create_batch(input_file_id=uploaded.id).id
+    emulator.force_status(vendor, batch_id, "completed")
+    return batch_id, source
+
+
+def _fetch(batch_id: str, source: Path, destination: Path) -> dict[str, Any]:
+    operator = FetchBatchResultsOperator(
+        task_id="fetch",
+        conn_id=CONN_ID,
+        batch_id=batch_id,
+        input_file=str(source),
+        destination=str(destination),
+    )
+    result: dict[str, Any] = operator.execute(make_context(FakeTI(task_id="fetch")))
+    return result
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def clean_result(emulator: Emulator, connect: Callable[..., str], tmp_path: Path) -> Any:
+    """Return ``(vendor, **conn extra) -> (batch_id, source, sha256 of a clean run's results)``."""
+
+    def _make(vendor: str, **extra: Any) -> tuple[str, Path, str]:
+        connect(vendor, **extra)
+        batch_id, source = _finished_batch(emulator, vendor, tmp_path)
+        clean = tmp_path / "clean" / "results.jsonl"
+        _fetch(batch_id, source, clean)
+        return batch_id, source, sha256(clean)
+
+    return _make
+
+
+DOWNLOAD_FAULTS = ["reset_mid_body", "stall_mid_body", "malformed", "reset_after"]
+
+
+@pytest.mark.parametrize("kind", DOWNLOAD_FAULTS)
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_download_dies_for_good_then_the_retry_lands_identical_results(
+    vendor: str, kind: str, emulator: Emulator, clean_result: Any, tmp_path: Path
+) -> None:
+    extra = {"timeout": 0.2} if kind == "stall_mid_body" else {}
+    batch_id, source, clean_sha = clean_result(vendor, **extra)
+    out = tmp_path / "out"
+    out.mkdir()
+    destination = out / "results.jsonl"
+    emulator.add_fault(
+        FaultRule(kind, vendor=vendor, operation="download", times=None, delay=0.4)  # type: ignore[arg-type]
+    )
+    with pytest.raises(VendorAPIError, match=f"vendor={vendor}.*operation=download_file"):
+        _fetch(batch_id, source, destination)
+    assert not destination.exists()
+    assert _leftovers(out) == []
+
+    emulator.clear_faults()
+    manifest = _fetch(batch_id, source, destination)
+    assert sha256(destination) == clean_sha
+    assert manifest["counts"]["total"] == 300
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("kind", DOWNLOAD_FAULTS)
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_download_fault_once_is_absorbed_with_identical_results(
+    vendor: str, kind: str, emulator: Emulator, clean_result: Any, tmp_path: Path
+) -> None:
+    batch_id, source, clean_sha = clean_result(vendor)
+    destination = tmp_path / "out" / "results.jsonl"
+    downloads = emulator.stats(vendor)["operations"]["download"]
+    emulator.add_fault(
+        FaultRule(kind, vendor=vendor, operation="download", times=1, delay=0.05)  # type: ignore[arg-type]
+    )
+    _fetch(batch_id, source, destination)
+    assert sha256(destination) == clean_sha
+    # One broken answer costs exactly one more download.
+    assert emulator.stats(vendor)["operations"]["download"] - downloads == 3
+
+
+@pytest.mark.parametrize("rows_before_death", [0, 1, 150, 299])
+def test_worker_dies_mid_join_leaves_no_partial_file(
+    rows_before_death: int,
+    emulator: Emulator,
+    clean_result: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batch_id, source, clean_sha = clean_result("openai")
+    out = tmp_path / "out"
+    destination = out / "results.jsonl"
+    destination.parent.mkdir()
+    destination.write_text("the results of an earlier run\n")
+    real_row = results_module._row
+    written = {"rows": 0}
+
+    def row_then_die(*args: Any, **kwargs: Any) -> Any:
+        if written["rows"] == rows_before_death:
+            raise MemoryError("worker killed mid-join")
+        written["rows"] += 1
+        return real_row(*args, **kwargs)
+
+    monkeypatch.setattr(results_module, "_row", row_then_die)
+    with pytest.raises(MemoryError):
+        _fetch(batch_id, source, destination)
+    # What was at the final URI is untouched; no temporary is left beside it.
+    assert destination.read_text() == "the results of an earlier run\n"
+    assert _leftovers(out) == []
+
+    monkeypatch.setattr(results_module, "_row", real_row)
+    _fetch(batch_id, source, destination)
+    assert sha256(destination) == clean_sha
