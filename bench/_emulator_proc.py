@@ -57,7 +57,11 @@ def _prepare(emu: Emulator, vendor: str, n: int) -> list[str]:
         for _ in range(n):
             made = client.post(
                 "/batches",
-                json={"input_file_id": file_id, "endpoint": spec.endpoints[0].path, "completion_window": "24h"},
+                json={
+                    "input_file_id": file_id,
+                    "endpoint": spec.endpoints[0].path,
+                    "completion_window": "24h",
+                },
             )
             made.raise_for_status()
             ids.append(made.json()["id"])

@@ -74,6 +74,7 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(max(t0 - time.time(), 0))
 
     lags: list[float] = []
+    lag_times: list[float] = []
     stop = asyncio.Event()
 
     async def watchdog() -> None:
@@ -81,6 +82,7 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             await asyncio.sleep(0.05)
             lags.append(time.perf_counter() - started - 0.05)
+            lag_times.append(time.time() - t0)
 
     samples: dict[str, dict[str, float]] = {}
 
@@ -91,7 +93,8 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
             "t": time.time(),
             "cpu": cpu.user + cpu.system,
             "rss": proc.memory_info().rss,
-            "sockets": _sockets(proc, port),
+            # Listing sockets reads /proc at length: off the loop, so the probe does not make lag.
+            "sockets": await asyncio.to_thread(_sockets, proc, port),
             "threads": proc.num_threads(),
         }
 
@@ -107,19 +110,30 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
         finally:
             await trigger.cleanup()
 
+    gc_pauses: list[tuple[int, float]] = []
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_started[0]))
+
+    gc.callbacks.append(on_gc)
     dog = asyncio.create_task(watchdog())
     samplers = [asyncio.create_task(sample(k, t0 + v)) for k, v in plan["samples"].items()]
     tasks = []
     for batch_id in ids:
         tasks.append(asyncio.create_task(run_one(_make(impl, batch_id, plan), batch_id)))
         await asyncio.sleep(0)  # as the triggerer starts them, one at a time
-    done, pending = await asyncio.wait(tasks, timeout=max(t0 + plan["end"] - time.time(), 0))
+    _done, pending = await asyncio.wait(tasks, timeout=max(t0 + plan["end"] - time.time(), 0))
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     await asyncio.gather(*samplers, return_exceptions=True)
     stop.set()
     await dog
+    gc.callbacks.remove(on_gc)
     # What a triggerer would hold once these triggers are gone.
     gc.collect()
     await asyncio.sleep(0.5)
@@ -133,6 +147,11 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
         "impl": impl,
         "n": len(ids),
         "lags": lags,
+        "lag_times": lag_times,
+        "gc_max_ms": {
+            str(g): 1000 * max((d for gen, d in gc_pauses if gen == g), default=0.0) for g in (0, 1, 2)
+        },
+        "gc_count": {str(g): sum(1 for gen, _ in gc_pauses if gen == g) for g in (0, 1, 2)},
         "samples": samples,
         "fired": fired,
         "event_kinds": kinds,

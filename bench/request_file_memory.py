@@ -13,7 +13,7 @@ each operation in a fresh interpreter, so one measurement's high-water mark cann
 
 Peak RSS growth is the process's peak resident set during the operation minus its resident set just
 before it (Linux: the peak is reset through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss`` is used,
-which can only over-state). Throughput is file bytes (10^6) per second; the fastest of ``--repeat``
+which can only over-state). Throughput is file bytes (10^6) per second; the median of ``--repeat``
 runs counts for time, the largest for memory.
 
     python bench/request_file_memory.py                 # 10 MB and 100 MB
@@ -33,6 +33,7 @@ import platform
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,20 @@ RESULTS = ROOT / "bench" / "results" / "request_file_memory.md"
 MB = 1_000_000
 TARGET_GROWTH_MB = 50
 TARGET_SPEED_SHARE = 0.5
-OPERATIONS = ("noop", "bare json", "bare msgspec", "validate", "fingerprint", "build", "split", "upload")
+OPERATIONS = (
+    "noop",
+    "bare json",
+    "bare msgspec",
+    "validate",
+    "fingerprint",
+    "build",
+    "split",
+    "upload",
+    "validate+upload",
+    "openai upload",
+)
+UPLOADS = ("upload", "validate+upload", "openai upload")
+EMULATOR_URL_ENV = "LLMBATCH_BENCH_EMULATOR_URL"
 
 _ZH = [
     "请阅读下面的用户评论，判断情感倾向（正面、负面或中性），并用一句话说明理由。",
@@ -164,18 +178,43 @@ def _operation(name: str, path: Path, vendor: str, lines: int, workdir: Path) ->
         return lambda: jsonl.split_request_file(
             path, vendor, workdir / "parts", max_requests=max(lines // 4, 1)
         )
-    if name == "upload":
-        from airflow_provider_llmbatch.emulator import Emulator
+    if name in UPLOADS:
+        from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY, Emulator
+        from airflow_provider_llmbatch.vendors import REGISTRY
 
-        emulator = Emulator(data_dir=workdir / "emulator").start()
-        os.environ.update(emulator.airflow_conn_env(vendor, "llmbatch_bench"))
+        url = os.environ.get(EMULATOR_URL_ENV)
+        if url is None:
+            emulator = Emulator(data_dir=workdir / "emulator").start()
+            url = emulator.url
+        base_url = url + REGISTRY[vendor].emulator_prefix
+        warm = workdir / "warm-up.jsonl"
+        jsonl.build_request_file(prompt_records(1, 300), warm, vendor, model="bench-model")
+        if name == "openai upload":
+            from openai import OpenAI
+
+            client = OpenAI(api_key=DEFAULT_API_KEY, base_url=base_url)
+
+            def sdk_upload(source: Path) -> object:
+                with open(source, "rb") as handle:
+                    return client.files.create(file=handle, purpose="batch")
+
+            sdk_upload(warm)  # warm up: HTTP client, first connection
+            return lambda: sdk_upload(path)
+        os.environ["AIRFLOW_CONN_LLMBATCH_BENCH"] = json.dumps(
+            {"conn_type": REGISTRY[vendor].conn_type, "host": base_url, "password": DEFAULT_API_KEY}
+        )
         from airflow_provider_llmbatch.hooks.batch import BatchHook
 
         hook = BatchHook("llmbatch_bench")
         # Warm up (connection lookup, HTTP client) so the measurement is the upload alone.
-        warm = workdir / "warm-up.jsonl"
-        jsonl.build_request_file(prompt_records(1, 300), warm, vendor, model="bench-model")
         hook.upload_file(warm)
+        if name == "validate+upload":
+
+            def validate_and_upload() -> object:
+                jsonl.validate_request_file(path, vendor)
+                return hook.upload_file(path)
+
+            return validate_and_upload
         return lambda: hook.upload_file(path)
     raise SystemExit(f"unknown operation {name!r}")
 
@@ -248,14 +287,15 @@ def pick_vendor(size_bytes: int) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| file | vendor | lines | operation | seconds | CPU seconds | MB/s | peak RSS growth (MB) "
-        "| speed vs bare json | speed vs bare msgspec |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
+        "| speed vs bare json | speed vs bare msgspec | speed vs openai upload |\n"
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     body = []
     for row in rows:
         body.append(
             f"| {row['size_mb']} MB | {row['vendor']} | {row['lines']:,} | {row['operation']} "
             f"| {row['seconds']:.3f} | {row['cpu_seconds']:.3f} | {row['mb_s']:.0f} | {row['growth_mb']:.1f} "
-            f"| {row.get('vs_json', '')} | {row.get('vs_msgspec', '')} |"
+            f"| {row.get('vs_json', '')} | {row.get('vs_msgspec', '')} | {row.get('vs_sdk', '')} |"
         )
     return "\n".join([head, *body])
 
@@ -294,7 +334,28 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
 
-    operations = [op for op in args.operations if not (args.no_upload and op == "upload")]
+    operations = [op for op in args.operations if not (args.no_upload and op in UPLOADS)]
+    emulator = None
+    if any(op in UPLOADS for op in operations) and EMULATOR_URL_ENV not in os.environ:
+        # The emulator receives uploads in its own process, so its CPU and memory are not counted.
+        emulator = subprocess.Popen(
+            [sys.executable, "-m", "airflow_provider_llmbatch.emulator", "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert emulator.stdout is not None
+        os.environ[EMULATOR_URL_ENV] = emulator.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+    try:
+        rows = _run_all(args, operations)
+    finally:
+        if emulator is not None:
+            emulator.terminate()
+            emulator.wait(timeout=10)
+    _report(args, rows)
+
+
+def _run_all(args: argparse.Namespace, operations: list[str]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="llmbatch-bench-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
         rows: list[dict[str, Any]] = []
@@ -309,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
             by_op: dict[str, dict[str, Any]] = {}
             for op in operations:
                 runs = [measure(op, path, vendor, lines, workdir) for _ in range(args.repeat)]
-                seconds = min(r["seconds"] for r in runs)
-                cpu_seconds = min(r["cpu_seconds"] for r in runs)
+                seconds = statistics.median(r["seconds"] for r in runs)
+                cpu_seconds = statistics.median(r["cpu_seconds"] for r in runs)
                 growth_mb = max(r["growth_kb"] for r in runs) / 1024
                 by_op[op] = row = {
                     "size_mb": size_mb,
@@ -331,13 +392,18 @@ def main(argv: list[str] | None = None) -> None:
             for op, row in by_op.items():
                 if op in ("noop", "bare json", "bare msgspec"):
                     continue
+                if op == "validate+upload" and "openai upload" in by_op and row["seconds"] > 0:
+                    row["vs_sdk"] = f"{by_op['openai upload']['seconds'] / row['seconds']:.2f}x"
                 for bare, key in (("bare json", "vs_json"), ("bare msgspec", "vs_msgspec")):
                     if bare in by_op and row["seconds"] > 0:
                         row[key] = f"{by_op[bare]['seconds'] / row['seconds']:.0%}"
             for part in (workdir / "parts").glob("*.jsonl"):
                 part.unlink()
             path.unlink()
+    return rows
 
+
+def _report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     import msgspec
 
     precise = all(r["precise"] for r in rows)
@@ -350,9 +416,10 @@ def main(argv: list[str] | None = None) -> None:
         f"Python {platform.python_version()}, msgspec {msgspec.__version__}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.machine()}. Peak RSS: "
         + ("VmHWM reset per run (precise)." if precise else "ru_maxrss (an upper bound)."),
-        "Each operation runs in a fresh interpreter; fastest run for time, largest for memory. "
-        "CPU seconds count every thread (the hashing helper, the emulator). "
-        "`upload` includes the in-process emulator receiving the file.",
+        "Each operation runs in a fresh interpreter; median of the runs for time, largest for memory. "
+        "CPU seconds count every thread of the measuring process (the hashing helper). "
+        "Uploads go to the emulator running in its own process; `openai upload` is the openai SDK's "
+        "`files.create` with an open file handle.",
         f"Load average when the run ended: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
         "(wall-clock figures move with load).",
         "",

@@ -73,7 +73,6 @@ class _Reset(Response):
         super().__init__(status_code=500)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # SO_LINGER 0 makes close() send RST instead of FIN: the client sees a reset, not an EOF.
         _drop(scope)
         await _settle()
 
@@ -87,6 +86,7 @@ def _drop(scope: Scope) -> None:
         return  # the client gave up first (its read timeout): nothing left to drop
     sock = transport.get_extra_info("socket")
     if sock is not None:
+        # SO_LINGER 0 makes close() send RST instead of FIN: the client sees a reset, not an EOF.
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()

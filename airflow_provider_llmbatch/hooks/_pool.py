@@ -20,10 +20,10 @@ import httpx
 PoolKey = tuple[str, float]
 """(origin, timeout seconds)."""
 
-SHARDS = 4
+SHARDS = 8
 """Connection pools one shared client spreads its requests over."""
 
-CONNECTIONS_PER_SHARD = 16
+CONNECTIONS_PER_SHARD = 8
 """Connections of each shard; all of them may stay open while idle."""
 
 MAX_CONNECTIONS = SHARDS * CONNECTIONS_PER_SHARD

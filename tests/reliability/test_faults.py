@@ -213,6 +213,17 @@ def test_fault_during_operation(
         assert waits.asked[0] == RETRY_AFTER  # the vendor's Retry-After, not the backoff
     assert elapsed < (MAX_RETRIES + 2) * (TIMEOUT + 0.5) + 2.0
 
+    if call in WRITES:
+        # A write is looked up before any repeat exactly when its effect is unknown (not after a 429).
+        listing = "list_files" if call == "upload_file" else "list_batches"
+        lookups = after["operations"].get(listing, 0) - before["operations"].get(listing, 0)
+        if kind.startswith("429") or kind == "malformed":
+            assert lookups == 0
+        else:
+            assert lookups >= 1
+    if kind == "html" and isinstance(outcome, BaseException):
+        assert "Bad Gateway" in str(outcome)
+
     # Exactly-once writes: one file, one batch, whatever the fault.
     made_files = after["files_uploaded"] - before["files_uploaded"]
     made_batches = after["batches_created"] - before["batches_created"]
@@ -299,3 +310,39 @@ def test_after_bytes_is_checked_and_round_trips() -> None:
     assert rule.to_dict()["after_bytes"] == 10
     with pytest.raises(ValueError, match="after_bytes must be"):
         FaultRule("reset_mid_body", after_bytes=-1)
+
+
+@pytest.mark.parametrize("lookup_fault", ["503", "reset"])
+@pytest.mark.parametrize("face_name", FACES)
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize("call", sorted(WRITES))
+def test_the_lookup_itself_fails_after_a_lost_answer(
+    call: str,
+    vendor: str,
+    face_name: str,
+    lookup_fault: str,
+    emulator: Emulator,
+    rel_conn: Callable[..., str],
+    faces: Callable[..., Face],
+    waits: Waits,
+    tmp_path: Path,
+) -> None:
+    # The write took effect and its answer was lost; then the listing meant to find it fails too.
+    with BatchHook(rel_conn(vendor, "setup_" + vendor)) as setup_hook:
+        setup = _prepare(emulator, setup_hook, vendor, call, tmp_path)
+    face = faces(rel_conn(vendor), face_name, retry_policy=waits.policy())
+    listing = "list_files" if call == "upload_file" else "list_batches"
+    emulator.add_fault(FaultRule("reset_after", vendor=vendor, operation=OPERATIONS[call]))  # type: ignore[arg-type]
+    emulator.add_fault(FaultRule(lookup_fault, vendor=vendor, operation=listing))  # type: ignore[arg-type]
+    try:
+        outcome: Any = _invoke(face, call, setup, tmp_path)
+    except VendorAPIError as exc:
+        outcome = exc
+    stats = emulator.stats(vendor)
+    # Never a second one.
+    made = stats["files_uploaded"] if call == "upload_file" else stats["batches_created"]
+    assert made == 1
+    # The listing has retries of its own: one failed page does not lose the object that exists.
+    assert not isinstance(outcome, BaseException), outcome
+    found = {f["id"] for f in emulator.files(vendor)} | {b["id"] for b in emulator.batches(vendor)}
+    assert outcome.id in found

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -380,5 +381,93 @@ def test_worker_dies_mid_join_leaves_no_partial_file(
     assert _leftovers(out) == []
 
     monkeypatch.setattr(results_module, "_row", real_row)
+    _fetch(batch_id, source, destination)
+    assert sha256(destination) == clean_sha
+
+
+FETCH_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from airflow.sdk.bases.operator import ExecutorSafeguard
+    from airflow_provider_llmbatch import results
+    from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
+    from tests.operators.conftest import FakeTI, make_context
+
+    ExecutorSafeguard.test_mode = True
+    if {die_in_join!r}:
+        real_row, rows = results._row, [0]
+
+        def row_then_sigkill(*args, **kwargs):
+            rows[0] += 1
+            if rows[0] > 150:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_row(*args, **kwargs)
+
+        results._row = row_then_sigkill
+    print("fetching", flush=True)
+    FetchBatchResultsOperator(
+        task_id="fetch", conn_id={conn_id!r}, batch_id={batch_id!r}, input_file={source!r},
+        destination={destination!r},
+    ).execute(make_context(FakeTI(task_id="fetch")))
+    print("survived", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["download", "join"])
+def test_worker_sigkilled_mid_fetch_then_retried(
+    where: str, emulator: Emulator, clean_result: Any, tmp_path: Path
+) -> None:
+    batch_id, source, clean_sha = clean_result("openai")
+    out = tmp_path / "out"
+    out.mkdir()
+    destination = out / "results.jsonl"
+    if where == "download":
+        # The output file's body stops half way and stays silent: the worker is killed in that download.
+        emulator.add_fault(FaultRule("stall_mid_body", vendor="openai", operation="download", delay=60))
+    downloads = emulator.stats("openai")["operations"]["download"]
+    script = FETCH_CHILD.format(
+        root=str(Path(__file__).resolve().parents[2]),
+        die_in_join=where == "join",
+        conn_id=CONN_ID,
+        batch_id=batch_id,
+        source=str(source),
+        destination=str(destination),
+    )
+    # The worker's temporary directory is the test's, so what a hard kill leaves there is cleaned up.
+    child_tmp = tmp_path / "worker-tmp"
+    child_tmp.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "TMPDIR": str(child_tmp)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if where == "download":
+            deadline = time.monotonic() + 60
+            while emulator.stats("openai")["operations"]["download"] == downloads:
+                assert child.poll() is None, "the worker ended before its download started"
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.1)  # the first half of the body is in the worker's temporary file
+            child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stdout is not None
+        stdout = child.stdout.read()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert "survived" not in stdout
+    # Nothing at the final URI. A hard kill cannot clean up: the join's hidden temporary may stay
+    # beside it (never under the final name); the download's temporaries live in a temp directory.
+    assert not destination.exists()
+    assert all(name.endswith(".tmp") for name in _leftovers(out))
+
+    emulator.clear_faults()
     _fetch(batch_id, source, destination)
     assert sha256(destination) == clean_sha
