@@ -31,6 +31,7 @@ from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import RequestFileReport, build_request_file, validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
+from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL
 from airflow_provider_llmbatch.sensors.batch import DEFAULT_TIMEOUT, BatchWaitMixin
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
     :param wait_for_completion: wait for the batch to end and judge it. (default: False)
     :param deferrable: wait in the triggerer. (default: ``[operators] default_deferrable``)
     :param poll_interval: the typical seconds between polls. (default: 30)
-    :param max_poll_interval: no wait between polls is longer. (default: 300)
+    :param max_poll_interval: no wait between polls is longer. (default: 600)
     :param timeout: seconds (or timedelta) to wait before giving up. (default: 7 days)
     :param max_failed_fraction: share of failed requests a completed batch may have. (default: 0.0)
     :param cancel_on_kill: cancel the batch when the task is killed. (default: True)
@@ -220,7 +221,7 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
         wait_for_completion: bool = False,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 30.0,
-        max_poll_interval: float = 300.0,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         timeout: float | timedelta = DEFAULT_TIMEOUT,
         max_failed_fraction: float = 0.0,
         cancel_on_kill: bool = True,

@@ -736,7 +736,9 @@ async def test_many_triggers_share_one_client_and_keep_the_loop_responsive(
     assert {events[0]["batch"]["status"] for events in results} == {"completed"}
     assert sum(events[0]["polls"] for events in results) > triggers_count  # they really waited together
     assert len(lags) > 10
-    assert max(lags) < 0.1, f"event loop blocked for {max(lags):.3f}s at sample {lags.index(max(lags))}/{len(lags)}"
+    assert max(lags) < 0.1, (
+        f"event loop blocked for {max(lags):.3f}s at sample {lags.index(max(lags))}/{len(lags)}"
+    )
     # one shared client for all of them, leased by many at once
     assert len(created) == 1
     assert max(len(seen) for seen in clients_seen) == 1
