@@ -134,3 +134,22 @@ def error_delay(
     if retry_after is not None and retry_after > delay:
         delay = min(retry_after, max_poll_interval)
     return delay
+
+
+def delay_after_poll(
+    elapsed_s: float,
+    summary: Mapping[str, Any] | None,
+    *,
+    errors: int,
+    retry_after: float | None,
+    poll_interval: float,
+    max_poll_interval: float,
+) -> float:
+    """Return the wait before the next poll: error backoff after a failed poll, else the adaptive delay."""
+    if errors:
+        return error_delay(
+            errors, poll_interval=poll_interval, max_poll_interval=max_poll_interval, retry_after=retry_after
+        )
+    return next_poll_delay(
+        elapsed_s, summary, poll_interval=poll_interval, max_poll_interval=max_poll_interval
+    )

@@ -155,3 +155,16 @@ def test_defaults_poll_a_20_hour_batch_5x_less_than_every_minute():
     duration = 20 * 3600.0
     polls, _ = _simulate(duration, random.Random(0))
     assert polls * 5 <= duration / 60
+
+
+def test_delay_after_poll_backs_off_after_errors_and_adapts_otherwise() -> None:
+    from airflow_provider_llmbatch.polling import delay_after_poll
+
+    backoff = delay_after_poll(
+        100.0, None, errors=3, retry_after=7.0, poll_interval=30.0, max_poll_interval=600.0
+    )
+    assert 7.0 <= backoff <= 600.0  # the vendor's Retry-After is honoured, within the cap
+    adaptive = delay_after_poll(
+        10.0, None, errors=0, retry_after=None, poll_interval=30.0, max_poll_interval=600.0
+    )
+    assert 0 < adaptive <= 30.0

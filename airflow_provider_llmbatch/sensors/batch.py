@@ -28,8 +28,7 @@ from airflow_provider_llmbatch.outcomes import describe, judge
 from airflow_provider_llmbatch.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
-    error_delay,
-    next_poll_delay,
+    delay_after_poll,
 )
 from airflow_provider_llmbatch.retry import classify
 from airflow_provider_llmbatch.triggers.batch import EVENT_KINDS, BatchTrigger
@@ -221,20 +220,14 @@ class BatchWaitMixin:
             now = clock()
             if now >= deadline:
                 self._raise_timeout(batch_id, summary, cancel_on_timeout)
-            if errors:
-                delay = error_delay(
-                    errors,
-                    poll_interval=self.poll_interval,
-                    max_poll_interval=self.max_poll_interval,
-                    retry_after=retry_after,
-                )
-            else:
-                delay = next_poll_delay(
-                    now - started,
-                    summary,
-                    poll_interval=self.poll_interval,
-                    max_poll_interval=self.max_poll_interval,
-                )
+            delay = delay_after_poll(
+                now - started,
+                summary,
+                errors=errors,
+                retry_after=retry_after,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            )
             sleep(max(min(delay, deadline - now), 0.0))
 
     def _raise_timeout(self, batch_id: str, summary: dict[str, Any] | None, cancel: bool) -> None:

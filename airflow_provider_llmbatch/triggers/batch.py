@@ -24,8 +24,7 @@ from airflow_provider_llmbatch.outcomes import describe, request_counts
 from airflow_provider_llmbatch.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
-    error_delay,
-    next_poll_delay,
+    delay_after_poll,
 )
 from airflow_provider_llmbatch.retry import classify
 
@@ -227,20 +226,14 @@ class BatchTrigger(BaseTrigger):
             now = clock()
             if self.deadline is not None and now >= self.deadline:
                 return await self._timeout_event(summary, polls)
-            if errors:
-                delay = error_delay(
-                    errors,
-                    poll_interval=self.poll_interval,
-                    max_poll_interval=self.max_poll_interval,
-                    retry_after=retry_after,
-                )
-            else:
-                delay = next_poll_delay(
-                    now - started,
-                    summary,
-                    poll_interval=self.poll_interval,
-                    max_poll_interval=self.max_poll_interval,
-                )
+            delay = delay_after_poll(
+                now - started,
+                summary,
+                errors=errors,
+                retry_after=retry_after,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            )
             if self.deadline is not None:
                 delay = min(delay, max(self.deadline - now, 0.0))
             await sleep(delay)
