@@ -144,12 +144,29 @@ def delay_after_poll(
     retry_after: float | None,
     poll_interval: float,
     max_poll_interval: float,
+    poll_seconds: float = 0.0,
 ) -> float:
-    """Return the wait before the next poll: error backoff after a failed poll, else the adaptive delay."""
+    """
+    Return the wait before the next poll: error backoff after a failed poll, else the adaptive delay.
+
+    After a successful poll the adaptive delay is shortened by twice ``poll_seconds``: the vendor read
+    the state somewhere inside that poll, and the next poll's answer comes back a round trip after it
+    starts, so a batch that ends just after one poll is still seen within one delay of its end. The
+    shortening takes at most half the delay; error backoff and ``Retry-After`` are never shortened.
+
+    :param elapsed_s: seconds since the wait began.
+    :param summary: the latest batch summary, or None if no poll has succeeded yet.
+    :param errors: failed polls in a row (0 after a successful poll).
+    :param retry_after: seconds the vendor asked us to wait, if it did.
+    :param poll_interval: the typical delay between polls.
+    :param max_poll_interval: the cap.
+    :param poll_seconds: how long the poll just made took, waiting for a slot included.
+    """
     if errors:
         return error_delay(
             errors, poll_interval=poll_interval, max_poll_interval=max_poll_interval, retry_after=retry_after
         )
-    return next_poll_delay(
+    delay = next_poll_delay(
         elapsed_s, summary, poll_interval=poll_interval, max_poll_interval=max_poll_interval
     )
+    return max(delay - 2.0 * max(poll_seconds, 0.0), delay / 2.0)

@@ -168,3 +168,42 @@ def test_delay_after_poll_backs_off_after_errors_and_adapts_otherwise() -> None:
         10.0, None, errors=0, retry_after=None, poll_interval=30.0, max_poll_interval=600.0
     )
     assert 0 < adaptive <= 30.0
+
+
+@pytest.mark.parametrize(
+    ("poll_seconds", "expected"),
+    [
+        (0.0, 30.0),  # steady state, no jitter: the interval itself
+        (0.25, 29.5),  # twice the round trip comes off, so the next answer lands within the interval
+        (5.0, 20.0),
+        (20.0, 15.0),  # never more than half: a slow vendor is not polled in a tight loop
+        (-1.0, 30.0),  # a clock step backwards changes nothing
+    ],
+)
+def test_delay_after_a_poll_is_shortened_by_its_round_trip(
+    poll_seconds: float, expected: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_provider_llmbatch import polling
+
+    monkeypatch.setattr(polling.random, "random", lambda: 0.0)
+    delay = polling.delay_after_poll(
+        10 * 30.0,
+        None,
+        errors=0,
+        retry_after=None,
+        poll_interval=30.0,
+        max_poll_interval=30.0,
+        poll_seconds=poll_seconds,
+    )
+    assert delay == pytest.approx(expected)
+    # Error backoff and Retry-After are the vendor's to set: never shortened.
+    after_error = polling.delay_after_poll(
+        10 * 30.0,
+        None,
+        errors=1,
+        retry_after=12.0,
+        poll_interval=30.0,
+        max_poll_interval=30.0,
+        poll_seconds=poll_seconds,
+    )
+    assert after_error == pytest.approx(12.0)

@@ -32,6 +32,7 @@ from airflow_provider_llmbatch.hooks._core import (
     multipart_layout,
     source_name,
 )
+from airflow_provider_llmbatch.hooks._http11 import LeanPool, LeanResponse, request_target
 from airflow_provider_llmbatch.hooks._io import CHUNK_SIZE, DownloadSink, LineSplitter, UploadSource
 from airflow_provider_llmbatch.models import Batch, FileObject, Page
 from airflow_provider_llmbatch.retry import Action, classify
@@ -48,7 +49,7 @@ class AsyncFace(HookBase):
 
     # -- async face: transport --------------------------------------------------------------------
 
-    async def _aclient(self) -> tuple[Core, httpx.AsyncClient]:
+    async def _aclient(self) -> tuple[Core, _pool.SharedClient]:
         core = await self._async_core()
         loop = asyncio.get_running_loop()
         if self._lease is not None:
@@ -78,7 +79,8 @@ class AsyncFace(HookBase):
     async def _aopen(
         self, request: Request, content: Any = None, headers: Mapping[str, str] | None = None
     ) -> httpx.Response:
-        core, client = await self._aclient()
+        core, shared = await self._aclient()
+        client = shared.http
         started = time.monotonic()
         http_request = client.build_request(
             request.method,
@@ -110,7 +112,11 @@ class AsyncFace(HookBase):
 
     async def _aexchange(
         self, request: Request, content: Any = None, headers: Mapping[str, str] | None = None
-    ) -> httpx.Response:
+    ) -> httpx.Response | LeanResponse:
+        if content is None:
+            core, shared = await self._aclient()
+            if shared.lean is not None:
+                return await self._alean(core, shared.lean, request)
         response = await self._aopen(request, content, headers)
         try:
             await response.aread()
@@ -119,6 +125,30 @@ class AsyncFace(HookBase):
             raise self._transport(await self._async_core(), request, exc) from exc
         finally:
             await response.aclose()
+
+    async def _alean(self, core: Core, lean: LeanPool, request: Request) -> LeanResponse:
+        """Make a call with an in-memory body on the lean keep-alive pool (see ``_http11``)."""
+        started = time.monotonic()
+        try:
+            response = await lean.request(
+                request.method,
+                request_target(core.settings.base_url, request.path, request.params),
+                core.settings.request_headers(request.headers()),
+                request.body,
+            )
+        except httpx.TransportError as exc:
+            self._log_call(request, started, type(exc).__name__)
+            raise self._transport(core, request, exc) from exc
+        self._log_call(request, started, response.status_code)
+        if response.is_success:
+            return response
+        raise core.error(
+            request,
+            response.status_code,
+            response.reason_phrase,
+            response.headers,
+            response.content[:ERROR_BODY_LIMIT],
+        )
 
     async def _aretrying(
         self,

@@ -25,6 +25,7 @@ from airflow_provider_llmbatch.hooks._core import (
     Request,
     settings_from_connection,
 )
+from airflow_provider_llmbatch.hooks._http11 import LeanResponse
 from airflow_provider_llmbatch.models import Batch, FileObject
 from airflow_provider_llmbatch.retry import Action, RetryPolicy
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
@@ -76,7 +77,7 @@ class HookBase(BaseHook):
         self._core: Core | None = None
         self._policy: RetryPolicy | None = None
         self._client: httpx.Client | None = None
-        self._lease: tuple[asyncio.AbstractEventLoop, _pool.PoolKey, httpx.AsyncClient] | None = None
+        self._lease: tuple[asyncio.AbstractEventLoop, _pool.PoolKey, _pool.SharedClient] | None = None
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -228,7 +229,7 @@ def _content_length(response: httpx.Response) -> int | None:
         return None
 
 
-def reply(response: httpx.Response) -> tuple[int, httpx.Headers, bytes]:
+def reply(response: httpx.Response | LeanResponse) -> tuple[int, httpx.Headers, bytes]:
     """Return what the core reads from a finished response: status, headers (request id), body."""
     return response.status_code, response.headers, response.content
 

@@ -1,5 +1,9 @@
 """
-One shared ``httpx.AsyncClient`` per (event loop, origin, timeout), reference-counted.
+One shared client per (event loop, origin, timeout), reference-counted.
+
+The shared client is an ``httpx.AsyncClient`` for streamed uploads and downloads, plus a
+:class:`~airflow_provider_llmbatch.hooks._http11.LeanPool` for the small JSON calls (polls, cancels,
+listings), unless the environment routes the origin through a proxy.
 
 The triggerer runs every trigger in one event loop; a thousand triggers polling one vendor share one
 connection pool here instead of opening a thousand. Clients hold no credentials: the API key travels
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from airflow_provider_llmbatch.hooks._http11 import LeanPool, proxied, ssl_context
+
 PoolKey = tuple[str, float]
 """(origin, timeout seconds)."""
 
@@ -31,8 +37,29 @@ MAX_CONNECTIONS = SHARDS * CONNECTIONS_PER_SHARD
 
 
 @dataclass
+class SharedClient:
+    """
+    What the hooks on one loop share for one origin.
+
+    :param http: the ``httpx`` client (streams, and everything when ``lean`` is None).
+    :param lean: the lean keep-alive pool for small JSON calls, or None (proxied origin, test transport).
+    """
+
+    http: httpx.AsyncClient
+    lean: LeanPool | None = None
+
+    async def aclose(self) -> None:
+        """Close both clients."""
+        try:
+            if self.lean is not None:
+                await self.lean.aclose()
+        finally:
+            await self.http.aclose()
+
+
+@dataclass
 class _Entry:
-    ready: asyncio.Future[httpx.AsyncClient]
+    ready: asyncio.Future[SharedClient]
     refs: int = 0
 
 
@@ -108,7 +135,21 @@ def _new_client(timeout: float) -> httpx.AsyncClient:
     )
 
 
-async def acquire(key: PoolKey) -> httpx.AsyncClient:
+def _new_lean(origin: str, timeout: float) -> LeanPool | None:
+    """Return the lean pool for ``origin``, or None where only httpx applies (a proxy, another scheme)."""
+    if not origin.startswith(("http://", "https://")) or proxied(origin):
+        return None
+    context = ssl_context() if origin.startswith("https://") else None
+    return LeanPool(origin, timeout, MAX_CONNECTIONS, context)
+
+
+def _new_shared(key: PoolKey) -> SharedClient:
+    origin, timeout = key
+    lean = _new_lean(origin, timeout)
+    return SharedClient(http=_new_client(timeout), lean=lean)
+
+
+async def acquire(key: PoolKey) -> SharedClient:
     """
     Return the shared client for ``key`` on the running loop, creating it on first use.
 
@@ -125,7 +166,7 @@ async def acquire(key: PoolKey) -> httpx.AsyncClient:
     if creator:
         try:
             # Building a client loads the CA bundle from disk: keep that file read off the loop.
-            client = await asyncio.to_thread(_new_client, key[1])
+            client = await asyncio.to_thread(_new_shared, key)
         except BaseException as exc:
             with _LOCK:
                 if entries.get(key) is entry:

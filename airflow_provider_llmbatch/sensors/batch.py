@@ -197,6 +197,7 @@ class BatchWaitMixin:
         errors = 0
         while True:
             retry_after: float | None = None
+            poll_started = clock()
             try:
                 batch = hook.get_batch(batch_id)
             except VendorAPIError as exc:
@@ -227,6 +228,7 @@ class BatchWaitMixin:
                 retry_after=retry_after,
                 poll_interval=self.poll_interval,
                 max_poll_interval=self.max_poll_interval,
+                poll_seconds=now - poll_started,
             )
             sleep(max(min(delay, deadline - now), 0.0))
 

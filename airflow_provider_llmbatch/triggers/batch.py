@@ -52,6 +52,9 @@ together waits here, cheaply, instead. Per connection, so one vendor's outage (w
 inside a slot) never holds back another vendor's polls.
 """
 
+QUIET_LOG_SECONDS = 600.0
+"""A poll that changes nothing (status, counts) is logged only if nothing was logged for this long."""
+
 _POLL_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
@@ -145,6 +148,7 @@ class BatchTrigger(BaseTrigger):
         self.cancel_on_timeout = bool(cancel_on_timeout)
         self.max_consecutive_errors = max(int(max_consecutive_errors), 1)
         self._hook: BatchHook | None = None
+        self._last_logged: tuple[tuple[Any, ...] | None, float] = (None, 0.0)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the classpath and exactly the constructor's keyword arguments."""
@@ -189,6 +193,7 @@ class BatchTrigger(BaseTrigger):
         while True:
             polls += 1
             retry_after: float | None = None
+            poll_started = clock()
             try:
                 async with _poll_slots(self.conn_id):
                     batch = await self.hook.aget_batch(self.batch_id)
@@ -233,6 +238,7 @@ class BatchTrigger(BaseTrigger):
                 retry_after=retry_after,
                 poll_interval=self.poll_interval,
                 max_poll_interval=self.max_poll_interval,
+                poll_seconds=now - poll_started,
             )
             if self.deadline is not None:
                 delay = min(delay, max(self.deadline - now, 0.0))
@@ -242,6 +248,11 @@ class BatchTrigger(BaseTrigger):
         self, batch: Batch, summary: dict[str, Any], estimate: tuple[float | None, float | None]
     ) -> None:
         completed, failed, total = request_counts(summary)
+        now = clock()
+        seen = (batch.status, completed, failed, total)
+        if seen == self._last_logged[0] and now - self._last_logged[1] < QUIET_LOG_SECONDS:
+            return
+        self._last_logged = (seen, now)
         rate, eta = estimate
         self.log.info(
             "Batch %s: status %s, %d completed, %d failed of %d; rate %s; ETA %s",

@@ -70,6 +70,8 @@ def mock_hook(
         "_new_client",
         lambda timeout: httpx.AsyncClient(transport=httpx.MockTransport(script.ahandler)),
     )
+    # The scripted transport answers every call, the small JSON ones included.
+    monkeypatch.setattr(_pool, "_new_lean", lambda origin, timeout: None)
     hooks: list[BatchHook] = []
 
     def _make(vendor: str = "openai", **kw: Any) -> BatchHook:

@@ -647,7 +647,7 @@ def test_shared_client_holds_no_credentials(mock_hook: Callable[..., BatchHook],
     async def main() -> httpx.AsyncClient:
         await hook.aget_batch("b1")
         assert hook._lease is not None
-        client = hook._lease[2]
+        client = hook._lease[2].http
         assert "authorization" not in client.headers
         await hook.aclose()
         return client
@@ -665,7 +665,7 @@ def test_shared_client_closes_only_after_the_last_release(
         await first.aget_batch("b1")
         await second.aget_batch("b1")
         assert first._lease is not None
-        client = first._lease[2]
+        client = first._lease[2].http
         await first.aclose()
         assert not client.is_closed
         assert await second.aget_batch("b1")
@@ -729,6 +729,7 @@ def test_large_transfers_stream(
         handle.truncate(size)  # sparse: fast to make, 64 MB to read
     transport = _CountingTransport(size)
     monkeypatch.setattr(_pool, "_new_client", lambda timeout: httpx.AsyncClient(transport=transport))
+    monkeypatch.setattr(_pool, "_new_lean", lambda origin, timeout: None)
     hook = BatchHook(connect(), retry_policy=policy)
     hook._sync_core()
     hook._client = httpx.Client(transport=transport)

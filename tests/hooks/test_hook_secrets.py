@@ -152,6 +152,7 @@ def test_pages_echoing_the_key_are_redacted(
     monkeypatch.setattr(
         _pool, "_new_client", lambda timeout: httpx.AsyncClient(transport=httpx.MockTransport(handler))
     )
+    monkeypatch.setattr(_pool, "_new_lean", lambda origin, timeout: None)
     conn = {"conn_type": "llmbatch_openai", "host": "http://vendor.test/v1", "password": SECRET}
     monkeypatch.setenv("AIRFLOW_CONN_ECHO", json.dumps(conn))
     hook = _stdlib_logging(BatchHook("echo"))

@@ -210,7 +210,11 @@ async def test_run_yields_once_and_returns(emulator, connect, make_batch, fast_s
 
 
 @pytest.mark.asyncio
-async def test_progress_is_logged_each_poll(emulator, connect, make_batch, fake_time, trigger_logs):
+@pytest.mark.parametrize(("quiet_seconds", "lines"), [(trigger_module.QUIET_LOG_SECONDS, 2), (0.0, 4)])
+async def test_progress_is_logged_when_it_changes_or_after_a_quiet_spell(
+    emulator, connect, make_batch, fake_time, trigger_logs, monkeypatch, quiet_seconds, lines
+):
+    monkeypatch.setattr(trigger_module, "QUIET_LOG_SECONDS", quiet_seconds)
     batch_id = make_batch("dashscope", requests=4)
     emulator.force_status("dashscope", batch_id, "in_progress")
 
@@ -225,7 +229,7 @@ async def test_progress_is_logged_each_poll(emulator, connect, make_batch, fake_
     events = await run_to_end(BatchTrigger(connect("dashscope"), batch_id, poll_interval=10))
     assert events[0]["polls"] == 4
     progress = [e["event"] for e in trigger_logs if "rate" in e["event"]]
-    assert len(progress) == 4
+    assert len(progress) == lines  # three polls saw the same in_progress counts, the fourth the end
     assert all("ETA" in line and "of 4" in line for line in progress)
     assert "status in_progress" in progress[0]
     assert "status completed" in progress[-1]
