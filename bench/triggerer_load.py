@@ -185,6 +185,10 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         "lag_p99_ms": 1000 * _pct(res["lags"], 0.99),
         "lag_max_ms": 1000 * max(res["lags"]),
         "lag_max_at_s": res["lag_times"][res["lags"].index(max(res["lags"]))],
+        "lag_top": sorted(
+            ((round(1000 * lag, 1), round(at, 2)) for lag, at in zip(res["lags"], res["lag_times"], strict=True)),
+            reverse=True,
+        )[:5],
         "lag_max_ms_after_start": 1000
         * max(
             (
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     f"lag p50/p99/max {row['lag_p50_ms']:.1f}/{row['lag_p99_ms']:.1f}/{row['lag_max_ms']:.1f} ms "
                     f"cpu/poll {row['cpu_per_poll_ms']:.2f} ms fired {row['fired']}/{row['n']} "
                     f"(max at {row['lag_max_at_s']:.1f}s, after start {row['lag_max_ms_after_start']:.0f} ms) "
-                    f"fire max {row['fire_max_s']:.2f}s sockets {row['sockets_before']}/{row['sockets_peak']}/"
+                    f"top {row['lag_top']} fire max {row['fire_max_s']:.2f}s sockets {row['sockets_before']}/{row['sockets_peak']}/"
                     f"{row['sockets_after']} emu cpu {row['emulator_cpu_share']:.2f} gc {row['gc_count']} {row['gc_max_ms']}",
                     flush=True,
                 )

@@ -227,6 +227,9 @@ class BatchTrigger(BaseTrigger):
                 self._log_progress(batch, summary, progress.observe(clock(), summary))
                 if batch.is_terminal:
                     return make_event("terminal", batch=summary, message=describe(summary), polls=polls)
+                # Only the summary lives on through the wait: the parsed batch would be promoted to the
+                # collector's oldest generation, and a thousand waiters' worth of it triggers full passes.
+                del batch
 
             now = clock()
             if self.deadline is not None and now >= self.deadline:
