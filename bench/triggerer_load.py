@@ -186,7 +186,10 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         "lag_max_ms": 1000 * max(res["lags"]),
         "lag_max_at_s": res["lag_times"][res["lags"].index(max(res["lags"]))],
         "lag_top": sorted(
-            ((round(1000 * lag, 1), round(at, 2)) for lag, at in zip(res["lags"], res["lag_times"], strict=True)),
+            (
+                (round(1000 * lag, 1), round(at, 2))
+                for lag, at in zip(res["lags"], res["lag_times"], strict=True)
+            ),
             reverse=True,
         )[:5],
         "lag_max_ms_after_start": 1000
