@@ -145,6 +145,7 @@ def delay_after_poll(
     poll_interval: float,
     max_poll_interval: float,
     poll_seconds: float = 0.0,
+    rng: RandomLike | None = None,
 ) -> float:
     """
     Return the wait before the next poll: error backoff after a failed poll, else the adaptive delay.
@@ -161,12 +162,17 @@ def delay_after_poll(
     :param poll_interval: the typical delay between polls.
     :param max_poll_interval: the cap.
     :param poll_seconds: how long the poll just made took, waiting for a slot included.
+    :param rng: the source of jitter (default: the ``random`` module).
     """
     if errors:
         return error_delay(
-            errors, poll_interval=poll_interval, max_poll_interval=max_poll_interval, retry_after=retry_after
+            errors,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            retry_after=retry_after,
+            rng=rng,
         )
     delay = next_poll_delay(
-        elapsed_s, summary, poll_interval=poll_interval, max_poll_interval=max_poll_interval
+        elapsed_s, summary, poll_interval=poll_interval, max_poll_interval=max_poll_interval, rng=rng
     )
     return max(delay - 2.0 * max(poll_seconds, 0.0), delay / 2.0)

@@ -2,11 +2,12 @@
 """
 API calls per batch: polls the sensor makes with its default settings vs. a fixed 60 s interval.
 
-The schedule is simulated with the real ``polling.next_poll_delay`` and the defaults of
-``BatchSensor`` / ``BatchTrigger`` (jitter included, 200 seeds per case), for batches that report
-progress (request counts grow steadily) and batches that report none until they end. Resume latency
-is the time between the batch finishing and the poll that sees it. A short real run against the
-emulator checks the simulation (``--validate``).
+The schedule is simulated with the real ``polling.delay_after_poll`` and the defaults of
+``BatchSensor`` / ``BatchTrigger`` (jitter included, 200 seeds per case; each poll takes a
+``ROUND_TRIP`` and the vendor reads the state as the poll starts, the worst case), for batches that
+report progress (request counts grow steadily) and batches that report none until they end. Resume
+latency is the time between the batch finishing and the answer of the poll that sees it. A short
+real run against the emulator checks the simulation (``--validate``).
 
     bench/.venv/bin/python bench/polls_per_batch.py
 """
@@ -37,21 +38,30 @@ from airflow_provider_llmbatch import polling  # noqa: E402
 DURATIONS = {"10 min": 600.0, "2 h": 7200.0, "20 h": 72000.0}
 FIXED = 60.0
 SEEDS = 200
+ROUND_TRIP = 0.5  # seconds per poll, request and answer
 
 
 def simulate(
     duration: float, *, progress: bool, rng: random.Random, poll_interval: float, max_poll_interval: float
 ) -> tuple[int, float]:
     """Return (polls, resume latency in seconds) for one batch."""
-    elapsed, polls = 0.0, 0
+    elapsed, polls = 0.0, 0  # elapsed: when the poll starts, and the vendor reads the state
     while True:
         polls += 1
         if elapsed >= duration:
-            return polls, elapsed - duration
+            return polls, elapsed + ROUND_TRIP - duration
         done = int(1000 * elapsed / duration) if progress else 0
         summary = {"status": "in_progress", "request_counts": {"total": 1000, "completed": done, "failed": 0}}
-        elapsed += polling.next_poll_delay(
-            elapsed, summary, poll_interval=poll_interval, max_poll_interval=max_poll_interval, rng=rng
+        elapsed += ROUND_TRIP
+        elapsed += polling.delay_after_poll(
+            elapsed,
+            summary,
+            errors=0,
+            retry_after=None,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            poll_seconds=ROUND_TRIP,
+            rng=rng,
         )
 
 

@@ -197,7 +197,7 @@ def polls_section() -> tuple[list[str], list[str]]:
     out = [
         f"Defaults: `poll_interval` {data['poll_interval']:g} s, `max_poll_interval` {data['max_poll_interval']:g} s, "
         f"growth {data['growth']:.0%} of the time waited; OpenAI provider: a fixed 60 s. Simulated with the real "
-        "`polling.next_poll_delay`, jitter included, median of 200 seeds. Resume latency: from the batch",
+        "`polling.delay_after_poll`, jitter included, 0.5 s per poll, median of 200 seeds. Resume latency: from the batch",
         "finishing to the poll that sees it (the task resumes right after; the triggerer adds its own",
         "scheduling time, the same for every provider).",
         "",
