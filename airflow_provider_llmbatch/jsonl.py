@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
 __all__ = [
+    "RequestFileCheck",
     "RequestFileReport",
     "RequestSource",
     "build_request_file",
@@ -138,6 +139,99 @@ def _open_read(source: RequestSource) -> Iterator[IO[bytes]]:
         yield handle
 
 
+class RequestFileCheck:
+    """
+    Check a request file as its bytes pass by, with the rules and messages of ``validate_request_file``.
+
+    It is the engine of :func:`validate_request_file`, in a form that is fed: an upload with
+    ``BatchHook.upload_file(..., check=...)`` feeds it each chunk before sending that chunk, so the file
+    is read once for both. :meth:`begin` starts a pass (again for a repeated upload), :meth:`feed` takes
+    the next bytes and tells whether the file can still pass, :meth:`finish` runs the end-of-file checks
+    and returns the report (kept as :attr:`report`).
+
+    :param vendor: the vendor's spec, or its registry name.
+    :param endpoint: the batch endpoint (default: the vendor's first).
+    :param max_problems: how many problems to list; further ones are counted.
+    :raises InvalidInputError: when the endpoint is not one of the vendor's.
+    """
+
+    def __init__(
+        self, vendor: VendorSpec | str, endpoint: str | None = None, *, max_problems: int = 20
+    ) -> None:
+        self.spec = core.resolve_vendor(vendor)
+        self.endpoint = core.resolve_endpoint(self.spec, endpoint)
+        self.max_problems = max_problems
+        self.report: RequestFileReport | None = None
+        """The report of the last pass that passed; None before, and while a pass runs."""
+        self._checker: core.RequestChecker | None = None
+        self._lines: core.LineFeed | None = None
+        self._label = ""
+
+    def begin(self, source: object) -> None:
+        """
+        Start a pass over ``source``, dropping any unfinished one.
+
+        :param source: what the bytes come from: its name is checked (``.jsonl``; a file object without
+            a name is not) and names the file in problems.
+        """
+        self.close()
+        self.report = None
+        checker = core.RequestChecker(
+            self.spec, self.endpoint, _file_name(source), max_problems=self.max_problems
+        )
+        self._checker = checker
+        self._lines = core.LineFeed(checker.max_line_bytes, core.Tally(), checker.line)
+        self._label = _label(source)
+
+    def feed(self, chunk: bytes) -> bool:
+        """
+        Check the lines ``chunk`` completes (the unfinished last one waits for the next chunk).
+
+        :param chunk: the next bytes of the file.
+        :return: False once the file cannot pass any more (a problem, or over a request or size limit).
+        """
+        lines, checker = self._lines, self._checker
+        if lines is None or checker is None:
+            raise RuntimeError("begin() a pass before feeding it")
+        lines.feed(chunk)
+        return not (
+            checker.failed
+            or checker.requests > checker.max_requests
+            or lines.tally.bytes > checker.max_file_bytes
+        )
+
+    def finish(self) -> RequestFileReport:
+        """
+        End the pass: check the last line and the whole file.
+
+        :return: the report (also kept as :attr:`report`).
+        :raises InvalidRequestFileError: listing every problem found (``line N: field: expected ...``).
+        """
+        lines, checker = self._lines, self._checker
+        if lines is None or checker is None:
+            raise RuntimeError("begin() a pass before finishing it")
+        self._lines = self._checker = None
+        lines.end()
+        tally = lines.tally
+        checker.finish(tally.bytes, self._label)
+        self.report = RequestFileReport(
+            source=self._label,
+            vendor=self.spec.name,
+            endpoint=self.endpoint.path,
+            lines=checker.requests,
+            bytes=tally.bytes,
+            model=checker.model,
+            sha256=tally.hexdigest(),
+        )
+        return self.report
+
+    def close(self) -> None:
+        """Drop an unfinished pass (and stop its hashing thread); a finished one needs no closing."""
+        lines, self._lines, self._checker = self._lines, None, None
+        if lines is not None:
+            lines.tally.close()
+
+
 def validate_request_file(
     source: RequestSource,
     vendor: VendorSpec | str,
@@ -153,7 +247,8 @@ def validate_request_file(
     ``custom_id`` (a unique non-empty string), ``method`` (``POST``), ``url`` (the batch endpoint)
     and ``body`` (an object with a string ``model``, the same on every line, and none of the
     vendor's forbidden keys), the endpoint's required model, and the request, file-size and
-    line-size limits of the vendor and the endpoint.
+    line-size limits of the vendor and the endpoint. An upload can run the same checks as it
+    streams (see :class:`RequestFileCheck`).
 
     :param source: the request file.
     :param vendor: the vendor's spec, or its registry name.
@@ -162,25 +257,18 @@ def validate_request_file(
     :raises InvalidInputError: when the endpoint is not one of the vendor's.
     :raises InvalidRequestFileError: listing every problem found (``line N: field: expected ..., got ...``).
     """
-    spec = core.resolve_vendor(vendor)
-    endpoint_spec = core.resolve_endpoint(spec, endpoint)
-    checker = core.RequestChecker(spec, endpoint_spec, _file_name(source), max_problems=max_problems)
-    tally = core.Tally()
-    check_line = checker.line
-    with _open_read(source) as handle:
-        for raw, size in core.scan_lines(handle, checker.max_line_bytes, tally):
-            check_line(raw, size)
-    label = _label(source)
-    checker.finish(tally.bytes, label)
-    return RequestFileReport(
-        source=label,
-        vendor=spec.name,
-        endpoint=endpoint_spec.path,
-        lines=checker.requests,
-        bytes=tally.bytes,
-        model=checker.model,
-        sha256=tally.hexdigest(),
-    )
+    check = RequestFileCheck(vendor, endpoint, max_problems=max_problems)
+    check.begin(source)
+    try:
+        size = core.chunk_bytes()
+        feed = check.feed
+        with _open_read(source) as handle:
+            read = handle.read
+            while chunk := read(size):
+                feed(chunk)
+        return check.finish()
+    finally:
+        check.close()
 
 
 def fingerprint(source: RequestSource) -> str:

@@ -46,7 +46,8 @@ _JSON_TYPES: dict[type, str] = {
 }
 
 
-def _is_utf8(raw: bytes) -> bool:
+def is_utf8(raw: bytes) -> bool:
+    """Return whether ``raw`` is valid UTF-8."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -119,6 +120,11 @@ def _shape_decoder(forbidden: frozenset[str]) -> tuple[Callable[[bytes], Any], t
         forbid_unknown_fields=True,
     )
     return msgspec.json.Decoder(line).decode, names, unset
+
+
+def chunk_bytes() -> int:
+    """Return the bytes read per chunk: few calls, flat memory, and the size hashing moves to a thread at."""
+    return _CHUNK
 
 
 def resolve_vendor(vendor: VendorSpec | str) -> VendorSpec:
@@ -278,6 +284,55 @@ class _PartialLine:
         return line, size
 
 
+class LineFeed:
+    r"""
+    Split pushed chunks into lines and hand each to ``check(line, size)``, counting and hashing every byte.
+
+    The push form of :func:`scan_lines`, for bytes that pass by anyway (an upload): ``line`` has no
+    terminator and ``size`` excludes a final ``\r``. A line longer than ``cap`` may be handed over
+    truncated (``len(line) < size``): the rest is hashed and counted but not kept.
+
+    :param cap: the longest line kept whole (the vendor's line limit).
+    :param tally: counts and hashes the bytes.
+    :param check: called once per line, in order.
+    """
+
+    __slots__ = ("_check", "_partial", "_update", "tally")
+
+    def __init__(self, cap: int, tally: Tally, check: Callable[[bytes, int], None]) -> None:
+        self.tally = tally
+        self._update = tally.update
+        self._check = check
+        self._partial = _PartialLine(cap + 2)
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of the file: check the lines they finish, keep the unfinished one."""
+        if not isinstance(chunk, bytes):
+            raise InvalidInputError("request files must be opened in binary mode ('rb')")
+        if not chunk:
+            return
+        self._update(chunk)
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if lines:
+            check = self._check
+            partial = self._partial
+            rest = iter(lines)
+            if partial.size:
+                check(*partial.take(next(rest)))
+            for line in rest:
+                check(line, len(line) - line.endswith(b"\r"))
+        self._partial.add(tail)
+
+    def end(self) -> None:
+        """Check the last line when the file does not end with a newline, and finish hashing."""
+        try:
+            if self._partial.size:
+                self._check(*self._partial.take(b""))
+        finally:
+            self.tally.close()
+
+
 def scan_lines(handle: IO[bytes], cap: int, tally: Tally) -> Iterator[tuple[bytes, int]]:
     r"""
     Yield ``(line, size)`` for each line, without its terminator; ``size`` excludes a final ``\r``.
@@ -285,25 +340,17 @@ def scan_lines(handle: IO[bytes], cap: int, tally: Tally) -> Iterator[tuple[byte
     Reads in chunks. A line longer than ``cap`` may be yielded truncated (``len(line) < size``): the
     rest is hashed and counted but not kept, so a file without newlines cannot fill the memory.
     """
+    found: list[tuple[bytes, int]] = []
+    keep = found.append
+    feed = LineFeed(cap, tally, lambda line, size: keep((line, size)))
     read = handle.read
-    update = tally.update
-    partial = _PartialLine(cap + 2)
     try:
         while chunk := read(_CHUNK):
-            if not isinstance(chunk, bytes):
-                raise InvalidInputError("request files must be opened in binary mode ('rb')")
-            update(chunk)
-            lines = chunk.split(b"\n")
-            tail = lines.pop()
-            if lines:
-                if partial.size:
-                    yield partial.take(lines[0])
-                    del lines[0]
-                for line in lines:
-                    yield line, len(line) - line.endswith(b"\r")
-            partial.add(tail)
-        if partial.size:
-            yield partial.take(b"")
+            feed.feed(chunk)
+            yield from found
+            found.clear()
+        feed.end()
+        yield from found
     finally:
         tally.close()
 
@@ -353,6 +400,11 @@ class RequestChecker:
         self._errors = CODEC_ERRORS
         if file_name is not None and not file_name.endswith(".jsonl"):
             self.file_problem("name", "a file name ending in '.jsonl'", repr(file_name))
+
+    @property
+    def failed(self) -> bool:
+        """Return whether a problem was found so far: the file will be rejected whatever follows."""
+        return bool(self.problems or self.truncated or self.file_problems)
 
     def problem(self, where: str, field: str, expected: str, got: str) -> None:
         """Record a problem, or only count it once the list is full."""
@@ -413,7 +465,7 @@ class RequestChecker:
                     self._forbidden_names
                     and any(getattr(body, name) is not unset for name in self._forbidden_names)
                 )
-                and (raw.isascii() or _is_utf8(raw))
+                and (raw.isascii() or is_utf8(raw))
             ):
                 self._check_unique(custom_id, lineno)
                 return

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -347,41 +347,132 @@ class ResultLine(_Lenient):
     @property
     def succeeded(self) -> bool:
         """Return True when the request got a 2xx response and no error."""
-        if self.error is not None and (self.error.code or self.error.message):
-            return False
-        code = self.response.status_code if self.response else None
-        return code is not None and 200 <= code < 300
+        error = self.error
+        status_code = self.response.status_code if self.response is not None else None
+        return _line_succeeded(error.code if error else None, error.message if error else None, status_code)
 
     @property
     def error_code(self) -> str | None:
         """Return the error code from ``error`` or from the response body's ``error``."""
-        if self.error is not None and self.error.code:
-            return self.error.code
-        body_error = self._body_error()
-        return _optional_str(body_error.get("code") or body_error.get("type")) if body_error else None
+        return _line_error_code(self.error.code if self.error else None, _body_error(self._body()))
 
     @property
     def error_message(self) -> str | None:
         """Return the error message from ``error`` or from the response body's ``error``."""
-        if self.error is not None and self.error.message:
-            return self.error.message
-        body_error = self._body_error()
-        if body_error:
-            return _optional_str(body_error.get("message"))
-        if self.response is not None and not self.succeeded:
-            return f"HTTP {self.response.status_code}"
-        return None
+        response = self.response
+        return _line_error_message(
+            self.error.message if self.error else None,
+            _body_error(self._body()),
+            response is not None and not self.succeeded,
+            response.status_code if response is not None else None,
+        )
 
     @property
     def usage(self) -> dict[str, int]:
         """Return the token usage of a successful response (empty when absent)."""
-        body = self.response.body if self.response else None
-        usage = body.get("usage") if body else None
-        if not isinstance(usage, Mapping):
-            return {}
-        return {str(k): v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+        return _body_usage(self._body())
 
-    def _body_error(self) -> Mapping[str, Any] | None:
-        body = self.response.body if self.response else None
-        error = body.get("error") if body else None
-        return error if isinstance(error, Mapping) else None
+    def _body(self) -> dict[str, Any] | None:
+        return self.response.body if self.response is not None else None
+
+
+class ResultOutcome(NamedTuple):
+    """
+    What one output or error line says about its request: what :class:`ResultLine` reads, in one call.
+
+    :param succeeded: the request got a 2xx response and no error (:attr:`ResultLine.succeeded`).
+    :param error_code: :attr:`ResultLine.error_code`.
+    :param error_message: :attr:`ResultLine.error_message`.
+    :param has_response: the line has a ``response`` object (a request that never ran has none).
+    :param body: the response body, or None (:attr:`ResultResponse.body`).
+    :param usage: :attr:`ResultLine.usage`.
+    """
+
+    succeeded: bool
+    error_code: str | None
+    error_message: str | None
+    has_response: bool
+    body: dict[str, Any] | None
+    usage: dict[str, int]
+
+
+def read_result_line(data: Mapping[str, Any]) -> ResultOutcome:
+    """
+    Read a parsed output or error line as :class:`ResultLine` does, without building the models.
+
+    The same rules as ``ResultLine.model_validate(data)`` and its properties, for the results join,
+    which reads every line of a batch's output: a body that is already a dict is used as it is.
+
+    :param data: one line of an output or error file, parsed from JSON.
+    """
+    response = data.get("response")
+    if type(response) is not dict:
+        response = _result_response(response)
+    error = data.get("error")
+    if error is not None and type(error) is not dict:
+        error = _result_error(error)
+    status_code: int | None = None
+    body: dict[str, Any] | None = None
+    if response is not None:
+        status_code = response.get("status_code")
+        if type(status_code) is not int:
+            status_code = _optional_int(status_code)
+        raw_body = response.get("body")
+        body = raw_body if type(raw_body) is dict else _dict_or_none(raw_body)
+    code = message = None
+    if error is not None:
+        code = _optional_str(error.get("code"))
+        message = _optional_str(error.get("message"))
+    succeeded = _line_succeeded(code, message, status_code)
+    body_error = _body_error(body)
+    return ResultOutcome(
+        succeeded,
+        _line_error_code(code, body_error),
+        _line_error_message(message, body_error, response is not None and not succeeded, status_code),
+        response is not None,
+        body,
+        _body_usage(body),
+    )
+
+
+def _line_succeeded(error_code: str | None, error_message: str | None, status_code: int | None) -> bool:
+    if error_code or error_message:
+        return False
+    return status_code is not None and 200 <= status_code < 300
+
+
+def _body_error(body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    error = body.get("error") if body else None
+    return error if error is not None and (type(error) is dict or isinstance(error, Mapping)) else None
+
+
+def _line_error_code(error_code: str | None, body_error: Mapping[str, Any] | None) -> str | None:
+    if error_code:
+        return error_code
+    return _optional_str(body_error.get("code") or body_error.get("type")) if body_error else None
+
+
+def _line_error_message(
+    error_message: str | None,
+    body_error: Mapping[str, Any] | None,
+    failed_response: bool,
+    status_code: int | None,
+) -> str | None:
+    if error_message:
+        return error_message
+    if body_error:
+        return _optional_str(body_error.get("message"))
+    if failed_response:
+        return f"HTTP {status_code}"
+    return None
+
+
+def _body_usage(body: Mapping[str, Any] | None) -> dict[str, int]:
+    usage = body.get("usage") if body else None
+    if usage is None or not (type(usage) is dict or isinstance(usage, Mapping)):
+        return {}
+    return {
+        str(k): v
+        for k, v in usage.items()
+        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
+    }

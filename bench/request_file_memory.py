@@ -8,8 +8,16 @@ each operation in a fresh interpreter, so one measurement's high-water mark cann
 - ``bare json`` / ``bare msgspec``: read lines and parse them, nothing else (the yardstick);
 - ``validate``: ``validate_request_file`` (every rule, SHA-256 included);
 - ``fingerprint``, ``build`` (from a stream of prompt records), ``split`` (into four parts);
-- ``upload``: ``BatchHook.upload_file`` to the bundled emulator running in the same process (the
-  figure includes the emulator's receiving side).
+- ``upload``: ``BatchHook.upload_file`` of the file as it is, to the bundled emulator (in a process
+  of its own unless ``LLMBATCH_BENCH_EMULATOR_URL`` names a running one);
+- ``validate+upload``: what ``CreateBatchOperator`` runs, ``upload_file(..., check=RequestFileCheck(...))``:
+  the file is checked as it streams into the upload, one pass, the report and SHA-256 included;
+- ``openai upload``: the openai SDK's ``files.create`` with an open file handle, to the same emulator
+  (needs the ``[bench]`` extra, as in ``bench/.venv``).
+
+Rounds take every operation in turn (one fresh interpreter per run), after one untimed upload that
+warms the emulator; every upload run deletes its file again, untimed, so each run meets the emulator
+with the same disk.
 
 Peak RSS growth is the process's peak resident set during the operation minus its resident set just
 before it (Linux: the peak is reset through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss`` is used,
@@ -19,6 +27,8 @@ runs counts for time, the largest for memory.
     python bench/request_file_memory.py                 # 10 MB and 100 MB
     python bench/request_file_memory.py --sizes 500     # 500 MB (DashScope's limit)
     python bench/request_file_memory.py --no-upload --repeat 1
+    bench/.venv/bin/python bench/request_file_memory.py --sizes 10 100 500 --operations upload \\
+        validate+upload "openai upload"
 
 The table is printed and written to ``bench/results/request_file_memory.md``.
 """
@@ -139,12 +149,18 @@ def _maxrss_kb() -> int:
     return usage // 1024 if sys.platform == "darwin" else usage
 
 
-def _operation(name: str, path: Path, vendor: str, lines: int, workdir: Path) -> Callable[[], object]:
-    """Return the operation to time, with its set-up (imports, emulator) already done."""
+def _nothing(result: object) -> None:
+    return None
+
+
+def _operation(
+    name: str, path: Path, vendor: str, lines: int, workdir: Path
+) -> tuple[Callable[[], object], Callable[[object], None]]:
+    """Return the operation to time (its set-up, imports and emulator, done) and its untimed clean-up."""
     from airflow_provider_llmbatch import jsonl
 
     if name == "noop":
-        return lambda: None
+        return (lambda: None), _nothing
     if name == "bare json":
 
         def bare_json() -> None:
@@ -152,7 +168,7 @@ def _operation(name: str, path: Path, vendor: str, lines: int, workdir: Path) ->
                 for line in handle:
                     json.loads(line)
 
-        return bare_json
+        return bare_json, _nothing
     if name == "bare msgspec":
         import msgspec
 
@@ -163,74 +179,100 @@ def _operation(name: str, path: Path, vendor: str, lines: int, workdir: Path) ->
                 for line in handle:
                     decode(line)
 
-        return bare_msgspec
+        return bare_msgspec, _nothing
     if name == "validate":
-        return lambda: jsonl.validate_request_file(path, vendor)
+        return (lambda: jsonl.validate_request_file(path, vendor)), _nothing
     if name == "fingerprint":
-        return lambda: jsonl.fingerprint(path)
+        return (lambda: jsonl.fingerprint(path)), _nothing
     if name == "build":
         size = path.stat().st_size
         out = workdir / "built.jsonl"
-        return lambda: jsonl.build_request_file(
-            prompt_records(lines, size // lines), out, vendor, model="bench-model"
-        )
+        return (
+            lambda: jsonl.build_request_file(
+                prompt_records(lines, size // lines), out, vendor, model="bench-model"
+            )
+        ), _nothing
     if name == "split":
-        return lambda: jsonl.split_request_file(
-            path, vendor, workdir / "parts", max_requests=max(lines // 4, 1)
-        )
+        return (
+            lambda: jsonl.split_request_file(path, vendor, workdir / "parts", max_requests=max(lines // 4, 1))
+        ), _nothing
     if name in UPLOADS:
-        from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY, Emulator
-        from airflow_provider_llmbatch.vendors import REGISTRY
-
-        url = os.environ.get(EMULATOR_URL_ENV)
-        if url is None:
-            emulator = Emulator(data_dir=workdir / "emulator").start()
-            url = emulator.url
-        base_url = url + REGISTRY[vendor].emulator_prefix
-        warm = workdir / "warm-up.jsonl"
-        jsonl.build_request_file(prompt_records(1, 300), warm, vendor, model="bench-model")
-        if name == "openai upload":
-            from openai import OpenAI
-
-            client = OpenAI(api_key=DEFAULT_API_KEY, base_url=base_url)
-
-            def sdk_upload(source: Path) -> object:
-                with open(source, "rb") as handle:
-                    return client.files.create(file=handle, purpose="batch")
-
-            sdk_upload(warm)  # warm up: HTTP client, first connection
-            return lambda: sdk_upload(path)
-        os.environ["AIRFLOW_CONN_LLMBATCH_BENCH"] = json.dumps(
-            {"conn_type": REGISTRY[vendor].conn_type, "host": base_url, "password": DEFAULT_API_KEY}
-        )
-        from airflow_provider_llmbatch.hooks.batch import BatchHook
-
-        hook = BatchHook("llmbatch_bench")
-        # Warm up (connection lookup, HTTP client) so the measurement is the upload alone.
-        hook.upload_file(warm)
-        if name == "validate+upload":
-
-            def validate_and_upload() -> object:
-                jsonl.validate_request_file(path, vendor)
-                return hook.upload_file(path)
-
-            return validate_and_upload
-        return lambda: hook.upload_file(path)
+        return _upload_operation(name, path, vendor, workdir)
     raise SystemExit(f"unknown operation {name!r}")
+
+
+def _upload_operation(
+    name: str, path: Path, vendor: str, workdir: Path
+) -> tuple[Callable[[], object], Callable[[object], None]]:
+    """
+    Return an upload to time and the deletion of what it stored.
+
+    Every run deletes its upload again (untimed), so each run meets the emulator with the same files on
+    its disk: kept, the files of earlier runs (gigabytes at 500 MB) slow later runs through the
+    kernel's write-back of dirty pages, whichever client those runs use.
+    """
+    from airflow_provider_llmbatch import jsonl
+    from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY, Emulator
+    from airflow_provider_llmbatch.vendors import REGISTRY
+
+    url = os.environ.get(EMULATOR_URL_ENV)
+    if url is None:
+        emulator = Emulator(data_dir=workdir / "emulator").start()
+        url = emulator.url
+    base_url = url + REGISTRY[vendor].emulator_prefix
+    warm = workdir / "warm-up.jsonl"
+    jsonl.build_request_file(prompt_records(1, 300), warm, vendor, model="bench-model")
+    if name == "openai upload":
+        from openai import OpenAI
+
+        client = OpenAI(api_key=DEFAULT_API_KEY, base_url=base_url)
+
+        def sdk_upload(source: Path) -> Any:
+            with open(source, "rb") as handle:
+                return client.files.create(file=handle, purpose="batch")
+
+        client.files.delete(sdk_upload(warm).id)  # warm up: HTTP client, first connection
+        return (lambda: sdk_upload(path)), lambda uploaded: client.files.delete(uploaded.id)  # type: ignore[attr-defined]
+    os.environ["AIRFLOW_CONN_LLMBATCH_BENCH"] = json.dumps(
+        {"conn_type": REGISTRY[vendor].conn_type, "host": base_url, "password": DEFAULT_API_KEY}
+    )
+    from airflow_provider_llmbatch.hooks.batch import BatchHook
+
+    hook = BatchHook("llmbatch_bench")
+
+    def delete(uploaded: object) -> None:
+        hook.delete_file(uploaded.id)  # type: ignore[attr-defined]
+
+    if name == "validate+upload":
+        # What CreateBatchOperator runs: the file is checked as it streams into the upload (one pass).
+
+        def validate_and_upload() -> object:
+            check = jsonl.RequestFileCheck(vendor)
+            uploaded = hook.upload_file(path, check=check)
+            assert check.report is not None
+            assert check.report.bytes == uploaded.bytes
+            return uploaded
+
+        # Warm up (connection lookup, HTTP client, the checker) so the measurement is the upload alone.
+        delete(hook.upload_file(warm, check=jsonl.RequestFileCheck(vendor)))
+        return validate_and_upload, delete
+    delete(hook.upload_file(warm))
+    return (lambda: hook.upload_file(path)), delete
 
 
 def measure_here(name: str, path: Path, vendor: str, lines: int, workdir: Path) -> dict[str, Any]:
     """Run one operation in this process and return its time and peak RSS growth."""
-    run = _operation(name, path, vendor, lines, workdir)
+    run, clean_up = _operation(name, path, vendor, lines, workdir)
     gc.collect()
     precise = _reset_peak()
     before = _status_kb("VmRSS") or _maxrss_kb()
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
-    run()
+    result = run()
     seconds = time.perf_counter() - started
     cpu = _cpu_seconds() - cpu_before
     peak = (_status_kb("VmHWM") if precise else None) or _maxrss_kb()
+    clean_up(result)
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
@@ -303,6 +345,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for row in rows:
+        if row["operation"] == "validate+upload" and row.get("vs_sdk"):
+            growth_ok = row["growth_mb"] < TARGET_GROWTH_MB
+            speed_ok = float(row["vs_sdk"].rstrip("x")) >= 1.0
+            out.append(
+                f"- {row['size_mb']} MB validate+upload: {row['vs_sdk']} the speed of the SDK's upload "
+                f"({'meets' if speed_ok else 'MISSES'} >= 1.00x); peak RSS growth {row['growth_mb']:.1f} MB "
+                f"({'meets' if growth_ok else 'MISSES'} < {TARGET_GROWTH_MB} MB)"
+            )
         if row["operation"] != "validate":
             continue
         growth_ok = row["growth_mb"] < TARGET_GROWTH_MB
@@ -367,9 +417,19 @@ def _run_all(args: argparse.Namespace, operations: list[str]) -> list[dict[str, 
             size = generate(path, vendor, lines, size_mb * MB)
             took = time.perf_counter() - started
             print(f"generated {path.name}: {size:,} bytes, {lines:,} lines in {took:.1f}s")
+            if any(op in UPLOADS for op in operations):
+                # The first large upload into the emulator is a little slower: keep it out of every row.
+                measure("upload", path, vendor, lines, workdir)
+            # Rounds take every operation in turn, so a drift of the machine's load touches all of them.
+            all_runs: dict[str, list[dict[str, Any]]] = {op: [] for op in operations}
+            for round_number in range(args.repeat):
+                for op in operations:
+                    run = measure(op, path, vendor, lines, workdir)
+                    all_runs[op].append(run)
+                    print(f"  round {round_number + 1} {op:<16} {run['seconds']:8.3f}s", flush=True)
             by_op: dict[str, dict[str, Any]] = {}
             for op in operations:
-                runs = [measure(op, path, vendor, lines, workdir) for _ in range(args.repeat)]
+                runs = all_runs[op]
                 seconds = statistics.median(r["seconds"] for r in runs)
                 cpu_seconds = statistics.median(r["cpu_seconds"] for r in runs)
                 growth_mb = max(r["growth_kb"] for r in runs) / 1024
@@ -419,7 +479,9 @@ def _report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         "Each operation runs in a fresh interpreter; median of the runs for time, largest for memory. "
         "CPU seconds count every thread of the measuring process (the hashing helper). "
         "Uploads go to the emulator running in its own process; `openai upload` is the openai SDK's "
-        "`files.create` with an open file handle.",
+        "`files.create` with an open file handle; `validate+upload` is the hook's one-pass checked upload "
+        "(what CreateBatchOperator runs). Rounds take the operations in turn, after one untimed warm-up "
+        "upload; each upload is deleted again after its run (untimed).",
         f"Load average when the run ended: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
         "(wall-clock figures move with load).",
         "",

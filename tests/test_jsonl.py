@@ -13,6 +13,7 @@ import pytest
 from airflow_provider_llmbatch import jsonl_lines as core
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
 from airflow_provider_llmbatch.jsonl import (
+    RequestFileCheck,
     RequestFileReport,
     build_request_file,
     fingerprint,
@@ -453,6 +454,82 @@ def test_every_problem_is_collected(tmp_path: Path) -> None:
         validate_request_file(write(tmp_path, [dump(line)]), spec, endpoint.path)
     fields = [p.split(": ")[1] for p in excinfo.value.problems]
     assert fields == ["custom_id", "method", "url", "body.model", "body.n"]
+
+
+# ------------------------------------------------------------------------- checking bytes as they pass
+
+
+def _feed_in_pieces(check: RequestFileCheck, data: bytes, piece: int) -> list[bool]:
+    return [check.feed(data[start : start + piece]) for start in range(0, len(data), piece)]
+
+
+@pytest.mark.parametrize("piece", [1, 5, 64, 4096, 1 << 20])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_fed_check_finds_what_validate_finds(tmp_path: Path, case: str, piece: int) -> None:
+    spec = REGISTRY["dashscope"]
+    checked_spec, lines, _ = CASES[case](spec, spec.endpoints[0])
+    path = write(tmp_path, lines)
+    with pytest.raises(InvalidRequestFileError) as validated:
+        validate_request_file(path, checked_spec)
+    check = RequestFileCheck(checked_spec)
+    check.begin(path)
+
+    passing = _feed_in_pieces(check, path.read_bytes(), piece)
+    with pytest.raises(InvalidRequestFileError) as fed:
+        check.finish()
+
+    assert fed.value.problems == validated.value.problems
+    assert fed.value.truncated == validated.value.truncated
+    assert fed.value.source == str(path)
+    assert check.report is None
+    # Once a problem shows, feed says so: the rest of the file is still checked, never sent.
+    if False in passing:
+        assert not any(passing[passing.index(False) :])
+
+
+@pytest.mark.parametrize("piece", [1, 7, 333, 1 << 20])
+def test_fed_check_reports_what_validate_reports(tmp_path: Path, piece: int) -> None:
+    spec = REGISTRY["zhipu"]
+    path = write(tmp_path, good_lines(spec.endpoints[0], 200), end=b"\r\n")
+    check = RequestFileCheck(spec)
+    check.begin(path)
+
+    assert all(_feed_in_pieces(check, path.read_bytes(), piece))
+    report = check.finish()
+
+    assert report == check.report == validate_request_file(path, spec)
+
+
+def test_fed_check_starts_over_and_cleans_up(tmp_path: Path) -> None:
+    import threading
+
+    spec = REGISTRY["openai"]
+    path = write(tmp_path, good_lines(spec.endpoints[0], 3))
+    check = RequestFileCheck(spec)
+    with pytest.raises(RuntimeError, match="begin"):
+        check.feed(b"{}")
+    check.begin(path)
+    check.feed(b"\xff" * (2 << 20))  # large enough for the hashing thread; not a request file
+    check.begin(path)  # a repeated upload: the unfinished pass is dropped
+    check.feed(path.read_bytes())
+    assert check.finish() == validate_request_file(path, spec)
+    check.begin(path)
+    check.feed(b"\xff" * (2 << 20))
+    check.close()
+    assert not [t for t in threading.enumerate() if t.name == "llmbatch-sha256" and t.is_alive()]
+    with pytest.raises(RuntimeError, match="begin"):
+        check.finish()
+
+
+def test_fed_check_stops_at_the_limits_before_the_end(tmp_path: Path) -> None:
+    spec = with_limits(REGISTRY["openai"], max_requests=3, max_file_bytes=10_000)
+    line = good_lines(spec.endpoints[0], 1)[0] + b"\n"
+    check = RequestFileCheck(spec)
+    check.begin(tmp_path / "requests.jsonl")
+    assert [check.feed(line.replace(b"req-1", b"req-%d" % n)) for n in range(1, 5)] == [True] * 3 + [False]
+    check.begin(tmp_path / "requests.jsonl")
+    assert check.feed(b" " * 10_000)
+    assert not check.feed(b" ")
 
 
 # ------------------------------------------------------------------------------------------- good files

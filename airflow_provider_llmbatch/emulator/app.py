@@ -26,7 +26,7 @@ from airflow_provider_llmbatch.emulator.faults import AFTER_EFFECT_KINDS, FaultR
 from airflow_provider_llmbatch.emulator.listing import filter_batches, filter_files, paginate
 from airflow_provider_llmbatch.emulator.records import FileInfo, new_request_id
 from airflow_provider_llmbatch.emulator.state import Store
-from airflow_provider_llmbatch.emulator.uploads import UploadError, receive_upload
+from airflow_provider_llmbatch.emulator.uploads import UploadAborted, UploadError, receive_upload
 from airflow_provider_llmbatch.emulator.validation import scan_request_file
 from airflow_provider_llmbatch.vendors import VendorSpec
 
@@ -266,6 +266,11 @@ class VendorAPI:
                 upload = await receive_upload(request, path)
             except UploadError as exc:
                 raise ApiError("bad_request", str(exc)) from exc
+            except UploadAborted:
+                # The client aborted its body (a checked upload that found a problem does): no file, and
+                # an answer nobody reads. 499 is what proxies log for a request the client closed.
+                path.unlink(missing_ok=True)
+                return Response(status_code=499)
             if not upload.has_file:
                 raise ApiError("bad_request", "expected a multipart part named 'file'", param="file")
             purpose = upload.fields.get("purpose")

@@ -8,13 +8,17 @@ from typing import IO
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 _MAX_FIELD_BYTES = 64 * 1024
 
 
 class UploadError(ValueError):
     """Raise when a request is not a well-formed multipart upload."""
+
+
+class UploadAborted(Exception):
+    """Raise when the client went away before its body ended: nothing was uploaded, nobody awaits a reply."""
 
 
 @dataclass
@@ -26,12 +30,14 @@ class Upload:
     :param filename: the ``file`` part's file name.
     :param size: bytes written to disk.
     :param has_file: whether a ``file`` part came.
+    :param complete: whether the closing boundary came (without it the body is cut short).
     """
 
     fields: dict[str, str] = field(default_factory=dict)
     filename: str | None = None
     size: int = 0
     has_file: bool = False
+    complete: bool = False
 
 
 class _Receiver:
@@ -80,9 +86,18 @@ class _Receiver:
         if not self.is_file and self.name:
             self.upload.fields[self.name] = self.value.decode("utf-8", "replace")
 
+    def on_end(self) -> None:
+        self.upload.complete = True
+
 
 async def receive_upload(request: Request, destination: Path) -> Upload:
-    """Stream a ``multipart/form-data`` body: the ``file`` part to ``destination``, other parts to fields."""
+    """
+    Stream a ``multipart/form-data`` body: the ``file`` part to ``destination``, other parts to fields.
+
+    :raises UploadError: for a body that is not a complete multipart form (no closing boundary included).
+    :raises UploadAborted: when the client disconnects before the body ends (what is at ``destination``
+        is a fragment, never a file).
+    """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -100,6 +115,7 @@ async def receive_upload(request: Request, destination: Path) -> Upload:
                 "on_headers_finished": receiver.on_headers_finished,
                 "on_part_data": receiver.on_part_data,
                 "on_part_end": receiver.on_part_end,
+                "on_end": receiver.on_end,
             },
         )
         try:
@@ -108,4 +124,8 @@ async def receive_upload(request: Request, destination: Path) -> Upload:
             parser.finalize()
         except FormParserError as exc:
             raise UploadError(f"malformed multipart body: {exc}") from exc
+        except ClientDisconnect as exc:
+            raise UploadAborted(f"the client went away after {upload.size} bytes of the file") from exc
+    if not upload.complete:
+        raise UploadError("malformed multipart body: it ends before its closing boundary")
     return upload

@@ -1,5 +1,5 @@
 """
-Local ends of streamed transfers: upload sources, download sinks and a JSONL line splitter.
+Local ends of streamed transfers: upload sources, checked upload bodies, download sinks, a line splitter.
 
 Each works with a local path, a binary file object or anything with ``.open()`` such as
 ``ObjectStoragePath``. Their methods are plain blocking calls; the async face runs them in a worker
@@ -12,12 +12,16 @@ import io
 import os
 import tempfile
 import uuid
-from typing import IO, Any, cast
+from collections.abc import Iterator
+from typing import IO, Any, NoReturn, Protocol, cast
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 
 CHUNK_SIZE = 256 * 1024
 """Bytes read per upload chunk: large enough to keep thread hops rare, small enough to keep memory flat."""
+
+CHECKED_CHUNK_SIZE = 1024 * 1024
+"""Bytes read per chunk of a checked upload: what the line checker reads (it hashes these on a thread)."""
 
 
 def _kind(obj: object, writing: bool) -> str:
@@ -81,6 +85,98 @@ class UploadSource:
             handle.seek(self._start)
         self._used = True
         return handle, False
+
+
+class UploadCheck(Protocol):
+    """
+    What checks a file as it uploads, such as :class:`airflow_provider_llmbatch.jsonl.RequestFileCheck`.
+
+    ``begin`` starts a pass (each attempt of an upload starts over), ``feed`` takes the next bytes and
+    returns False once the file cannot pass, ``finish`` runs the end-of-file checks (raising on any
+    problem) and ``close`` drops an unfinished pass.
+    """
+
+    def begin(self, source: object) -> None:
+        """Start a pass over ``source``."""
+
+    def feed(self, chunk: bytes) -> bool:
+        """Check the next bytes; return False once the file cannot pass."""
+
+    def finish(self) -> object:
+        """Run the end-of-file checks; raise listing every problem."""
+
+    def close(self) -> None:
+        """Drop an unfinished pass."""
+
+
+class UploadStopped(Exception):
+    """Raised from a checked upload body at the first problem, so the request is aborted unfinished."""
+
+
+class CheckedBody:
+    """
+    The multipart body of an upload whose file is checked as it streams, chunk by chunk.
+
+    A chunk is sent only after the lines it completes passed the check; the last chunk and the closing
+    boundary only after the whole file passed, end-of-file checks included. On the first problem the
+    body raises :class:`UploadStopped`: the request is aborted with its body unfinished, so the server
+    never gets a file. :meth:`prime` checks the first chunks before the request starts, so a file whose
+    problems show there (or that fits in a chunk) costs no request at all.
+
+    :param handle: the file, positioned at its start.
+    :param check: the check, fed every byte once.
+    :param source: what the file was opened from (named in problems).
+    :param head: the multipart bytes before the file.
+    :param tail: the multipart bytes after the file.
+    """
+
+    def __init__(
+        self, handle: IO[bytes], check: UploadCheck, source: object, head: bytes, tail: bytes
+    ) -> None:
+        self._read = handle.read
+        self._check = check
+        self._source = source
+        self._head = head
+        self._tail = tail
+        self._chunks: Iterator[bytes] | None = None
+        self._first = b""
+
+    def _checked(self) -> Iterator[bytes]:
+        read, feed = self._read, self._check.feed
+        held = read(CHECKED_CHUNK_SIZE)
+        if not feed(held):
+            raise UploadStopped
+        while chunk := read(CHECKED_CHUNK_SIZE):
+            if not feed(chunk):
+                raise UploadStopped
+            yield held
+            held = chunk
+        # Held back until now: without its last bytes the body is incomplete, whatever the server saw.
+        self._check.finish()
+        yield held
+
+    def prime(self) -> None:
+        """Start the check and check the first chunk (the whole file, if it fits) before any request."""
+        self._check.begin(self._source)
+        self._chunks = self._checked()
+        self._first = next(self._chunks)
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._chunks is None:
+            raise RuntimeError("prime() the body before sending it")
+        yield self._head
+        first, self._first = self._first, b""
+        yield first
+        yield from self._chunks
+        yield self._tail
+
+    def fail(self) -> NoReturn:
+        """After :class:`UploadStopped`: check the rest of the file, unsent; raise what the check found."""
+        read, feed = self._read, self._check.feed
+        while chunk := read(CHECKED_CHUNK_SIZE):
+            feed(chunk)
+        self._check.finish()
+        raise RuntimeError("the upload check stopped the upload but reported no problem")
 
 
 class DownloadSink:

@@ -29,7 +29,15 @@ from airflow_provider_llmbatch.hooks._core import (
     multipart_layout,
     source_name,
 )
-from airflow_provider_llmbatch.hooks._io import CHUNK_SIZE, DownloadSink, LineSplitter, UploadSource
+from airflow_provider_llmbatch.hooks._io import (
+    CHUNK_SIZE,
+    CheckedBody,
+    DownloadSink,
+    LineSplitter,
+    UploadCheck,
+    UploadSource,
+    UploadStopped,
+)
 from airflow_provider_llmbatch.models import Batch, FileObject, Page
 from airflow_provider_llmbatch.retry import Action, classify
 
@@ -148,14 +156,29 @@ class SyncFace(HookBase):
     # -- sync face: files -------------------------------------------------------------------------
 
     def upload_file(
-        self, source: Source, *, filename: str | None = None, purpose: str = "batch"
+        self,
+        source: Source,
+        *,
+        filename: str | None = None,
+        purpose: str = "batch",
+        check: UploadCheck | None = None,
     ) -> FileObject:
         """
         Upload a request file, streamed as multipart (memory does not grow with the file).
 
+        With ``check`` (a :class:`~airflow_provider_llmbatch.jsonl.RequestFileCheck`) the file is checked
+        as it streams, in the same pass: each chunk is sent only after the lines it completes passed,
+        and the last chunk and the closing boundary only after the whole file passed. At the first
+        problem the request is aborted unfinished, so the vendor never stores the file; the rest of the
+        file is then checked (unsent) and every problem raised at once. A file whose problems show in its
+        first megabyte, or that fits in it, costs no request at all. The check's ``report`` describes
+        the file that was sent.
+
         :param source: a local path, a binary file object (read from its position) or an ObjectStoragePath.
         :param filename: the name to store it under (default: the source's base name).
         :param purpose: the file purpose (default: ``batch``).
+        :param check: check the file as it uploads (default: send it as it is).
+        :raises InvalidRequestFileError: from ``check``, when the file breaks a rule (nothing is stored).
         """
         core = self._sync_core()
         src = UploadSource(source)
@@ -163,13 +186,17 @@ class SyncFace(HookBase):
         name = filename or source_name(source)
         layout = multipart_layout({"purpose": purpose}, filename=name)
         request = core.upload()
+        headers = multipart_headers(layout, src.size)
         started = time.time()
 
         def once() -> FileObject:
             handle, owned = src.open()
             try:
-                content = _sync_body(layout, handle)
-                body = self._exchange(request, content, multipart_headers(layout, src.size))
+                if check is None:
+                    body = self._exchange(request, _sync_body(layout, handle), headers)
+                else:
+                    checked = CheckedBody(handle, check, source, layout.head, layout.tail)
+                    body = self._checked_exchange(request, checked, headers)
             finally:
                 if owned:
                     handle.close()
@@ -180,9 +207,25 @@ class SyncFace(HookBase):
         def recover() -> FileObject | None:
             return pick_upload(self.list_files(purpose=purpose), name, src.size, started)
 
-        return self._retrying(
-            request, once, recover=recover if src.size is not None else None, can_repeat=src.can_repeat
-        )
+        try:
+            return self._retrying(
+                request, once, recover=recover if src.size is not None else None, can_repeat=src.can_repeat
+            )
+        finally:
+            if check is not None:
+                check.close()
+
+    def _checked_exchange(
+        self, request: Request, body: CheckedBody, headers: Mapping[str, str]
+    ) -> httpx.Response:
+        """Send a checked upload; a file failing its check aborts the request, then raises every problem."""
+        try:
+            body.prime()
+            return self._exchange(request, body, headers)
+        except UploadStopped:
+            pass
+        # The request (if it started) is gone with its body unfinished; list every problem of the file.
+        body.fail()
 
     def get_file(self, file_id: str) -> FileObject:
         """Return a file's metadata."""

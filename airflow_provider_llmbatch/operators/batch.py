@@ -1,7 +1,7 @@
 """
 Operators that start and stop LLM batches.
 
-:class:`CreateBatchOperator` checks a request file (or builds one from records), uploads it and
+:class:`CreateBatchOperator` checks a request file as it uploads it (or builds one from records) and
 creates the batch; it is retry-safe: a retried or cleared task finds the batch it already paid for
 (through Airflow's task state store, then the batch's ``llmbatch_key`` metadata) and re-attaches to
 it. :class:`CancelBatchOperator` cancels a batch.
@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,12 @@ from airflow_provider_llmbatch.exceptions import (
 )
 from airflow_provider_llmbatch.hooks._core import check_create_args
 from airflow_provider_llmbatch.hooks.batch import BatchHook
-from airflow_provider_llmbatch.jsonl import RequestFileReport, build_request_file, validate_request_file
+from airflow_provider_llmbatch.jsonl import (
+    RequestFileCheck,
+    RequestFileReport,
+    build_request_file,
+    validate_request_file,
+)
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
 from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL
@@ -57,7 +63,10 @@ KEY_METADATA = "llmbatch_key"
 """The batch metadata key that identifies the task instance and input a batch was created for."""
 
 STATE_KEY = "llmbatch_create"
-"""The task state store key holding ``{"key", "input_file_id", "batch_id"}`` across retries."""
+"""The task state store key holding ``{"key", "input_file_id", "fingerprint", "batch_id"}`` across retries."""
+
+TAG_LENGTH = 16
+"""Hex characters of the task tag and of the nonce in the name of a file checked as it uploads."""
 
 REATTACHABLE_STATUSES: frozenset[BatchStatus] = frozenset(
     {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED}
@@ -101,6 +110,22 @@ def batch_key(context: Context, input_fingerprint: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:KEY_LENGTH]
 
 
+def task_tag(context: Context) -> str:
+    """Return the short tag naming this task instance whatever its input (16 hex characters)."""
+    identity = "\x1f".join(map(str, task_identity(context)))
+    return hashlib.sha256(identity.encode()).hexdigest()[:TAG_LENGTH]
+
+
+def checked_upload_name(context: Context) -> str:
+    """
+    Return the name of a file checked as it uploads: ``llmbatch-<task tag>-<nonce>.jsonl``.
+
+    Its key is known only once the whole file has passed, after the name is sent; the random nonce
+    makes the name unique, so the hook's lookup of an upload of unknown effect finds this upload only.
+    """
+    return f"llmbatch-{task_tag(context)}-{uuid.uuid4().hex[:TAG_LENGTH]}.jsonl"
+
+
 def _push(context: Context, key: str, value: Any) -> None:
     ti = context.get("ti")
     if ti is not None:
@@ -114,12 +139,21 @@ class _StateStore:
         self._store = context.get("task_state_store")
         self._log = log
         self._value: dict[str, Any] | None = None
+        self._answered = False
+
+    def _load(self) -> dict[str, Any]:
+        if self._value is None:
+            self._value = self._read()
+        return self._value
 
     def get(self, key: str) -> dict[str, Any]:
         """Return what an earlier try stored for ``key`` (read once), or an empty dict."""
-        if self._value is None:
-            self._value = self._read()
-        return self._value if self._value.get("key") == key else {}
+        value = self._load()
+        return value if value.get("key") == key else {}
+
+    def knows_no_earlier_try(self) -> bool:
+        """Return whether the store answered and holds nothing from an earlier try (for any input)."""
+        return not self._load() and self._answered
 
     def _read(self) -> dict[str, Any]:
         if self._store is None:
@@ -129,7 +163,11 @@ class _StateStore:
         except Exception as exc:
             self._disable("read", exc)
             return {}
-        return dict(value) if isinstance(value, Mapping) else {}
+        self._answered = True
+        if value is None:
+            return {}
+        # Something an earlier try wrote, even unreadable, means this is not the first try.
+        return dict(value) if isinstance(value, Mapping) else {"unreadable": repr(value)[:100]}
 
     def set(self, value: dict[str, Any]) -> None:
         """Store ``value`` for later tries."""
@@ -151,7 +189,12 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
     """
     Upload a request file and create an LLM batch; optionally wait for it to end.
 
-    The request file is checked against the vendor's rules before anything is uploaded. XCom keys
+    The request file is checked against the vendor's rules (see
+    :func:`~airflow_provider_llmbatch.jsonl.validate_request_file`) in the same pass that uploads it: each
+    chunk is sent once the lines it completes passed, and the last bytes only once the whole file
+    passed. At the first problem the upload is aborted unfinished, so the vendor never stores the file
+    and no batch is created; the task fails with every problem listed (line, field, what was expected).
+    A file built from ``requests`` is checked while it is written and uploaded as it is. XCom keys
     ``input_file_id``, ``batch_id``, ``conn_type`` and ``input_fingerprint`` are pushed the moment each is
     known; the return value is a small dict (``batch_id``, ``input_file_id``, ``status``, ``endpoint``,
     ``request_count``, ``input_uri``, ``reattached``, ...), or with ``wait_for_completion`` the final batch
@@ -159,7 +202,12 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
 
     A retry (or a clear) of the same task instance with the same input re-attaches to the batch it
     created, when that batch is in progress or completed, instead of paying for a second one; the
-    uploaded file is reused as well.
+    uploaded file is reused as well. The key of that lookup is made of the task instance and the
+    SHA-256 of the file, so a changed file never re-attaches to or reuses what the old one made. The
+    first try of a task instance (its task state store holds nothing yet) checks while uploading, names
+    the file ``llmbatch-<task tag>-<nonce>.jsonl`` and stores the key and file id as soon as the upload
+    returns; a later try, or a run without a readable task state store, checks the file first, looks
+    for the earlier batch and upload, and uploads (as ``llmbatch-<key>.jsonl``) only if none is usable.
 
     :param conn_id: the LLM batch connection; its type decides the vendor. (templated)
         (default: ``llmbatch_default``)
@@ -293,6 +341,15 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
 
     # -- the request file ---------------------------------------------------------------------------
 
+    def _input_source(self) -> tuple[Any, str]:
+        """Return the request file to read (a URI as an ``ObjectStoragePath``) and its URI for the join."""
+        source = self.input_file
+        if isinstance(source, str) and "://" in source:
+            from airflow.sdk import ObjectStoragePath
+
+            source = ObjectStoragePath(source)
+        return source, _as_uri(self.input_file)
+
     def _prepare_input(self, context: Context, spec: VendorSpec) -> tuple[Any, str, RequestFileReport]:
         """Return the request file to upload, its URI for the results join, and its report (checked)."""
         if self.requests is not None:
@@ -302,43 +359,56 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
             )
             self.log.info("Built %d requests into %s", report.lines, destination)
             return destination, _as_uri(destination), report
-        source = self.input_file
-        if isinstance(source, str) and "://" in source:
-            from airflow.sdk import ObjectStoragePath
+        source, input_uri = self._input_source()
+        report = validate_request_file(source, spec, self.endpoint)
+        return source, input_uri, report
 
-            source = ObjectStoragePath(source)
-        report = validate_request_file(source, spec, self.endpoint)  # type: ignore[arg-type]
-        return source, _as_uri(self.input_file), report
+    def _checks_while_uploading(self, state: _StateStore) -> bool:
+        """Return whether the file is checked as it uploads: nothing needs its key before the upload."""
+        if self.requests is not None:
+            return False  # built and checked while written: uploaded as it is
+        # A first try has no earlier batch or upload to find. Without a readable state store a first try
+        # cannot be told from a retry, so the file is checked first and the earlier try's objects looked up.
+        return not self.reattach or state.knows_no_earlier_try()
 
     # -- execution ----------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Check, upload and create (or re-attach); wait if asked."""
+        """Check and upload (one pass) and create, or re-attach; wait if asked."""
         hook = self._batch_hook()
         spec = hook.vendor
         self._check_rendered(spec)
-        source, input_uri, report = self._prepare_input(context, spec)
-        fingerprint = report.sha256
-        key = batch_key(context, fingerprint)
-        self.log.info(
-            "Request file %s: %d requests, %d bytes, model %s, endpoint %s",
-            input_uri,
-            report.lines,
-            report.bytes,
-            report.model,
-            report.endpoint,
-        )
         state = _StateStore(context, self.log)
-        batch = self._find_earlier_batch(hook, state, key) if self.reattach else None
-        reattached = batch is not None
-        if batch is not None:
-            input_file_id = batch.input_file_id or state.get(key).get("input_file_id") or ""
-            _push(context, XCOM_INPUT_FILE_ID, input_file_id)
+        batch: Batch | None = None
+        if self._checks_while_uploading(state):
+            source, input_uri = self._input_source()
+            input_file_id, report = self._upload_checked(context, hook, state, source, spec)
+            key = batch_key(context, report.sha256)
+            self._log_report(input_uri, report)
+            if self.reattach:
+                # The task state store may have been emptied (a cleared run, a retention cleanup) while
+                # the batch this task instance paid for still runs: the metadata lookup finds it.
+                batch = self._find_earlier_batch(hook, state, key)
+            if batch is not None:
+                self._discard_upload(hook, input_file_id)
+                input_file_id = batch.input_file_id or ""
         else:
-            input_file_id = self._upload(hook, state, key, source, report)
-            _push(context, XCOM_INPUT_FILE_ID, input_file_id)
+            source, input_uri, report = self._prepare_input(context, spec)
+            key = batch_key(context, report.sha256)
+            self._log_report(input_uri, report)
+            batch = self._find_earlier_batch(hook, state, key) if self.reattach else None
+            if batch is not None:
+                input_file_id = batch.input_file_id or state.get(key).get("input_file_id") or ""
+            else:
+                input_file_id = self._upload(hook, state, key, source, report)
+        fingerprint = report.sha256
+        reattached = batch is not None
+        _push(context, XCOM_INPUT_FILE_ID, input_file_id)
+        if batch is None:
             batch = self._create(hook, key, input_file_id, report)
-            state.set({"key": key, "input_file_id": input_file_id, "batch_id": batch.id})
+        state.set(
+            {"key": key, "input_file_id": input_file_id, "fingerprint": fingerprint, "batch_id": batch.id}
+        )
         self._owned_batch_id = batch.id
         _push(context, XCOM_BATCH_ID, batch.id)
         _push(context, XCOM_CONN_TYPE, spec.conn_type)
@@ -362,6 +432,16 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
         # execute_complete can also read it back from XCom.
         _push(context, XCOM_CREATE_RESULT, result)
         return self._wait_for_batch(context, batch.id, extra=result)
+
+    def _log_report(self, input_uri: str, report: RequestFileReport) -> None:
+        self.log.info(
+            "Request file %s: %d requests, %d bytes, model %s, endpoint %s",
+            input_uri,
+            report.lines,
+            report.bytes,
+            report.model,
+            report.endpoint,
+        )
 
     def execute_complete(
         self, context: Context, event: Any = None, extra: Mapping[str, Any] | None = None
@@ -408,10 +488,35 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
         )
         return None
 
+    def _upload_checked(
+        self, context: Context, hook: BatchHook, state: _StateStore, source: Any, spec: VendorSpec
+    ) -> tuple[str, RequestFileReport]:
+        """Check the request file as it uploads (one pass); record the upload as soon as it returns."""
+        check = RequestFileCheck(spec, self.endpoint)
+        filename = checked_upload_name(context)
+        uploaded = hook.upload_file(source, filename=filename, purpose="batch", check=check)
+        report = check.report
+        if report is None:  # pragma: no cover - upload_file returns only after the check passed
+            raise LLMBatchError(f"the upload of {filename} returned without a finished check")
+        key = batch_key(context, report.sha256)
+        # Recorded before anything else can fail: a retry reuses this upload instead of making another.
+        state.set({"key": key, "input_file_id": uploaded.id, "fingerprint": report.sha256})
+        self.log.info("Checked and uploaded %s as %s (%d bytes)", filename, uploaded.id, report.bytes)
+        return uploaded.id, report
+
+    def _discard_upload(self, hook: BatchHook, file_id: str) -> None:
+        """Delete this try's own upload when an earlier batch (with its own input file) is re-attached to."""
+        try:
+            hook.delete_file(file_id)
+        except VendorAPIError as exc:
+            self.log.warning("Could not delete the unneeded upload %s (%s)", file_id, exc)
+        else:
+            self.log.info("Deleted upload %s: the earlier batch has its own input file", file_id)
+
     def _upload(
         self, hook: BatchHook, state: _StateStore, key: str, source: Any, report: RequestFileReport
     ) -> str:
-        """Upload the request file, or reuse this task instance's earlier upload of it."""
+        """Upload the checked request file, or reuse this task instance's earlier upload of it."""
         filename = f"llmbatch-{key}.jsonl"
         if self.reattach:
             reused = self._find_upload(hook, state, key, filename, report.bytes)
@@ -420,7 +525,7 @@ class CreateBatchOperator(BatchWaitMixin, BaseOperator):
                 return reused
         uploaded = hook.upload_file(source, filename=filename, purpose="batch")
         self.log.info("Uploaded %s as %s (%d bytes)", filename, uploaded.id, report.bytes)
-        state.set({"key": key, "input_file_id": uploaded.id})
+        state.set({"key": key, "input_file_id": uploaded.id, "fingerprint": report.sha256})
         return uploaded.id
 
     def _find_upload(

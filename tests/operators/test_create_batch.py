@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +40,37 @@ def _input(tmp_path: Path, vendor: str, ids: list[str] | None = None) -> Path:
     return write_requests(tmp_path / "requests.jsonl", REGISTRY[vendor], ids or ["a", "b", "fail-c"])
 
 
+def _store(kind: str) -> FakeStateStore | None:
+    return FakeStateStore() if kind == "state_store" else None
+
+
+STORES = ["state_store", "no_store"]
+"""With a task state store a first try checks the file as it uploads; without one it checks first."""
+
+
+def _checked_name(ti: FakeTI) -> re.Pattern[str]:
+    tag = batch_module.task_tag(make_context(ti))
+    return re.compile(rf"llmbatch-{tag}-[0-9a-f]{{16}}\.jsonl")
+
+
+@pytest.fixture
+def no_separate_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the operator validates the request file in a pass of its own."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the request file was validated in a separate pass")
+
+    monkeypatch.setattr(batch_module, "validate_request_file", forbidden)
+
+
+@pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendor: str) -> None:
+def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendor: str, store: str) -> None:
     emu = connect(vendor)
     path = _input(tmp_path, vendor)
     ti = FakeTI()
 
-    result = _op(input_file=str(path), metadata={"team": "nlp"}).execute(make_context(ti))
+    result = _op(input_file=str(path), metadata={"team": "nlp"}).execute(make_context(ti, _store(store)))
 
     assert [k for k, _ in ti.pushed] == [
         "input_file_id",
@@ -67,28 +93,98 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
     assert batch["metadata"]["team"] == "nlp"
     assert batch["metadata"][KEY_METADATA] == result[KEY_METADATA]
     [file] = emu.files(vendor)
-    assert file["filename"] == f"llmbatch-{result[KEY_METADATA]}.jsonl"
+    if store == "state_store":
+        # A first try checks the file as it uploads: the key is known only at the end, after the name.
+        assert _checked_name(ti).fullmatch(file["filename"])
+    else:
+        assert file["filename"] == f"llmbatch-{result[KEY_METADATA]}.jsonl"
+    assert file["bytes"] == path.stat().st_size
+    assert emu.file_path(vendor, file["id"]).read_bytes() == path.read_bytes()
     assert len(json.dumps(result)) < 1000
 
 
-def test_object_storage_uri_input(connect: Any, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("no_separate_validation")
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_first_try_checks_the_file_as_it_uploads(connect: Any, tmp_path: Path, vendor: str) -> None:
+    emu = connect(vendor)
+    path = _input(tmp_path, vendor)
+    store = FakeStateStore()
+    ti = FakeTI()
+
+    result = _op(input_file=str(path)).execute(make_context(ti, store))
+
+    assert result["request_count"] == 3
+    assert result["input_fingerprint"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result[KEY_METADATA] == batch_module.batch_key(make_context(ti), result["input_fingerprint"])
+    assert store.data[STATE_KEY] == {
+        "key": result[KEY_METADATA],
+        "input_file_id": result["input_file_id"],
+        "fingerprint": result["input_fingerprint"],
+        "batch_id": result["batch_id"],
+    }
+    [batch] = emu.batches(vendor)
+    assert batch["metadata"][KEY_METADATA] == result[KEY_METADATA]
+    assert emu.stats(vendor)["operations"]["upload"] == 1
+
+
+def test_checked_upload_names_are_unique_per_upload() -> None:
+    context = make_context(FakeTI())
+    names = {batch_module.checked_upload_name(context) for _ in range(50)}
+    assert len(names) == 50
+    assert all(_checked_name(FakeTI()).fullmatch(name) for name in names)
+    other = batch_module.checked_upload_name(make_context(FakeTI(map_index=1)))
+    assert not _checked_name(FakeTI()).fullmatch(other)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_object_storage_uri_input(connect: Any, tmp_path: Path, store: str) -> None:
     emu = connect("openai")
     path = _input(tmp_path, "openai")
 
-    result = _op(input_file=f"file://{path}").execute(make_context(FakeTI()))
+    result = _op(input_file=f"file://{path}").execute(make_context(FakeTI(), _store(store)))
 
     assert result["input_uri"] == f"file://{path}"
+    assert result["request_count"] == 3
     assert emu.stats("openai")["files_uploaded"] == 1
+    [file] = emu.files("openai")
+    assert emu.file_path("openai", file["id"]).read_bytes() == path.read_bytes()
 
 
-def test_requests_are_built_into_a_kept_request_file(connect: Any, tmp_path: Path) -> None:
+def test_bad_object_storage_input_uploads_nothing(connect: Any, tmp_path: Path) -> None:
+    emu = connect("openai")
+    path = write_requests(tmp_path / "requests.jsonl", REGISTRY["openai"], ["a", "a"])
+
+    with pytest.raises(InvalidRequestFileError, match="line 2: custom_id"):
+        _op(input_file=f"file://{path}").execute(make_context(FakeTI(), FakeStateStore()))
+
+    assert emu.stats("openai")["files_uploaded"] == 0
+    assert emu.files("openai") == []
+
+
+@pytest.mark.usefixtures("no_separate_validation")
+@pytest.mark.parametrize("store", STORES)
+def test_requests_are_built_into_a_kept_request_file(
+    connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
     emu = connect("zhipu")
     records = [{"custom_id": f"r{i}", "prompt": f"question {i}"} for i in range(4)]
     destination = tmp_path / "built" / "requests.jsonl"
+    checks: list[Any] = []
+    real_upload = BatchHook.upload_file
 
+    def upload(self: BatchHook, source: Any, **kwargs: Any) -> Any:
+        checks.append(kwargs.get("check"))
+        return real_upload(self, source, **kwargs)
+
+    # Checked while it was written: uploaded as it is, never checked a second time.
+    monkeypatch.setattr(BatchHook, "upload_file", upload)
     result = _op(requests=records, model="glm-4-flash", request_file_destination=str(destination)).execute(
-        make_context(FakeTI())
+        make_context(FakeTI(), _store(store))
     )
+
+    assert checks == [None]
+    [file] = emu.files("zhipu")
+    assert file["filename"] == f"llmbatch-{result[KEY_METADATA]}.jsonl"
 
     lines = [json.loads(line) for line in destination.read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == ["r0", "r1", "r2", "r3"]
@@ -128,8 +224,9 @@ def test_requests_default_file_lives_under_airflow_home(connect: Any, airflow_ho
     assert expected.exists()
 
 
+@pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_bad_request_file_uploads_nothing(connect: Any, tmp_path: Path, vendor: str) -> None:
+def test_bad_request_file_uploads_nothing(connect: Any, tmp_path: Path, vendor: str, store: str) -> None:
     emu = connect(vendor)
     path = tmp_path / "bad.jsonl"
     path.write_text(
@@ -139,14 +236,55 @@ def test_bad_request_file_uploads_nothing(connect: Any, tmp_path: Path, vendor: 
         + "\n"
     )
     ti = FakeTI()
+    state = _store(store)
 
     with pytest.raises(InvalidRequestFileError, match="line 1") as info:
-        _op(input_file=str(path)).execute(make_context(ti))
+        _op(input_file=str(path)).execute(make_context(ti, state))
 
     assert any("line 2" in p for p in info.value.problems)
     assert emu.stats(vendor)["files_uploaded"] == 0
+    # A file that fits in the first chunk is checked whole before the request would start: no request.
     assert emu.stats(vendor)["operations"].get("upload", 0) == 0
     assert ti.pushed == []
+    assert state is None or state.data == {}
+
+
+def _big_request_file(path: Path, spec: Any, lines: int, *, bad_line: int | None = None) -> Path:
+    """Write about 1 KB per request; line ``bad_line`` (1-based) lacks its body.model."""
+    with path.open("w", encoding="utf-8") as handle:
+        for n in range(1, lines + 1):
+            body: dict[str, Any] = {
+                "model": "test-model",
+                "messages": [{"role": "user", "content": "x" * 900}],
+            }
+            if n == bad_line:
+                del body["model"]
+            line = {"custom_id": f"r{n}", "method": "POST", "url": spec.default_endpoint, "body": body}
+            handle.write(json.dumps(line) + "\n")
+    return path
+
+
+def test_bad_line_near_the_end_of_a_large_file_leaves_nothing_at_the_vendor(
+    connect: Any, tmp_path: Path
+) -> None:
+    emu = connect("openai")
+    spec = REGISTRY["openai"]
+    path = _big_request_file(tmp_path / "big.jsonl", spec, 4000, bad_line=3990)
+    ti = FakeTI()
+    state = FakeStateStore()
+
+    with pytest.raises(InvalidRequestFileError) as info:
+        _op(input_file=str(path)).execute(make_context(ti, state))
+
+    assert info.value.problems == [
+        "line 3990: body.model: expected a non-empty string, got nothing (the key is missing)"
+    ]
+    stats = emu.stats("openai")
+    assert stats["operations"]["upload"] == 1  # the upload started, and was aborted unfinished
+    assert (stats["files_uploaded"], stats["files"], stats["batches"]) == (0, 0, 0)
+    assert emu.files("openai") == []
+    assert ti.pushed == []
+    assert state.data == {}
 
 
 def test_bad_records_upload_nothing(connect: Any) -> None:
@@ -263,8 +401,9 @@ def test_crash_before_batch_id_push_reattaches(connect: Any, tmp_path: Path, ven
     assert (stats["batches_created"], stats["files_uploaded"], stats["batches"]) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("store", STORES)
 def test_crash_between_upload_and_create_reuses_the_upload(
-    connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
     emu = connect("zhipu")
     path = _input(tmp_path, "zhipu")
@@ -279,11 +418,12 @@ def test_crash_between_upload_and_create_reuses_the_upload(
 
     monkeypatch.setattr(BatchHook, "create_batch", create_once_dies)
     ti = FakeTI()
+    state = _store(store)
     with pytest.raises(RuntimeError, match="before create"):
-        _op(input_file=str(path)).execute(make_context(ti))
+        _op(input_file=str(path)).execute(make_context(ti, state))
     uploaded = ti.xcom("input_file_id")
 
-    result = _op(input_file=str(path)).execute(make_context(ti))
+    result = _op(input_file=str(path)).execute(make_context(ti, state))
 
     assert result["input_file_id"] == uploaded
     assert result["reattached"] is False
@@ -291,29 +431,57 @@ def test_crash_between_upload_and_create_reuses_the_upload(
     assert (stats["files_uploaded"], stats["batches_created"]) == (1, 1)
 
 
+@pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("status", ["in_progress", "finalizing", "completed"])
-def test_retry_reattaches_to_running_or_completed_batch(connect: Any, tmp_path: Path, status: str) -> None:
+def test_retry_reattaches_to_running_or_completed_batch(
+    connect: Any, tmp_path: Path, status: str, store: str
+) -> None:
     emu = connect("openai")
     path = _input(tmp_path, "openai")
-    first = _op(input_file=str(path)).execute(make_context(FakeTI()))
+    state = _store(store)
+    first = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
     emu.force_status("openai", first["batch_id"], status)
 
-    again = _op(input_file=str(path)).execute(make_context(FakeTI()))
+    again = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
 
     assert again["reattached"] is True
     assert again["batch_id"] == first["batch_id"]
     assert again["status"] == status
-    assert emu.stats("openai")["batches_created"] == 1
+    assert again["input_file_id"] == first["input_file_id"]
+    assert (emu.stats("openai")["batches_created"], emu.stats("openai")["files_uploaded"]) == (1, 1)
 
 
-@pytest.mark.parametrize("status", ["failed", "expired", "cancelled", "cancelling"])
-def test_retry_after_a_dead_batch_creates_a_fresh_one(connect: Any, tmp_path: Path, status: str) -> None:
+def test_emptied_state_store_still_reattaches_and_drops_its_own_upload(connect: Any, tmp_path: Path) -> None:
     emu = connect("openai")
     path = _input(tmp_path, "openai")
-    first = _op(input_file=str(path)).execute(make_context(FakeTI()))
+    first = _op(input_file=str(path)).execute(make_context(FakeTI(), FakeStateStore()))
+
+    # A fresh store (its rows cleaned up) reads as a first try: the file is checked as it uploads,
+    # then the batch metadata finds the earlier batch and the new upload is deleted again.
+    store = FakeStateStore()
+    again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
+
+    assert again["reattached"] is True
+    assert again["batch_id"] == first["batch_id"]
+    assert again["input_file_id"] == first["input_file_id"]
+    stats = emu.stats("openai")
+    assert (stats["batches_created"], stats["files_uploaded"], stats["files_deleted"]) == (1, 2, 1)
+    assert [f["id"] for f in emu.files("openai")] == [first["input_file_id"]]
+    assert store.data[STATE_KEY]["batch_id"] == first["batch_id"]
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("status", ["failed", "expired", "cancelled", "cancelling"])
+def test_retry_after_a_dead_batch_creates_a_fresh_one(
+    connect: Any, tmp_path: Path, status: str, store: str
+) -> None:
+    emu = connect("openai")
+    path = _input(tmp_path, "openai")
+    state = _store(store)
+    first = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
     emu.force_status("openai", first["batch_id"], status)
 
-    again = _op(input_file=str(path)).execute(make_context(FakeTI()))
+    again = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
 
     assert again["reattached"] is False
     assert again["batch_id"] != first["batch_id"]
@@ -348,27 +516,42 @@ def test_another_task_instance_gets_its_own_batch(
     assert emu.stats("openai")["files_uploaded"] == 2
 
 
-def test_changed_input_gets_its_own_batch(connect: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("status", ["validating", "failed"])
+def test_changed_input_gets_its_own_batch(connect: Any, tmp_path: Path, store: str, status: str) -> None:
     emu = connect("openai")
     path = _input(tmp_path, "openai", ["a"])
-    first = _op(input_file=str(path)).execute(make_context(FakeTI()))
-    _input(tmp_path, "openai", ["a", "b"])
+    state = _store(store)
+    first = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
+    emu.force_status("openai", first["batch_id"], status)
+    _input(tmp_path, "openai", ["b"])  # the same size, other content
 
-    second = _op(input_file=str(path)).execute(make_context(FakeTI()))
+    second = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
 
     assert second["input_fingerprint"] != first["input_fingerprint"]
     assert second["batch_id"] != first["batch_id"]
-    assert emu.stats("openai")["batches_created"] == 2
-
-
-def test_reattach_disabled_always_creates(connect: Any, tmp_path: Path) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    _op(input_file=str(path), reattach=False).execute(make_context(FakeTI()))
-    _op(input_file=str(path), reattach=False).execute(make_context(FakeTI()))
-
+    assert second["input_file_id"] != first["input_file_id"]
+    assert second["reattached"] is False
     assert emu.stats("openai")["batches_created"] == 2
     assert emu.stats("openai")["files_uploaded"] == 2
+    [batch] = [b for b in emu.batches("openai") if b["id"] == second["batch_id"]]
+    assert emu.file_path("openai", batch["input_file_id"]).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.usefixtures("no_separate_validation")
+@pytest.mark.parametrize("store", STORES)
+def test_reattach_disabled_always_creates(connect: Any, tmp_path: Path, store: str) -> None:
+    emu = connect("openai")
+    path = _input(tmp_path, "openai")
+    state = _store(store)
+    _op(input_file=str(path), reattach=False).execute(make_context(FakeTI(), state))
+    _op(input_file=str(path), reattach=False).execute(make_context(FakeTI(), state))
+
+    stats = emu.stats("openai")
+    assert stats["batches_created"] == 2
+    assert stats["files_uploaded"] == 2
+    # Nothing is looked up, so nothing needs the key before the upload: checked as it uploads.
+    assert stats["operations"].get("list_batches", 0) == stats["operations"].get("list_files", 0) == 0
 
 
 def test_task_state_store_is_used_first(
@@ -381,6 +564,7 @@ def test_task_state_store_is_used_first(
     assert store.data[STATE_KEY] == {
         "key": first[KEY_METADATA],
         "input_file_id": first["input_file_id"],
+        "fingerprint": first["input_fingerprint"],
         "batch_id": first["batch_id"],
     }
 

@@ -31,6 +31,7 @@ from airflow_provider_llmbatch.exceptions import (
     VendorAPIError,
 )
 from airflow_provider_llmbatch.hooks.batch import BatchHook
+from airflow_provider_llmbatch.jsonl import RequestFileCheck, validate_request_file
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 pytestmark = pytest.mark.integration
@@ -253,6 +254,64 @@ def test_fault_during_operation(
         assert [p.name for p in (tmp_path / "out").glob(".*")] == []  # no temporary left behind
     if call == "cancel_batch" and not isinstance(outcome, BaseException):
         assert emulator.batch(vendor, setup.batch_id)["status"] in {"cancelling", "cancelled"}
+
+
+CHECKED_UPLOAD_CASES = [
+    pytest.param(kind, persistent, id=f"{kind}-{'outage' if persistent else 'once'}")
+    for kind in KINDS
+    for persistent in (False, True)
+    if not (persistent and kind not in OUTAGE_KINDS) and kind != "slow"
+]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize(("kind", "persistent"), CHECKED_UPLOAD_CASES)
+def test_fault_during_checked_upload(
+    kind: str,
+    persistent: bool,
+    vendor: str,
+    emulator: Emulator,
+    rel_conn: Callable[..., str],
+    faces: Callable[..., Face],
+    waits: Waits,
+    tmp_path: Path,
+) -> None:
+    # The upload the operator makes: the file checked as it streams. Faults meet it as a plain upload,
+    # each attempt checks the file again, and the file is stored once at most.
+    spec = REGISTRY[vendor]
+    source = write_request_file(tmp_path / "requests.jsonl", spec, 40, failing=3)
+    conn_id = rel_conn(vendor, timeout=TIMEOUT) if kind in TIMED_KINDS else rel_conn(vendor)
+    face = faces(conn_id, "sync", retry_policy=waits.policy())
+    emulator.add_fault(
+        FaultRule(
+            kind,  # type: ignore[arg-type]
+            vendor=vendor,
+            operation="upload",
+            times=None if persistent else 1,
+            delay=STALL,
+            retry_after=RETRY_AFTER,
+        )
+    )
+    check = RequestFileCheck(spec)
+
+    outcome: Any
+    try:
+        outcome = face("upload_file", source, check=check)
+    except VendorAPIError as exc:
+        outcome = exc
+    emulator.clear_faults()
+    stats = emulator.stats(vendor)
+
+    assert stats["operations"]["upload"] == _expected_attempts(kind, persistent, "upload_file")
+    assert stats["files_uploaded"] <= 1
+    if _expect_success(kind, persistent, "upload_file"):
+        assert not isinstance(outcome, BaseException), f"expected success, got {outcome!r}"
+        assert [f["id"] for f in emulator.files(vendor)] == [outcome.id]
+        assert emulator.file_path(vendor, outcome.id).read_bytes() == source.read_bytes()
+        assert check.report == validate_request_file(source, spec)
+    else:
+        assert type(outcome) is ERROR_CLASS[kind], f"expected {ERROR_CLASS[kind].__name__}, got {outcome!r}"
+        assert "operation=upload_file" in str(outcome)
 
 
 # -- the fault kinds that let the request take effect, at the HTTP level -----------------------------

@@ -7,6 +7,7 @@ every time; ``LLMBATCH_FUZZ_EXAMPLES`` raises the count for a longer local hunt.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,12 @@ from hypothesis import strategies as st
 from airflow_provider_llmbatch import jsonl_lines, results
 from airflow_provider_llmbatch.emulator.validation import scan_request_file
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
-from airflow_provider_llmbatch.jsonl import RequestFileReport, iter_request_lines, validate_request_file
+from airflow_provider_llmbatch.jsonl import (
+    RequestFileCheck,
+    RequestFileReport,
+    iter_request_lines,
+    validate_request_file,
+)
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 EXAMPLES = int(os.environ.get("LLMBATCH_FUZZ_EXAMPLES", "300"))
@@ -103,6 +109,63 @@ def test_arbitrary_bytes_give_a_report_or_a_typed_error(tmp_path: Path, data: by
 )
 def test_json_shaped_noise_gives_a_report_or_a_typed_error(tmp_path: Path, data: bytes, vendor: str) -> None:
     _check_outcome(_write(tmp_path, data), vendor)
+
+
+def _fed_outcome(data: bytes, cuts: list[int], vendor: str, path: Path) -> RequestFileReport | list[str]:
+    """Feed ``data`` to a check in pieces split at ``cuts``; return the report or the problems."""
+    check = RequestFileCheck(vendor)
+    check.begin(path)
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        check.feed(data[start:end])
+    try:
+        return check.finish()
+    except InvalidRequestFileError as exc:
+        return exc.problems
+
+
+@FUZZ
+@given(
+    lines=st.lists(
+        st.sampled_from(
+            [b"good", b"dup", b"no-model", b"other-model", b"blank", b"bad-json", b"latin1", b"bom"]
+        ),
+        min_size=0,
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10**6), max_size=12),
+    crlf=st.booleans(),
+    vendor=st.sampled_from(VENDORS),
+)
+def test_checked_as_it_streams_in_any_pieces_is_checked_as_validated(
+    tmp_path: Path, lines: list[bytes], cuts: list[int], crlf: bool, vendor: str
+) -> None:
+    # An upload feeds the check its chunks as they go out; wherever the chunks break, the verdict and
+    # every message are those of validate_request_file.
+    made = []
+    for n, kind in enumerate(lines):
+        line = _encode([_line(f"id-{n}", vendor)])[0]
+        if kind == b"dup":
+            line = _encode([_line("id-0", vendor)])[0]
+        elif kind == b"no-model":
+            line = line.replace(b'"model": "m", ', b"")
+        elif kind == b"other-model":
+            line = line.replace(b'"model": "m"', b'"model": "m2"')
+        elif kind == b"blank":
+            line = b""
+        elif kind == b"bad-json":
+            line = line[:-3]
+        elif kind == b"latin1":
+            line = line.replace(b"hi ", b"h\xe9 ")
+        elif kind == b"bom":
+            line = b"\xef\xbb\xbf" + line
+        made.append(line)
+    data = (b"\r\n" if crlf else b"\n").join(made) + (b"\n" if made else b"")
+    path = _write(tmp_path, data)
+    validated = _check_outcome(path, vendor)
+    expected = validated.problems if isinstance(validated, InvalidRequestFileError) else validated
+
+    assert _fed_outcome(data, cuts, vendor, path) == expected
 
 
 @FUZZ

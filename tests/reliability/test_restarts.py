@@ -31,6 +31,7 @@ from airflow_provider_llmbatch.exceptions import VendorAPIError
 from airflow_provider_llmbatch.hooks import _base as hook_base
 from airflow_provider_llmbatch.hooks import _pool
 from airflow_provider_llmbatch.hooks.batch import BatchHook
+from airflow_provider_llmbatch.jsonl import RequestFileCheck
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
 from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
 from airflow_provider_llmbatch.retry import RetryPolicy
@@ -207,6 +208,102 @@ def test_worker_dies_after_create_and_the_retry_reattaches(
     # Killed while pushing the file id, the worker had not created anything yet: the retry creates
     # (reusing the upload); killed later, it re-attaches.
     assert result["reattached"] is (kill_at != "input_file_id")
+
+
+def _large_request_file(path: Path, spec: Any, lines: int) -> Path:
+    """Write about 1 KB per request: a few chunks of a checked upload."""
+    with path.open("w", encoding="utf-8") as handle:
+        for n in range(lines):
+            body = {"model": "test-model", "messages": [{"role": "user", "content": f"q{n} " + "x" * 900}]}
+            handle.write(
+                json.dumps(
+                    {"custom_id": f"r{n}", "method": "POST", "url": spec.default_endpoint, "body": body}
+                )
+            )
+            handle.write("\n")
+    return path
+
+
+def _stats_once_settled(emulator: Emulator, vendor: str, *, expect_upload: bool) -> dict[str, Any]:
+    """
+    Return the emulator's stats once an aborted upload has reached it.
+
+    The server handles the request on its own thread; a client that aborted its body has gone on before
+    the server counted the request, so wait (briefly) for the count instead of reading it at once.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        stats = emulator.stats(vendor)
+        if not expect_upload or stats["operations"].get("upload") or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("store", ["state_store", "metadata_only"])
+@pytest.mark.parametrize("kill_at", ["mid_upload", "after_upload_returned"])
+@pytest.mark.parametrize("vendor", ["zhipu", "openai"])
+def test_worker_dies_around_the_upload_and_the_retry_pays_once(
+    vendor: str,
+    kill_at: str,
+    store: str,
+    emulator: Emulator,
+    connect: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    connect(vendor)
+    spec = REGISTRY[vendor]
+    source = _large_request_file(tmp_path / "requests.jsonl", spec, 3500)  # about 3.5 MB
+    state = FakeStateStore() if store == "state_store" else None
+    real_upload = BatchHook.upload_file
+    real_feed = RequestFileCheck.feed
+    fed = {"chunks": 0}
+
+    def feed_then_die(self: RequestFileCheck, chunk: bytes) -> bool:
+        fed["chunks"] += 1
+        if fed["chunks"] == 3:  # the request is under way: two chunks were checked before it started
+            raise RuntimeError("worker died mid-upload")
+        return real_feed(self, chunk)
+
+    def upload_then_die(self: BatchHook, *args: Any, **kwargs: Any) -> Any:
+        real_upload(self, *args, **kwargs)
+        raise RuntimeError("worker died right after the upload returned")
+
+    if kill_at == "mid_upload":
+        monkeypatch.setattr(RequestFileCheck, "feed", feed_then_die)
+    else:
+        monkeypatch.setattr(BatchHook, "upload_file", upload_then_die)
+    with pytest.raises(RuntimeError, match="worker died"):
+        CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
+            make_context(FakeTI(), state)
+        )
+    monkeypatch.setattr(RequestFileCheck, "feed", real_feed)
+    monkeypatch.setattr(BatchHook, "upload_file", real_upload)
+    started_upload = kill_at == "mid_upload" and store == "state_store"
+    died_with = _stats_once_settled(emulator, vendor, expect_upload=started_upload)
+
+    retry = FakeTI()
+    result = CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
+        make_context(retry, state)
+    )
+
+    stats = emulator.stats(vendor)
+    assert (stats["batches_created"], stats["batches"]) == (1, 1)
+    [batch] = emulator.batches(vendor)
+    assert result["batch_id"] == batch["id"]
+    assert emulator.file_path(vendor, batch["input_file_id"]).read_bytes() == source.read_bytes()
+    if kill_at == "mid_upload":
+        # The worker died while checking: inside the upload's body (a first try with a task state store)
+        # or before any upload. The vendor stored nothing; the retry's upload is the only file.
+        assert died_with["operations"].get("upload", 0) == (1 if store == "state_store" else 0)
+        assert (died_with["files_uploaded"], stats["files_uploaded"], stats["files"]) == (0, 1, 1)
+    elif store == "metadata_only":
+        # Checked first and named by its key, the earlier upload is found and reused.
+        assert stats["files_uploaded"] == 1
+    else:
+        # Stored in the instant before the task state store heard of it: the retry cannot know it is
+        # this input's, uploads again and leaves one stray file (storage, never a second batch).
+        assert stats["files_uploaded"] == 2
 
 
 CHILD = textwrap.dedent(
