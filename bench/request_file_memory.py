@@ -373,6 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-upload", action="store_true", help="skip the upload through the hook")
     parser.add_argument("--operations", nargs="+", choices=OPERATIONS, default=list(OPERATIONS))
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--link-mbps",
+        type=float,
+        default=None,
+        help="the emulator takes uploads in at most this many Mbit/s, as a link to a vendor would",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where files go (default: a temp dir)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -389,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(op in UPLOADS for op in operations) and EMULATOR_URL_ENV not in os.environ:
         # The emulator receives uploads in its own process, so its CPU and memory are not counted.
         emulator = subprocess.Popen(
-            [sys.executable, "-m", "airflow_provider_llmbatch.emulator", "--port", "0"],
+            [sys.executable, "-m", "airflow_provider_llmbatch.emulator", "--port", "0"]
+            + (["--upload-mbps", str(args.link_mbps)] if args.link_mbps else []),
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -467,12 +474,21 @@ def _report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     import msgspec
 
     precise = all(r["precise"] for r in rows)
+    sizes = " ".join(map(str, args.sizes))
+    command = f"python bench/request_file_memory.py --sizes {sizes} --repeat {args.repeat}"
+    if args.no_upload:
+        command += " --no-upload"
+    if args.link_mbps:
+        command += f" --link-mbps {args.link_mbps:g}"
     header = [
         "# Request files: memory and throughput",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `python bench/request_file_memory.py "
-        f"--sizes {' '.join(map(str, args.sizes))} --repeat {args.repeat}`"
-        f"{' --no-upload' if args.no_upload else ''}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}`.",
+        *(
+            [f"The emulator takes uploads in at most {args.link_mbps:g} Mbit/s, as a link to a vendor would."]
+            if args.link_mbps
+            else []
+        ),
         f"Python {platform.python_version()}, msgspec {msgspec.__version__}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.machine()}. Peak RSS: "
         + ("VmHWM reset per run (precise)." if precise else "ru_maxrss (an upper bound)."),

@@ -263,7 +263,7 @@ class VendorAPI:
         path = store.new_path(self.name)
         try:
             try:
-                upload = await receive_upload(request, path)
+                upload = await receive_upload(request, path, self.rt.config.upload_bytes_per_second)
             except UploadError as exc:
                 raise ApiError("bad_request", str(exc)) from exc
             except UploadAborted:

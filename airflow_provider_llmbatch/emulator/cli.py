@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rate-limits", action="store_true", help="enforce documented per-minute limits")
     parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults")
+    parser.add_argument(
+        "--upload-mbps",
+        type=float,
+        default=None,
+        help="take upload bodies in at most this many megabits per second, as a link would (default: no cap)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log each request line (never headers)")
     parser.add_argument("--log-level", default="warning", help="server log level (default: warning)")
     return parser
@@ -63,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate_limits=args.rate_limits,
         seed=args.seed,
         replies=tuple(_reply(rule, parser) for rule in args.reply),
+        upload_bytes_per_second=args.upload_mbps * 125_000 if args.upload_mbps else None,
     )
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or DEFAULT_API_KEY
     emulator = Emulator(

@@ -35,6 +35,8 @@ class EmulatorConfig:
         message (first match wins); a request that matches none gets an echo of its prompt.
     :param echo_credentials: answer a wrong key with a 401 that quotes the ``Authorization`` header it got,
         as careless gateways do (to prove clients redact it; default: off).
+    :param upload_bytes_per_second: take upload bodies in no faster than this, as a link to the vendor
+        does (TCP flow control slows the client down to it); None takes them as fast as loopback allows.
     """
 
     time_scale: float = 1.0
@@ -50,10 +52,13 @@ class EmulatorConfig:
     vendors: Mapping[str, VendorSpec] = field(default_factory=lambda: dict(REGISTRY))
     replies: tuple[tuple[str, str], ...] = ()
     echo_credentials: bool = False
+    upload_bytes_per_second: float | None = None
 
     def __post_init__(self) -> None:
         if self.time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
+        if self.upload_bytes_per_second is not None and self.upload_bytes_per_second <= 0:
+            raise ValueError(f"upload_bytes_per_second must be > 0, got {self.upload_bytes_per_second}")
         re.compile(self.fail_custom_id_pattern)
         for pattern, _ in self.replies:
             re.compile(pattern)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -90,9 +92,31 @@ class _Receiver:
         self.upload.complete = True
 
 
-async def receive_upload(request: Request, destination: Path) -> Upload:
+class _Pace:
+    """Hold a stream to a rate: after each piece, wait until the bytes so far are due at that rate."""
+
+    def __init__(self, bytes_per_second: float | None) -> None:
+        self.rate = bytes_per_second
+        self.started = time.monotonic()
+        self.bytes = 0
+
+    async def took(self, size: int) -> None:
+        if self.rate is None:
+            return
+        self.bytes += size
+        ahead = self.bytes / self.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+async def receive_upload(
+    request: Request, destination: Path, bytes_per_second: float | None = None
+) -> Upload:
     """
     Stream a ``multipart/form-data`` body: the ``file`` part to ``destination``, other parts to fields.
+
+    With ``bytes_per_second`` the body is taken in no faster than that: while the reader waits, the
+    socket's buffers fill and TCP flow control slows the sender down, as a slower link would.
 
     :raises UploadError: for a body that is not a complete multipart form (no closing boundary included).
     :raises UploadAborted: when the client disconnects before the body ends (what is at ``destination``
@@ -118,9 +142,11 @@ async def receive_upload(request: Request, destination: Path) -> Upload:
                 "on_end": receiver.on_end,
             },
         )
+        pace = _Pace(bytes_per_second)
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
+                await pace.took(len(chunk))
             parser.finalize()
         except FormParserError as exc:
             raise UploadError(f"malformed multipart body: {exc}") from exc

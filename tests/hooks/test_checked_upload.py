@@ -8,7 +8,9 @@ problem of the file, as ``validate_request_file`` lists them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import threading
 import time
@@ -226,6 +228,59 @@ def test_wrong_name_sends_no_request(
         hook.upload_file(path, filename="requests.jsonl", check=RequestFileCheck(spec))
 
     assert recorder.bodies == []
+
+
+def test_empty_file_sends_no_request(
+    recorder_hook: Callable[..., tuple[BatchHook, Recorder]], tmp_path: Path
+) -> None:
+    spec = REGISTRY["openai"]
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b"")
+    hook, recorder = recorder_hook()
+
+    with pytest.raises(
+        InvalidRequestFileError, match="file: lines: expected at least one request, got an empty file"
+    ):
+        hook.upload_file(path, check=RequestFileCheck(spec))
+
+    assert recorder.bodies == []
+
+
+@pytest.mark.parametrize("outcome", ["passes", "fails mid-file", "server refuses"])
+def test_no_thread_outlives_the_attempt(
+    recorder_hook: Callable[..., tuple[BatchHook, Recorder]], tmp_path: Path, outcome: str
+) -> None:
+    spec = REGISTRY["openai"]
+    no_model = (2500,) if outcome == "fails mid-file" else ()
+    path = write_file(tmp_path / "requests.jsonl", spec, 4000, no_model=no_model)
+    hook, _ = recorder_hook(answers=[400] if outcome == "server refuses" else [200])
+
+    with contextlib.suppress(Exception):
+        hook.upload_file(path, check=RequestFileCheck(spec))
+
+    assert _sha_threads() == []
+
+
+def test_read_error_mid_file_reaches_the_caller(
+    recorder_hook: Callable[..., tuple[BatchHook, Recorder]], tmp_path: Path
+) -> None:
+    spec = REGISTRY["openai"]
+    path = write_file(tmp_path / "requests.jsonl", spec, 4000)
+    hook, recorder = recorder_hook()
+
+    class Failing(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            if self.tell() >= 2 * CHUNK:
+                raise OSError("disk went away")
+            return super().read(size)
+
+    with pytest.raises(OSError, match="disk went away"):
+        hook.upload_file(Failing(path.read_bytes()), filename="requests.jsonl", check=RequestFileCheck(spec))
+
+    # The body never ended: what arrived is short of the file, and no thread is left behind.
+    assert len(recorder.bodies) == 1
+    assert len(recorder.bodies[0]) < path.stat().st_size
+    assert _sha_threads() == []
 
 
 def test_repeated_attempt_checks_the_file_again(
