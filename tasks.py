@@ -4,6 +4,7 @@ Set-up and everyday commands, with nothing but Python 3.11+ on the machine.
 
     python3 tasks.py demo   # run the example pipeline end to end against the bundled emulator
     python3 tasks.py test   # lint, type-check and run the test suite
+    python3 tasks.py bench  # the benchmarks against the peer providers (bench/.venv), writes bench/RESULTS.md
 
 Each command creates ``.venv`` on first use and reinstalls only when ``pyproject.toml`` changes.
 """
@@ -59,7 +60,12 @@ def demo(args: list[str]) -> None:
     run(PY, "-m", "airflow_provider_llmbatch.demo", *args)
 
 
-COMMANDS = {"test": test, "demo": demo}
+def bench(args: list[str]) -> None:
+    # bench/run.py keeps its own environment (bench/.venv, with the peer providers installed only there).
+    run(sys.executable, ROOT / "bench" / "run.py", *args)
+
+
+COMMANDS = {"test": test, "demo": demo, "bench": bench}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
