@@ -71,6 +71,20 @@ def _prepare(emu: Emulator, vendor: str, n: int) -> list[str]:
 
 
 FINISHED: dict[str, float] = {}
+POLL_TIMES: list[float] = []
+"""Arrival time of every batch poll (``get_batch``), to show how polls spread over the interval."""
+
+
+def _record_polls(emu: Emulator) -> None:
+    store = emu.runtime.store
+    count = store.count
+
+    def counting(vendor: str, key: str, operation: str | None = None) -> None:
+        if operation == "get_batch":
+            POLL_TIMES.append(time.time())
+        count(vendor, key, operation)
+
+    store.count = counting  # type: ignore[method-assign]
 
 
 def _finisher(emu: Emulator, vendor: str, at: dict[str, float]) -> None:
@@ -84,6 +98,7 @@ def _finisher(emu: Emulator, vendor: str, at: dict[str, float]) -> None:
 
 def main() -> None:
     emu = Emulator(EmulatorConfig(time_scale=1000.0)).start()
+    _record_polls(emu)
     print(json.dumps({"url": emu.url, "api_key": emu.api_key}), flush=True)
     for raw in sys.stdin:
         cmd = json.loads(raw)
@@ -102,6 +117,9 @@ def main() -> None:
         elif op == "stats":
             reply["stats"] = emu.stats(cmd["vendor"])
             reply["cpu"] = _cpu()
+        elif op == "poll_times":
+            reply["times"] = [t for t in POLL_TIMES if cmd["since"] <= t < cmd["until"]]
+            POLL_TIMES.clear()
         elif op == "finished":
             reply["finished"] = dict(FINISHED)
             FINISHED.clear()

@@ -25,6 +25,16 @@ def _sockets(proc: psutil.Process, port: int) -> int:
     return sum(1 for c in proc.net_connections(kind="tcp") if c.raddr and c.raddr[1] == port)
 
 
+def _pools(impl: str, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
+    """Return the connection pools on this loop and the triggers holding them (ours only)."""
+    if impl != "llmbatch":
+        return {}
+    from airflow_provider_llmbatch.hooks._pool import shared_clients
+
+    pools = shared_clients(loop)
+    return {"pools": len(pools), "pool_refs": sum(pools.values())}
+
+
 def _make(impl: str, batch_id: str, plan: dict[str, Any]) -> Any:
     interval = plan["poll_interval"]
     if impl == "llmbatch":
@@ -96,6 +106,7 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
             # Listing sockets reads /proc at length: off the loop, so the probe does not make lag.
             "sockets": await asyncio.to_thread(_sockets, proc, port),
             "threads": proc.num_threads(),
+            **_pools(impl, asyncio.get_running_loop()),
         }
 
     fired: dict[str, float] = {}

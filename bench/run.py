@@ -122,8 +122,8 @@ def trigger_section() -> list[str]:
         "",
         "| implementation | round | N | poll interval | polls/s | lag p50 / p99 / max (ms) | worst max lag (ms) "
         "| CPU ms per poll | RSS per trigger (KB) | fired / N | fired within one interval | fire delay p50 / max (s) "
-        "| sockets before / peak / after | loop threads | emulator CPU (cores) |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| sockets before / peak / after | loop threads | emulator CPU (cores) | busiest poll bin / mean |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows.values():
         out.append(
@@ -132,10 +132,21 @@ def trigger_section() -> list[str]:
             f"| {r['cpu_per_poll_ms']:.2f} | {_f(r['rss_per_trigger_kb'])} | {r['fired']:.0f} / {r['n']} "
             f"| {r['fired_within_interval']:.0f} | {r['fire_p50_s']:.2f} / {r['fire_max_s']:.2f} "
             f"| {r['sockets_before']:.0f} / {r['sockets_peak']:.0f} / {r['sockets_after']:.0f} "
-            f"| {r['threads_peak']:.0f} | {r['emulator_cpu_share']:.2f} |"
+            f"| {r['threads_peak']:.0f} | {r['emulator_cpu_share']:.2f} | {_spread_cell(r)} |"
         )
     ours200 = rows.get("llmbatch:n200")
     out.append("")
+    out.append(
+        "- Busiest poll bin / mean: the steady window cut into bins of 1/20 of the poll interval, the poll "
+        "arrivals at the emulator counted per bin; polls in lockstep would put every poll of an interval in "
+        "one bin (about 20x the mean), polls spread evenly give about 1x (Poisson noise lifts it a little)."
+    )
+    for r in rows.values():
+        if r.get("pools", -1) >= 0:
+            out.append(
+                f"- {r['impl']} {r['round']}: {r['pools']:.0f} connection pool(s) on the loop, held by "
+                f"{r['pool_refs']:.0f} triggers; at most {r['sockets_peak']:.0f} sockets for {r['n']:,} triggers."
+            )
     if ours200:
         for peer in ("openai", "common-ai"):
             p = rows.get(f"{peer}:n200")
@@ -154,6 +165,11 @@ def trigger_section() -> list[str]:
             f"max lag after the start-up burst {_f(r['lag_max_ms_after_start'])} ms."
         )
     return out
+
+
+def _spread_cell(r: dict[str, Any]) -> str:
+    ratio = r.get("spread_peak_to_mean")
+    return "" if ratio is None or ratio != ratio else f"{ratio:.2f}x"
 
 
 def targets_triggers() -> list[str]:
@@ -182,6 +198,15 @@ def targets_triggers() -> list[str]:
             f"(peak {n1000['sockets_peak']:.0f}, one shared pool) | "
             f"{_verdict(n1000['sockets_after_worst'] == n1000['sockets_before'])} |"
         )
+        if "pools" in n1000:
+            one_pool = n1000["pools"] == 1 and n1000["pool_refs"] == n1000["n"]
+            spread = n1000["spread_peak_to_mean"]
+            out.append(
+                f"| one connection pool per (connection, loop), shared by all triggers; polls spread, not in "
+                f"lockstep | {n1000['pools']:.0f} pool held by {n1000['pool_refs']:.0f} triggers, "
+                f"{n1000['sockets_peak']:.0f} sockets; busiest {n1000['spread_bin_ms']:.0f} ms bin {spread:.2f}x the "
+                f"mean (lockstep: about 20x) | {_verdict(one_pool and spread < 3)} |"
+            )
     ours = rows.get("llmbatch:n200")
     for peer, need in (("openai", 30), ("common-ai", 5)):
         p = rows.get(f"{peer}:n200")

@@ -162,6 +162,7 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         raise SystemExit(f"{impl} round {name} failed (exit {child.returncode})")
     res = json.loads(lines[-1])
     finished: dict[str, float] = emu.call(op="finished")["finished"]
+    poll_times: list[float] = emu.call(op="poll_times", since=t0 + s0, until=t0 + s1)["times"]
     emu.call(op="clear")
     polls = stats["s1"]["stats"]["operations"].get("get_batch", 0) - stats["s0"]["stats"]["operations"].get(
         "get_batch", 0
@@ -214,6 +215,35 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         "events": res["event_kinds"],
         "gc_max_ms": res["gc_max_ms"],
         "gc_count": res["gc_count"],
+        "pools": smp["s1"].get("pools", -1),
+        "pool_refs": smp["s1"].get("pool_refs", -1),
+        **_spread(poll_times, t0 + s0, t0 + s1, interval),
+    }
+
+
+SPREAD_BINS = 20
+"""Bins per poll interval when showing how polls spread: in lockstep one bin would take them all."""
+
+
+def _spread(times: list[float], start: float, end: float, interval: float) -> dict[str, float]:
+    """
+    How evenly the polls arrive over the steady window: the busiest bin against the mean bin.
+
+    The window is cut into bins of ``interval / SPREAD_BINS``; polls in lockstep (every trigger at the same
+    moment of each interval) put everything in one bin of every ``SPREAD_BINS``, a ratio near
+    ``SPREAD_BINS``; polls spread evenly give a ratio near 1 (Poisson noise lifts it a little).
+    """
+    width = interval / SPREAD_BINS
+    bins = [0] * max(int((end - start) / width), 1)
+    for t in times:
+        index = int((t - start) / width)
+        if 0 <= index < len(bins):
+            bins[index] += 1
+    mean = sum(bins) / len(bins)
+    return {
+        "spread_bin_ms": 1000 * width,
+        "spread_peak_to_mean": max(bins) / mean if mean else float("nan"),
+        "spread_cv": statistics.pstdev(bins) / mean if mean else float("nan"),
     }
 
 
