@@ -165,21 +165,11 @@ def _finite(text: str) -> float:
     return value
 
 
-_Scanner: TypeAlias = Callable[[str, int], tuple[Any, int]]
-
-
-def _scanner(decoder: json.JSONDecoder) -> _Scanner:
-    """Return a decoder's scanner: ``decoder.decode`` without its whitespace and wrapper layers."""
-    scan: _Scanner = vars(decoder)["scan_once"]
-    return scan
-
-
-# Built once (``json.loads`` with hooks builds a new decoder for every call); scanners used directly.
-# Vendor lines are read strictly; request lines as ``json.loads`` reads them (NaN and Infinity pass).
-_STRICT_SCAN = _scanner(json.JSONDecoder(parse_constant=_not_json, parse_float=_finite))
-_LENIENT_SCAN = _scanner(json.JSONDecoder(parse_constant=_ParsedFloat, parse_float=_ParsedFloat))
+# Built once (``json.loads`` with hooks builds a new decoder for every call). Vendor lines are read
+# strictly; request lines as ``json.loads`` reads them (NaN and Infinity pass).
+_STRICT = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+_LENIENT = json.JSONDecoder(parse_constant=_ParsedFloat, parse_float=_ParsedFloat)
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
-_JSON_SPACE = " \t\n\r"
 
 
 class _FastCodec(NamedTuple):
@@ -219,25 +209,9 @@ def _shallow(raw: bytes) -> bool:
     return len(raw) < 2 * _FAST_NESTING or raw.count(b"[") + raw.count(b"{") < _FAST_NESTING
 
 
-def _parse(raw: bytes, scan: _Scanner) -> Any:
-    """
-    Parse one line exactly as ``json.loads(raw)`` does, with the scanner's hooks.
-
-    The usual line (UTF-8, starting with ``{``) skips the encoding detection and the decoder's layers.
-    """
-    if raw[:1] == b"{" and raw[1:2] != b"\x00":
-        text = raw.decode("utf-8", "surrogatepass")
-        start = 0
-    else:
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
-        start = len(text) - len(text.lstrip(_JSON_SPACE))
-    try:
-        value, end = scan(text, start)
-    except StopIteration as exc:
-        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
-    if end != len(text) and text[end:].strip(_JSON_SPACE):
-        raise json.JSONDecodeError("Extra data", text, end)
-    return value
+def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
+    """Parse one line exactly as ``json.loads(raw)`` does, with the decoder's hooks."""
+    return decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
 def _loads(raw: bytes) -> Any:
@@ -253,7 +227,7 @@ def _loads(raw: bytes) -> Any:
             return _FAST.decode(raw)
         except _FAST.errors:
             pass
-    return _parse(raw, _STRICT_SCAN)
+    return _parse(raw, _STRICT)
 
 
 def _dumps(value: Any) -> bytes:
@@ -593,7 +567,7 @@ def _iter_requests(source: Location, with_body: bool = True) -> Iterator[tuple[s
                 yield request
                 continue
             try:
-                data = _parse(raw, _LENIENT_SCAN)
+                data = _parse(raw, _LENIENT)
             except (ValueError, RecursionError):
                 data = None
             if not isinstance(data, dict) or data.get("custom_id") in (None, ""):

@@ -22,13 +22,15 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_request_file(path: Path, spec: VendorSpec, n: int, *, failing: int = 0) -> Path:
+def write_request_file(path: Path, spec: VendorSpec, n: int, *, failing: int = 0, padding: int = 40) -> Path:
+    """Write ``n`` requests (the first ``failing`` of them fail), each prompt padded by ``padding`` bytes."""
     endpoint = spec.endpoints[0]
     model = endpoint.required_model or "test-model"
     with path.open("w", encoding="utf-8") as handle:
         for i in range(n):
             custom_id = f"fail-{i}" if i < failing else f"req-{i}"
-            body = {"model": model, "messages": [{"role": "user", "content": f"question {i} " + "x" * 40}]}
+            content = f"question {i} " + "x" * padding
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
             line = {"custom_id": custom_id, "method": "POST", "url": endpoint.path, "body": body}
             handle.write(json.dumps(line) + "\n")
     return path

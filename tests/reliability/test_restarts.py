@@ -210,20 +210,6 @@ def test_worker_dies_after_create_and_the_retry_reattaches(
     assert result["reattached"] is (kill_at != "input_file_id")
 
 
-def _large_request_file(path: Path, spec: Any, lines: int) -> Path:
-    """Write about 1 KB per request: a few chunks of a checked upload."""
-    with path.open("w", encoding="utf-8") as handle:
-        for n in range(lines):
-            body = {"model": "test-model", "messages": [{"role": "user", "content": f"q{n} " + "x" * 900}]}
-            handle.write(
-                json.dumps(
-                    {"custom_id": f"r{n}", "method": "POST", "url": spec.default_endpoint, "body": body}
-                )
-            )
-            handle.write("\n")
-    return path
-
-
 def _stats_once_settled(emulator: Emulator, vendor: str, *, expect_upload: bool) -> dict[str, Any]:
     """
     Return the emulator's stats once an aborted upload has reached it.
@@ -253,7 +239,8 @@ def test_worker_dies_around_the_upload_and_the_retry_pays_once(
 ) -> None:
     connect(vendor)
     spec = REGISTRY[vendor]
-    source = _large_request_file(tmp_path / "requests.jsonl", spec, 3500)  # about 3.5 MB
+    # About 1 KB a request, 3.5 MB in all: a few chunks of a checked upload.
+    source = write_request_file(tmp_path / "requests.jsonl", spec, 3500, padding=900)
     state = FakeStateStore() if store == "state_store" else None
     real_upload = BatchHook.upload_file
     real_feed = RequestFileCheck.feed
