@@ -19,6 +19,7 @@ The provider's exceptions, under one root.
     │   ├── APIConnectionError             no response: connect error, reset, timeout
     │   │   └── APITimeoutError            the response did not come in time
     │   └── MalformedResponseError         a 2xx whose body is not what the API promises
+    │       └── WrongObjectError           ... about another batch or file than the one asked for
     └── BatchOutcomeError                  the batch ended, and not well
         ├── BatchFailedError               status failed (validation errors attached)
         ├── BatchExpiredError              status expired: the window ran out
@@ -33,9 +34,12 @@ error code and request id; never the API key.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from airflow.sdk.exceptions import AirflowException
+
+Effect = Literal["not_sent", "unknown"]
+"""Whether a failed call surely did nothing at the vendor (``not_sent``) or may have acted (``unknown``)."""
 
 
 class LLMBatchError(AirflowException):
@@ -171,7 +175,20 @@ class ServerError(VendorAPIError):
 
 
 class APIConnectionError(VendorAPIError):
-    """Raise when no response came: connect error, reset connection, broken body."""
+    """
+    Raise when no (complete) response came: connect error, reset connection, broken body.
+
+    :param effect: ``not_sent`` when the request never left, ``unknown`` when the vendor may have acted
+        on it, None when repeating it cannot help.
+    """
+
+    def __init__(self, message: str, *, effect: Effect | None = "unknown", **kwargs: Any) -> None:
+        self.effect = effect
+        super().__init__(message, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, (cls, message, kwargs) = super().__reduce__()
+        return (rebuild, (cls, message, {**kwargs, "effect": self.effect}))
 
 
 class APITimeoutError(APIConnectionError):
@@ -180,6 +197,10 @@ class APITimeoutError(APIConnectionError):
 
 class MalformedResponseError(VendorAPIError):
     """Raise when a successful response's body is not what the API promises (not JSON, wrong shape)."""
+
+
+class WrongObjectError(MalformedResponseError):
+    """Raise when the answer is about another object than the one asked for (a cache or routing fault)."""
 
 
 class BatchOutcomeError(LLMBatchError):

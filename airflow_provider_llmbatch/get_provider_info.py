@@ -11,20 +11,12 @@ PACKAGE_NAME = "airflow-provider-llmbatch"
 
 INTEGRATION_NAME = "LLM Batch"
 
-HOOK_CLASS_NAMES: dict[str, str] = {
-    "zhipu": "ZhipuBatchHook",
-    "moonshot": "MoonshotBatchHook",
-    "dashscope": "DashScopeBatchHook",
-    "openai": "OpenAIBatchHook",
-}
-"""Vendor name -> the hook subclass in ``hooks.batch`` whose ``conn_type`` is the vendor's."""
-
 _HOOKS_MODULE = "airflow_provider_llmbatch.hooks.batch"
 
 
 def hook_class_name(spec: VendorSpec) -> str:
-    """Return the dotted path of the vendor's hook class."""
-    return f"{_HOOKS_MODULE}.{HOOK_CLASS_NAMES[spec.name]}"
+    """Return the name of the vendor's hook class in ``hooks.batch`` (``zhipu`` -> ``ZhipuBatchHook``)."""
+    return "".join(part.capitalize() for part in spec.name.replace("-", "_").split("_")) + "BatchHook"
 
 
 def _conn_field(field: ConnField) -> dict[str, Any]:
@@ -43,7 +35,7 @@ def connection_type(spec: VendorSpec) -> dict[str, Any]:
     """Return the ``connection-types`` entry of one vendor."""
     return {
         "connection-type": spec.conn_type,
-        "hook-class-name": hook_class_name(spec),
+        "hook-class-name": f"{_HOOKS_MODULE}.{hook_class_name(spec)}",
         "hook-name": f"LLM Batch ({spec.display_name})",
         "ui-field-behaviour": {
             "hidden-fields": ["schema", "port", "login"],
@@ -78,6 +70,7 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": INTEGRATION_NAME,
                 "python-modules": [
                     "airflow_provider_llmbatch.operators.batch",
+                    "airflow_provider_llmbatch.operators.cancel",
                     "airflow_provider_llmbatch.operators.results",
                 ],
             }

@@ -1,19 +1,33 @@
 """
-How long to wait before asking a vendor about a batch again.
+The one poll state machine: given what a poll returned, decide the next step.
 
-Pure functions of elapsed time and progress, shared by the trigger and the sensor's poke mode. Batches
-take minutes to hours, so polls start close together (a file the vendor rejects shows up as ``failed``
-within seconds), spread out as the wait grows, and come back sooner when progress says the end is near.
-Jitter keeps many waiters from polling in lockstep.
+:class:`Poller` holds the state of one wait for one batch and answers every poll's result (a batch or
+an error) with a step: :class:`Wait` N seconds, :class:`Cancel` the batch (the deadline passed) or
+:class:`Finish` with an event. ``BatchTrigger.run`` (async, in the triggerer) and the sensor's wait on a
+worker are each only the I/O around it, and both end with the same event payload.
+
+The schedule is adaptive and a promise about the user's API quota. Polls start close together (a file
+the vendor rejects shows up as ``failed`` within seconds), spread out as the wait grows, and come back
+sooner when progress says the end is near. The schedule gives a delay between the *starts* of two polls;
+each wait is jittered by up to ±10% (mean zero) so many waiters do not poll in lockstep. The start of a
+poll is when it holds a connection, so time spent queueing for one never shortens the next wait. After
+a failed poll the delay doubles from the scheduled one (never shorter), or follows ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from collections.abc import Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, Protocol
 
-from airflow_provider_llmbatch.models import BatchStatus
+from airflow_provider_llmbatch.exceptions import InvalidInputError, VendorAPIError
+from airflow_provider_llmbatch.models import Batch, BatchStatus
+from airflow_provider_llmbatch.outcomes import describe, request_counts
+from airflow_provider_llmbatch.retry import classify
 
 WARMUP_FRACTION = 0.25
 """The first delay, as a share of ``poll_interval``; the delay ramps up to ``poll_interval`` from there."""
@@ -38,10 +52,22 @@ The default ``max_poll_interval``: a 20-hour batch takes about 200 polls (a fixe
 the end of a long batch is seen at most ten minutes late, under 1% of its duration.
 """
 
-JITTER = 0.2
-"""The delay is shortened by a random share of up to this much; jitter never lengthens it past the cap."""
+JITTER = 0.1
+"""Each wait is the scheduled delay times ``1 ± JITTER`` (uniform, mean zero)."""
+
+MAX_WAIT_SECONDS = 60 * 24 * 3600.0
+"""The longest duration any wait argument may have (60 days; the longest vendor window is 14)."""
+
+QUIET_LOG_SECONDS = 600.0
+"""A poll that changes nothing (status, counts) is logged only if nothing was logged for this long."""
+
+EventKind = Literal["terminal", "timeout", "error"]
+"""What a wait's final event reports."""
+
+EVENT_KINDS: frozenset[str] = frozenset({"terminal", "timeout", "error"})
 
 _SHORT_PHASES = frozenset({BatchStatus.FINALIZING.value, BatchStatus.CANCELLING.value})
+_KNOWN_STATUSES = frozenset(status.value for status in BatchStatus)
 
 
 class RandomLike(Protocol):
@@ -52,9 +78,68 @@ class RandomLike(Protocol):
         ...
 
 
-def _jitter(delay: float, rng: RandomLike | None) -> float:
-    draw = (rng or random).random()
-    return delay * (1.0 - JITTER * draw)
+def check_seconds(
+    name: str, value: Any, *, allow_zero: bool = False, maximum: float = MAX_WAIT_SECONDS
+) -> float:
+    """
+    Return a duration argument in seconds, or refuse it: the one check of every timeout and interval.
+
+    :param name: the argument's name, for the message.
+    :param value: seconds (int or float) or a ``timedelta``.
+    :param allow_zero: whether 0 is a valid value.
+    :param maximum: the largest value accepted.
+    :raises InvalidInputError: naming the argument and what is allowed.
+    """
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    low = "0" if allow_zero else "more than 0"
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise InvalidInputError(f"{name} must be seconds (a number or a timedelta), got {value!r}")
+    seconds = float(seconds)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds > maximum:
+        raise InvalidInputError(f"{name} must be from {low} to {maximum:g} seconds, got {value!r}")
+    return seconds
+
+
+def scheduled_delay(
+    elapsed_s: float, summary: Mapping[str, Any] | None, *, poll_interval: float, max_poll_interval: float
+) -> float:
+    """
+    Return the seconds the schedule puts between the start of the last poll and the next.
+
+    :param elapsed_s: seconds since the wait began.
+    :param summary: the latest batch summary, or None if no poll has succeeded yet.
+    :param poll_interval: the typical delay; the first delays are a quarter of it.
+    :param max_poll_interval: the cap; no scheduled delay is longer.
+    """
+    elapsed_s = max(elapsed_s, 0.0)
+    ramp = poll_interval * min(1.0, WARMUP_FRACTION + elapsed_s / (WARMUP_POLL_INTERVALS * poll_interval))
+    delay = max(ramp, elapsed_s * GROWTH) if ramp >= poll_interval else ramp
+    if summary and summary.get("status") in _SHORT_PHASES:
+        delay = min(delay, poll_interval)
+    eta = _eta_seconds(elapsed_s, summary)
+    if eta is not None:
+        # Come back around the estimated end rather than a long fixed delay after it.
+        delay = min(delay, max(eta, poll_interval * WARMUP_FRACTION))
+    return min(delay, max_poll_interval)
+
+
+def error_delay(
+    scheduled: float, consecutive_errors: int, retry_after: float | None, max_poll_interval: float
+) -> float:
+    """
+    Return the delay after ``consecutive_errors`` failed polls in a row: never sooner than scheduled.
+
+    Doubles from the scheduled delay up to ``max_poll_interval``; a vendor's ``Retry-After`` is honoured.
+    """
+    backoff = min(
+        scheduled * 2.0 ** min(max(consecutive_errors, 1) - 1, 30), max(max_poll_interval, scheduled)
+    )
+    return max(backoff, retry_after or 0.0)
+
+
+def jittered(delay: float, rng: RandomLike | None = None) -> float:
+    """Return ``delay`` spread by ``±JITTER`` (uniform, mean ``delay``)."""
+    return delay * (1.0 + JITTER * (2.0 * (rng or random).random() - 1.0))
 
 
 def _eta_seconds(elapsed_s: float, summary: Mapping[str, Any] | None) -> float | None:
@@ -72,107 +157,200 @@ def _eta_seconds(elapsed_s: float, summary: Mapping[str, Any] | None) -> float |
     return max(total - done, 0) * elapsed_s / done
 
 
-def next_poll_delay(
-    elapsed_s: float,
-    summary: Mapping[str, Any] | None,
-    *,
-    poll_interval: float,
-    max_poll_interval: float,
-    rng: RandomLike | None = None,
-) -> float:
-    """
-    Return the seconds to wait before the next poll.
+def format_duration(seconds: float) -> str:
+    """Return seconds as a short human duration such as ``1h02m`` or ``45s``."""
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
-    :param elapsed_s: seconds since the wait began.
-    :param summary: the latest batch summary, or None if no poll has succeeded yet.
-    :param poll_interval: the typical delay; the first delays are a quarter of it.
-    :param max_poll_interval: the cap; no delay is longer.
+
+@dataclass(frozen=True)
+class Wait:
+    """Poll again after ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The deadline passed: cancel the batch, then hand the result to :meth:`Poller.after_cancel`."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Stop and send the event (see :meth:`Poller.event`)."""
+
+    kind: EventKind
+    message: str
+
+
+Step = Wait | Cancel | Finish
+
+
+class Poller:
+    """
+    The state of one wait for one batch; every decision of the wait, no I/O.
+
+    :param batch_id: the vendor's batch id.
+    :param started: when the wait began (epoch seconds; the schedule grows from here).
+    :param poll_interval: the typical seconds between polls.
+    :param max_poll_interval: no scheduled delay is longer.
+    :param deadline: epoch seconds after which the wait ends with ``timeout`` (None: no deadline).
+    :param cancel_on_timeout: cancel the batch when the deadline passes.
+    :param max_consecutive_errors: transient errors in a row before the wait ends with ``error``.
+    :param log: where progress and failures are logged.
     :param rng: the source of jitter (default: the ``random`` module).
     """
-    if poll_interval <= 0:
-        raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
-    if max_poll_interval <= 0:
-        raise ValueError(f"max_poll_interval must be positive, got {max_poll_interval!r}")
-    elapsed_s = max(elapsed_s, 0.0)
-    ramp = poll_interval * min(1.0, WARMUP_FRACTION + elapsed_s / (WARMUP_POLL_INTERVALS * poll_interval))
-    delay = max(ramp, elapsed_s * GROWTH) if ramp >= poll_interval else ramp
-    status = summary.get("status") if summary else None
-    if status in _SHORT_PHASES:
-        delay = min(delay, poll_interval)
-    eta = _eta_seconds(elapsed_s, summary)
-    if eta is not None:
-        # Come back around the estimated end rather than a long fixed delay after it.
-        delay = min(delay, max(eta, poll_interval * WARMUP_FRACTION))
-    return _jitter(min(delay, max_poll_interval), rng)
 
+    def __init__(
+        self,
+        batch_id: str,
+        *,
+        started: float,
+        poll_interval: float,
+        max_poll_interval: float,
+        deadline: float | None,
+        cancel_on_timeout: bool,
+        max_consecutive_errors: int,
+        log: logging.Logger | Any,
+        rng: RandomLike | None = None,
+    ) -> None:
+        self.batch_id = batch_id
+        self.started = started
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.deadline = deadline
+        self.cancel_on_timeout = cancel_on_timeout
+        self.max_consecutive_errors = max(int(max_consecutive_errors), 1)
+        self.log = log
+        self.rng = rng
+        self.polls = 0
+        self.errors = 0
+        self.summary: dict[str, Any] | None = None
+        self._first_progress: tuple[float, int] | None = None
+        self._last_logged: tuple[tuple[Any, ...] | None, float] = (None, 0.0)
 
-def error_delay(
-    consecutive_errors: int,
-    *,
-    poll_interval: float,
-    max_poll_interval: float,
-    retry_after: float | None = None,
-    rng: RandomLike | None = None,
-) -> float:
-    """
-    Return the seconds to wait after ``consecutive_errors`` failed polls in a row.
+    def after(self, result: Batch | BaseException, *, sent_at: float, now: float) -> Step:
+        """
+        Return the step after one poll.
 
-    Exponential from a quarter of ``poll_interval``, capped at ``max_poll_interval``; a vendor's
-    ``Retry-After`` is honoured up to the cap.
-
-    :param consecutive_errors: failed polls in a row, at least 1.
-    :param poll_interval: the typical delay between polls.
-    :param max_poll_interval: the cap.
-    :param retry_after: seconds the vendor asked us to wait, if it did.
-    :param rng: the source of jitter (default: the ``random`` module).
-    """
-    if poll_interval <= 0 or max_poll_interval <= 0:
-        raise ValueError("poll_interval and max_poll_interval must be positive")
-    exponent = min(max(consecutive_errors, 1) - 1, 30)
-    delay = min(poll_interval * WARMUP_FRACTION * 2.0**exponent, max_poll_interval)
-    delay = _jitter(delay, rng)
-    if retry_after is not None and retry_after > delay:
-        delay = min(retry_after, max_poll_interval)
-    return delay
-
-
-def delay_after_poll(
-    elapsed_s: float,
-    summary: Mapping[str, Any] | None,
-    *,
-    errors: int,
-    retry_after: float | None,
-    poll_interval: float,
-    max_poll_interval: float,
-    poll_seconds: float = 0.0,
-    rng: RandomLike | None = None,
-) -> float:
-    """
-    Return the wait before the next poll: error backoff after a failed poll, else the adaptive delay.
-
-    After a successful poll the adaptive delay is shortened by twice ``poll_seconds``: the vendor read
-    the state somewhere inside that poll, and the next poll's answer comes back a round trip after it
-    starts, so a batch that ends just after one poll is still seen within one delay of its end. The
-    shortening takes at most half the delay; error backoff and ``Retry-After`` are never shortened.
-
-    :param elapsed_s: seconds since the wait began.
-    :param summary: the latest batch summary, or None if no poll has succeeded yet.
-    :param errors: failed polls in a row (0 after a successful poll).
-    :param retry_after: seconds the vendor asked us to wait, if it did.
-    :param poll_interval: the typical delay between polls.
-    :param max_poll_interval: the cap.
-    :param poll_seconds: how long the poll just made took, waiting for a slot included.
-    :param rng: the source of jitter (default: the ``random`` module).
-    """
-    if errors:
-        return error_delay(
-            errors,
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            retry_after=retry_after,
-            rng=rng,
+        :param result: the batch the poll read, or the exception it raised.
+        :param sent_at: when the poll was sent (it held a connection).
+        :param now: when its answer (or failure) came.
+        """
+        self.polls += 1
+        retry_after: float | None = None
+        if isinstance(result, Batch):
+            self.errors = 0
+            self.summary = result.summary()
+            self._log_progress(result.status, now)
+            if result.is_terminal:
+                return Finish("terminal", describe(self.summary))
+        elif isinstance(result, VendorAPIError) and classify(result) is not None:
+            self.errors += 1
+            if self.errors >= self.max_consecutive_errors:
+                what = f"failed {self.errors} times in a row; last error: {result}"
+                return self._fail(f"Polling batch {self.batch_id} {what}")
+            self.log.warning(
+                "Poll %d of batch %s failed (%d/%d in a row, will retry): %s",
+                self.polls,
+                self.batch_id,
+                self.errors,
+                self.max_consecutive_errors,
+                result,
+            )
+            retry_after = result.retry_after
+        else:
+            # Not worth another poll: a refused key, a missing connection, an unknown batch.
+            return self._fail(f"Polling batch {self.batch_id} failed: {type(result).__name__}: {result}")
+        if self.deadline is not None and now >= self.deadline:
+            if self.cancel_on_timeout:
+                return Cancel("the deadline passed")
+            return self._timeout("; left running (cancel_on_timeout=False)")
+        delay = scheduled_delay(
+            now - self.started,
+            self.summary,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
         )
-    delay = next_poll_delay(
-        elapsed_s, summary, poll_interval=poll_interval, max_poll_interval=max_poll_interval, rng=rng
-    )
-    return max(delay - 2.0 * max(poll_seconds, 0.0), delay / 2.0)
+        if self.errors:
+            delay = error_delay(delay, self.errors, retry_after, self.max_poll_interval)
+        wait = max(sent_at + jittered(delay, self.rng) - now, 0.0)
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - now)
+        return Wait(wait)
+
+    def after_cancel(self, cancelled: Mapping[str, Any] | None) -> Finish:
+        """
+        Return the final step after the cancel that a :class:`Cancel` step asked for.
+
+        :param cancelled: the batch summary the cancel returned, or None when it failed.
+        """
+        if cancelled is None:
+            return self._timeout("; the cancel request failed")
+        self.summary = dict(cancelled)
+        return self._timeout(f"; cancel requested (status now {cancelled.get('status')})")
+
+    def event(self, step: Finish) -> dict[str, Any]:
+        """Return the event payload of the final step: JSON primitives only, never a secret."""
+        return {
+            "event": step.kind,
+            "batch_id": self.batch_id,
+            "batch": self.summary,
+            "message": step.message,
+            "polls": self.polls,
+        }
+
+    def _fail(self, message: str) -> Finish:
+        self.log.error("%s", message)
+        return Finish("error", message)
+
+    def _timeout(self, how: str) -> Finish:
+        message = f"Batch {self.batch_id} did not finish before the deadline{how}"
+        self.log.error("%s", message)
+        return Finish("timeout", message)
+
+    def _log_progress(self, status: str, now: float) -> None:
+        assert self.summary is not None
+        completed, failed, total = request_counts(self.summary)
+        seen = (status, completed, failed, total)
+        if seen == self._last_logged[0] and now - self._last_logged[1] < QUIET_LOG_SECONDS:
+            return
+        self._last_logged = (seen, now)
+        rate, eta = self._estimate(now, completed + failed, total)
+        self.log.info(
+            "Batch %s: status %s, %d completed, %d failed of %d; rate %s; ETA %s",
+            self.batch_id,
+            status,
+            completed,
+            failed,
+            total,
+            "n/a" if rate is None else f"{rate:.1f} requests/min",
+            "n/a" if eta is None else format_duration(eta),
+        )
+        if status not in _KNOWN_STATUSES:
+            self.log.warning(
+                "Batch %s has status %r, which no vendor documents; polling on until the deadline",
+                self.batch_id,
+                status,
+            )
+
+    def _estimate(self, now: float, done: int, total: int) -> tuple[float | None, float | None]:
+        """Return (requests per minute, seconds to go) from the counts seen during this wait."""
+        if self._first_progress is None or done < self._first_progress[1]:
+            self._first_progress = (now, done)
+            return None, None
+        since, done_then = self._first_progress
+        if now <= since:
+            return None, None
+        per_second = (done - done_then) / (now - since)
+        if per_second <= 0:
+            return 0.0, None
+        return per_second * 60.0, max(total - done, 0) / per_second

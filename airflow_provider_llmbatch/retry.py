@@ -20,40 +20,24 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
-from typing import Literal
+from typing import Any
 
-import httpx
+from tenacity import AsyncRetrying, RetryCallState, Retrying, stop_after_attempt
 
 from airflow_provider_llmbatch.exceptions import (
     APIConnectionError,
+    Effect,
     RateLimitError,
     ServerError,
     VendorAPIError,
+    WrongObjectError,
 )
 
-RetryClass = Literal["not_sent", "unknown"]
-
-NOT_SENT_CAUSES: tuple[type[BaseException], ...] = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.PoolTimeout,
-    httpx.ProxyError,
-)
-"""Transport failures that happen before a single byte of the request reaches the vendor."""
-
-UNKNOWN_EFFECT_CAUSES: tuple[type[BaseException], ...] = (
-    httpx.ReadTimeout,
-    httpx.WriteTimeout,
-    httpx.ReadError,
-    httpx.WriteError,
-    httpx.RemoteProtocolError,
-    httpx.CloseError,
-)
-"""Transport failures after (part of) the request was sent: the vendor may have acted on it."""
+RetryClass = Effect
 
 
 def classify(exc: BaseException) -> RetryClass | None:
@@ -64,18 +48,10 @@ def classify(exc: BaseException) -> RetryClass | None:
     """
     if isinstance(exc, RateLimitError):
         return "not_sent"
-    if isinstance(exc, ServerError):
+    if isinstance(exc, ServerError | WrongObjectError):
         return "unknown"
     if isinstance(exc, APIConnectionError):
-        cause = exc.__cause__
-        if cause is None:
-            # Raised by the hook itself on a short body: the response had started, so it was sent.
-            return "unknown"
-        if isinstance(cause, NOT_SENT_CAUSES):
-            return "not_sent"
-        if isinstance(cause, UNKNOWN_EFFECT_CAUSES):
-            return "unknown"
-        return None
+        return exc.effect
     return None
 
 
@@ -145,7 +121,7 @@ async def _asyncio_sleep(seconds: float) -> None:
 @dataclass(frozen=True)
 class RetryPolicy:
     """
-    When and how long to wait before repeating a failed call.
+    When and how long to wait before repeating a failed call; builds the one retry loop of both faces.
 
     :param max_retries: retries after the first attempt (default: 5; the connection extra ``max_retries``).
     :param base_delay: the backoff's first ceiling in seconds (default: 0.5).
@@ -209,12 +185,71 @@ class RetryPolicy:
 
     def with_max_retries(self, max_retries: int) -> RetryPolicy:
         """Return a copy with another ``max_retries``, sharing the RNG and sleep functions."""
-        return RetryPolicy(
-            max_retries=max_retries,
-            base_delay=self.base_delay,
-            max_delay=self.max_delay,
-            max_retry_after=self.max_retry_after,
-            rng=self.rng,
-            sleep=self.sleep,
-            asleep=self.asleep,
+        return replace(self, max_retries=max_retries)
+
+    def _loop(
+        self, operation: str, log: Any, *, idempotent: bool, can_repeat: Callable[[], bool] | None
+    ) -> dict[str, Any]:
+        """Return tenacity's settings for one call: this policy's decision as its predicate and wait."""
+
+        def retryable(state: RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if not isinstance(exc, VendorAPIError) or (can_repeat is not None and not can_repeat()):
+                return False
+            decision = self.decide(exc, attempt=state.attempt_number, idempotent=idempotent)
+            return decision.action is not Action.RAISE
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            return self.wait_for(exc, state.attempt_number) if exc is not None else 0.0
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            wait_s = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning(
+                "%s failed (%s); retrying in %.1fs (retry %d of %d)",
+                operation,
+                exc,
+                wait_s,
+                state.attempt_number,
+                self.max_retries,
+            )
+
+        return {
+            "retry": retryable,
+            "wait": wait,
+            "stop": stop_after_attempt(self.max_retries + 1),
+            "before_sleep": before_sleep,
+            "reraise": True,
+        }
+
+    def retrying(
+        self,
+        operation: str,
+        log: Any,
+        *,
+        idempotent: bool = True,
+        can_repeat: Callable[[], bool] | None = None,
+    ) -> Retrying:
+        """
+        Return the retry loop of one blocking call (``for attempt in ...: with attempt: ...``).
+
+        :param operation: the call's name, for the log.
+        :param log: where each retry is logged.
+        :param idempotent: whether an attempt of unknown effect may be repeated as it is (a create or an
+            upload that can look its object up first counts as idempotent).
+        :param can_repeat: whether another attempt is possible at all (a consumed stream is not).
+        """
+        return Retrying(
+            sleep=self.sleep, **self._loop(operation, log, idempotent=idempotent, can_repeat=can_repeat)
         )
+
+    def aretrying(self, operation: str, log: Any, *, idempotent: bool = True) -> AsyncRetrying:
+        """Return the retry loop of one async call, with the same decisions as :meth:`retrying`."""
+        return AsyncRetrying(
+            sleep=self.asleep, **self._loop(operation, log, idempotent=idempotent, can_repeat=None)
+        )
+
+
+NO_RETRY = RetryPolicy(max_retries=0)
+"""One attempt only: for callers that own the wait between attempts themselves (polls)."""

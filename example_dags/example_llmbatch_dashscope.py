@@ -53,6 +53,7 @@ with DAG(
         vendor_options={"ds_name": "airflow example: product attributes"},
     )
     wait = BatchSensor(
+        deferrable=True,  # wait in the triggerer: no worker slot held for hours
         task_id="wait_for_batch",
         conn_id=CONN_ID,
         batch_id=create.output["batch_id"],

@@ -48,6 +48,7 @@ with DAG(
         completion_window="24h",
     )
     wait = BatchSensor(
+        deferrable=True,  # wait in the triggerer: no worker slot held for hours
         task_id="wait_for_batch",
         conn_id=CONN_ID,
         batch_id=create.output["batch_id"],

@@ -48,6 +48,7 @@ with DAG(
         vendor_options={"auto_delete_input_file": False},
     )
     wait = BatchSensor(
+        deferrable=True,  # wait in the triggerer: no worker slot held for hours
         task_id="wait_for_batch",
         conn_id=CONN_ID,
         batch_id=create.output["batch_id"],

@@ -1,5 +1,5 @@
 """
-The I/O-free core of the hook: connection settings, request building, response parsing, paging.
+The I/O-free core of the hook: request building, response parsing, paging, finding lost creations.
 
 Both faces of :class:`~airflow_provider_llmbatch.hooks.batch.BatchHook` (sync for workers, async for
 triggers) build every request and read every response here; they add only the I/O. Everything that
@@ -9,160 +9,48 @@ differs between vendors is read from the :class:`~airflow_provider_llmbatch.vend
 from __future__ import annotations
 
 import json
-import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pydantic
 
-from airflow_provider_llmbatch import __version__
-from airflow_provider_llmbatch.exceptions import InvalidInputError, MalformedResponseError, VendorAPIError
+from airflow_provider_llmbatch.exceptions import (
+    InvalidInputError,
+    MalformedResponseError,
+    VendorAPIError,
+    WrongObjectError,
+)
 from airflow_provider_llmbatch.hooks import errors
+from airflow_provider_llmbatch.hooks.arguments import create_body
+from airflow_provider_llmbatch.hooks.settings import ConnSettings
 from airflow_provider_llmbatch.models import Batch, FileObject, Page
-from airflow_provider_llmbatch.vendors import ExtraCreateField, ListSpec, VendorSpec, vendor_for_conn_type
-
-IDEMPOTENCY_KEY = "llmbatch_idem"
-"""Metadata key the hook tags every create with, so a create of unknown effect can be found again."""
-
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_MAX_RETRIES = 5
-ERROR_BODY_LIMIT = 64 * 1024
-"""Bytes of an error body read at most: enough for any message, bounded for a misbehaving proxy."""
-
-USER_AGENT = f"airflow-provider-llmbatch/{__version__}"
+from airflow_provider_llmbatch.vendors import ListSpec
 
 M = TypeVar("M", Batch, FileObject)
 
+UPLOAD_LOOKBACK_SECONDS = 300.0
+"""How far back an upload of unknown effect is looked for (covers clock skew with the vendor)."""
+
+RECOVERY_SCAN_LIMIT = 1000
+"""Objects scanned at most when looking for a create or upload of unknown effect."""
+
 
 @dataclass(frozen=True)
-class ConnSettings:
+class Reply:
     """
-    What the hook needs from an Airflow connection.
+    A successful answer, read whole.
 
-    :param conn_id: the connection id.
-    :param vendor: the vendor spec decided by the connection type.
-    :param base_url: the API base URL, without a trailing slash.
-    :param api_key: the API key (never in ``repr``).
-    :param timeout: seconds per request (per read/write for streams).
-    :param max_retries: retries of a failed call that is safe to repeat.
-    :param headers: vendor headers from connection fields (never in ``repr``).
+    :param status: the HTTP status.
+    :param headers: the response headers (case-insensitive).
+    :param body: the decoded body.
     """
 
-    conn_id: str
-    vendor: VendorSpec
-    base_url: str
-    api_key: str = field(repr=False)
-    timeout: float = DEFAULT_TIMEOUT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-
-    @property
-    def origin(self) -> str:
-        """Return scheme://host[:port] of the base URL: the key of the shared async connection pool."""
-        parts = urlsplit(self.base_url)
-        return f"{parts.scheme}://{parts.netloc}"
-
-    def request_headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Return the headers of one request; the key travels per request, never in a shared client."""
-        headers = {"Authorization": f"Bearer {self.api_key}", "User-Agent": USER_AGENT, **self.headers}
-        if extra:
-            headers.update(extra)
-        return headers
-
-    def secret_values(self) -> list[str]:
-        """Return the values to mask in logs: the key and secret vendor headers."""
-        secret_headers = {f.header for f in self.vendor.conn_fields if f.secret and f.header}
-        return [self.api_key, *(v for k, v in self.headers.items() if k in secret_headers)]
-
-
-def _number(conn_id: str, name: str, value: Any, cast: type[float] | type[int], minimum: float) -> Any:
-    try:
-        number = cast(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(
-            f"connection {conn_id!r}: extra {name!r} must be a number, got {value!r}"
-        ) from None
-    if number < minimum:
-        raise InvalidInputError(f"connection {conn_id!r}: extra {name!r} must be >= {minimum}, got {value!r}")
-    return number
-
-
-def settings_from_connection(
-    conn_id: str,
-    *,
-    conn_type: str | None,
-    host: str | None,
-    password: str | None,
-    extra: Mapping[str, Any],
-    port: int | None = None,
-    timeout: float | None = None,
-) -> ConnSettings:
-    """
-    Read a connection into :class:`ConnSettings`.
-
-    :param conn_id: the connection id, for messages.
-    :param conn_type: the connection type; decides the vendor.
-    :param host: the base URL, with or without scheme; empty for the registry's URL of extra ``region``.
-    :param password: the API key.
-    :param extra: the connection's extras.
-    :param port: the connection's port, used when ``host`` names none.
-    :param timeout: a timeout that overrides the connection's.
-    """
-    try:
-        vendor = vendor_for_conn_type(conn_type)
-    except KeyError as exc:
-        raise InvalidInputError(f"connection {conn_id!r}: {exc.args[0]}") from None
-    if not password:
-        raise InvalidInputError(
-            f"connection {conn_id!r} has no API key: put the {vendor.display_name} API key in its password"
-        )
-    region = extra.get("region") or None
-    if host and host.strip():
-        base_url = host.strip()
-        if "://" not in base_url:
-            base_url = f"https://{base_url}"
-        parts = urlsplit(base_url)
-        if port and parts.port is None:
-            base_url = parts._replace(netloc=f"{parts.netloc}:{port}").geturl()
-    elif region is not None:
-        if region not in vendor.base_urls:
-            raise InvalidInputError(
-                f"connection {conn_id!r}: unknown region {region!r} for {vendor.display_name}; "
-                f"use one of: {', '.join(vendor.base_urls)}"
-            )
-        base_url = vendor.base_urls[str(region)]
-    else:
-        base_url = vendor.default_base_url
-    if timeout is None:
-        raw_timeout = extra.get("timeout")
-        timeout = (
-            DEFAULT_TIMEOUT
-            if raw_timeout in (None, "")
-            else _number(conn_id, "timeout", raw_timeout, float, 0.001)
-        )
-    raw_retries = extra.get("max_retries")
-    max_retries = (
-        DEFAULT_MAX_RETRIES
-        if raw_retries in (None, "")
-        else _number(conn_id, "max_retries", raw_retries, int, 0)
-    )
-    headers = {
-        f.header: str(extra[f.name])
-        for f in vendor.conn_fields
-        if f.header and extra.get(f.name) not in (None, "")
-    }
-    return ConnSettings(
-        conn_id=conn_id,
-        vendor=vendor,
-        base_url=base_url.rstrip("/"),
-        api_key=password,
-        timeout=float(timeout),
-        max_retries=int(max_retries),
-        headers=headers,
-    )
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -176,6 +64,7 @@ class Request:
     :param params: query parameters.
     :param body: a JSON body, already encoded.
     :param idempotent: whether repeating it is harmless whatever its effect.
+    :param object_id: the id of the one object the answer must be about, if any.
     """
 
     operation: str
@@ -184,6 +73,7 @@ class Request:
     params: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
     idempotent: bool = True
+    object_id: str | None = None
 
     def url(self, settings: ConnSettings) -> str:
         """Return the absolute URL for the connection's base URL."""
@@ -198,57 +88,6 @@ def _segment(name: str, value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
     return quote(value, safe="")
-
-
-@dataclass(frozen=True)
-class MultipartLayout:
-    """
-    The bytes around a streamed file in a ``multipart/form-data`` upload.
-
-    :param boundary: the multipart boundary.
-    :param head: the form fields and the file part's headers.
-    :param tail: the closing boundary.
-    """
-
-    boundary: str
-    head: bytes
-    tail: bytes
-
-    @property
-    def content_type(self) -> str:
-        """Return the request's Content-Type header."""
-        return f"multipart/form-data; boundary={self.boundary}"
-
-    def content_length(self, size: int | None) -> int | None:
-        """Return the request's length for a file of ``size`` bytes, or None when the size is unknown."""
-        return None if size is None else len(self.head) + size + len(self.tail)
-
-
-def _form_quote(value: str) -> str:
-    # As browsers (and httpx) do: escape what would end the quoted string.
-    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def multipart_layout(
-    fields: Mapping[str, str], *, filename: str, boundary: str | None = None
-) -> MultipartLayout:
-    """
-    Return the multipart framing of an upload: the form ``fields`` first, then the file as ``file``.
-
-    :param fields: plain form fields (``purpose``).
-    :param filename: the file name sent to the vendor.
-    :param boundary: a fixed boundary, for tests.
-    """
-    boundary = boundary or uuid.uuid4().hex
-    head = bytearray()
-    for name, value in fields.items():
-        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{_form_quote(name)}"\r\n\r\n'.encode()
-        head += f"{value}\r\n".encode()
-    head += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{_form_quote(filename)}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    return MultipartLayout(boundary=boundary, head=bytes(head), tail=f"\r\n--{boundary}--\r\n".encode())
 
 
 class Pager:
@@ -313,7 +152,7 @@ class Core:
 
     def get_file(self, file_id: str) -> Request:
         """Return the request that reads a file object."""
-        return Request("get_file", "GET", f"/files/{_segment('file_id', file_id)}")
+        return Request("get_file", "GET", f"/files/{_segment('file_id', file_id)}", object_id=file_id)
 
     def delete_file(self, file_id: str) -> Request:
         """Return the request that deletes a file."""
@@ -325,11 +164,12 @@ class Core:
 
     def get_batch(self, batch_id: str) -> Request:
         """Return the request that reads a batch."""
-        return Request("get_batch", "GET", f"/batches/{_segment('batch_id', batch_id)}")
+        return Request("get_batch", "GET", f"/batches/{_segment('batch_id', batch_id)}", object_id=batch_id)
 
     def cancel_batch(self, batch_id: str) -> Request:
         """Return the request that cancels a batch (repeating a cancel is harmless)."""
-        return Request("cancel_batch", "POST", f"/batches/{_segment('batch_id', batch_id)}/cancel")
+        path = f"/batches/{_segment('batch_id', batch_id)}/cancel"
+        return Request("cancel_batch", "POST", path, object_id=batch_id)
 
     def list_request(self, kind: str, params: Mapping[str, str]) -> Request:
         """Return the request of one list page (``kind``: ``files`` or ``batches``)."""
@@ -356,6 +196,11 @@ class Core:
         params = {k: self._filter_value(v) for k, v in filters.items() if v is not None}
         return Pager(spec, params, page_size)
 
+    def scan_page_size(self) -> int | None:
+        """Return the page size for scans: large pages, few calls (DashScope allows 100 lists a minute)."""
+        most = self.vendor.batch_list.max_limit
+        return min(100, most) if most is not None else None
+
     def batch_pager(self, page_size: int | None, filters: Mapping[str, Any]) -> Pager:
         """Return a pager over batches; unknown filters raise :class:`InvalidInputError`."""
         return self._pager(self.vendor.batch_list, "batch", page_size, filters)
@@ -374,41 +219,32 @@ class Core:
         completion_window: str | None,
         metadata: Mapping[str, str] | None,
         extra: Mapping[str, Any] | None,
-        idempotency_key: str | None = None,
-    ) -> tuple[Request, str | None]:
+    ) -> tuple[Request, str]:
         """
-        Return the create request and the idempotency key it carries (None when there is no room for one).
+        Return the create request and the fresh idempotency key it carries in its metadata.
 
         Everything is checked against the vendor spec before anything is sent.
 
         :param input_file_id: the uploaded request file.
         :param endpoint: the batch endpoint (default: the vendor's first).
         :param completion_window: the window (default: the vendor's; null where the vendor ignores it).
-        :param metadata: the user's metadata.
+        :param metadata: the caller's metadata.
         :param extra: vendor-only fields (``spec.extra_create_fields``).
-        :param idempotency_key: a fixed key, for tests; else taken from ``metadata`` or generated.
         """
         _segment("input_file_id", input_file_id)
-        body, merged = create_arguments(
+        key = uuid.uuid4().hex
+        body = create_body(
             self.vendor,
+            input_file_id=input_file_id,
             endpoint=endpoint,
             completion_window=completion_window,
             metadata=metadata,
             extra=extra,
+            idempotency_key=key,
         )
-        key: str | None = idempotency_key or merged.get(IDEMPOTENCY_KEY)
-        if key is None and len(merged) < self.vendor.limits.metadata_pairs:
-            key = uuid.uuid4().hex
-        if key is not None:
-            merged[IDEMPOTENCY_KEY] = key
-        check_metadata(self.vendor, merged)
-        body = {"input_file_id": input_file_id, **body}
-        if merged:
-            body["metadata"] = merged
-        request = Request(
+        return Request(
             "create_batch", "POST", "/batches", body=json.dumps(body).encode(), idempotent=False
-        )
-        return request, key
+        ), key
 
     # -- responses --------------------------------------------------------------------------------
 
@@ -427,54 +263,53 @@ class Core:
             secret=self.settings.api_key,
         )
 
-    def _json(self, request: Request, status: int, headers: Mapping[str, str], content: bytes) -> Any:
+    def _json(self, request: Request, reply: Reply) -> Any:
         try:
-            return json.loads(content)
+            return json.loads(reply.body)
         except (ValueError, RecursionError):
-            raise self._malformed(
-                request, status, headers, f"the {request.operation} response is not JSON"
-            ) from None
+            raise self._malformed(request, reply, f"the {request.operation} response is not JSON") from None
 
     def _malformed(
-        self, request: Request, status: int, headers: Mapping[str, str], what: str
+        self,
+        request: Request,
+        reply: Reply,
+        what: str,
+        cls: type[MalformedResponseError] = MalformedResponseError,
     ) -> MalformedResponseError:
-        return errors.malformed(
+        request_id = errors.request_id_from(self.vendor, reply.headers, None)
+        return cls(
             what,
-            vendor=self.vendor,
+            vendor=self.vendor.name,
             conn_id=self.settings.conn_id,
             operation=request.operation,
-            status=status,
-            request_id=errors.redact(
-                errors.request_id_from(self.vendor, headers, None) or "", self.settings.api_key
-            )
-            or None,
+            status_code=reply.status,
+            request_id=errors.redact(request_id, self.settings.api_key) if request_id else None,
         )
 
-    def parse(
-        self, request: Request, status: int, headers: Mapping[str, str], content: bytes, model: type[M]
-    ) -> M:
-        """Return the response as ``model``; a body that is not one raises :class:`MalformedResponseError`."""
-        data = self._json(request, status, headers, content)
+    def parse(self, request: Request, reply: Reply, model: type[M]) -> M:
+        """
+        Return the response as ``model``; a body that is not one raises :class:`MalformedResponseError`.
+
+        An answer about another object than the request's (``request.object_id``) raises
+        :class:`WrongObjectError`: a cache or a routing fault upstream, never our object.
+        """
+        data = self._json(request, reply)
         try:
-            return model.model_validate(data)
+            parsed = model.model_validate(data)
         except pydantic.ValidationError as exc:
             summary = errors.summarize_validation(exc)
-            raise self._malformed(
-                request,
-                status,
-                headers,
-                f"the {request.operation} response is not a {model.__name__}: {summary}",
-            ) from None
+            what = f"the {request.operation} response is not a {model.__name__}: {summary}"
+            raise self._malformed(request, reply, what) from None
+        if request.object_id is not None and parsed.id != request.object_id:
+            what = f"asked for {request.object_id!r}, the answer is about {parsed.id!r}"
+            raise self._malformed(request, reply, what, WrongObjectError)
+        return parsed
 
-    def parse_page(
-        self, request: Request, status: int, headers: Mapping[str, str], content: bytes, model: type[M]
-    ) -> Page[M]:
+    def parse_page(self, request: Request, reply: Reply, model: type[M]) -> Page[M]:
         """Return the response as a page of ``model``; items without an id are skipped, not fatal."""
-        data = self._json(request, status, headers, content)
+        data = self._json(request, reply)
         if not isinstance(data, Mapping):
-            raise self._malformed(
-                request, status, headers, f"the {request.operation} response is not an object"
-            )
+            raise self._malformed(request, reply, f"the {request.operation} response is not an object")
         items = data.get("data")
         valid: list[Any] = []
         for item in items if isinstance(items, list) else []:
@@ -487,121 +322,50 @@ class Core:
         except pydantic.ValidationError as exc:
             summary = errors.summarize_validation(exc)
             raise self._malformed(
-                request, status, headers, f"the {request.operation} page is malformed: {summary}"
+                request, reply, f"the {request.operation} page is malformed: {summary}"
             ) from None
         return page.model_copy(update={"data": valid})
 
 
-def create_arguments(
-    vendor: VendorSpec,
-    *,
-    endpoint: str | None,
-    completion_window: str | None,
-    metadata: Mapping[str, str] | None,
-    extra: Mapping[str, Any] | None,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """
-    Check create-batch arguments against the vendor's spec; return the body fields and the merged metadata.
-
-    The body holds ``endpoint``, ``completion_window`` and the vendor's extra fields; fields the vendor
-    carries inside ``metadata`` (DashScope ``ds_*``) are merged into the returned metadata instead.
-
-    :raises InvalidInputError: naming the argument and what the vendor accepts.
-    """
-    endpoint = endpoint or vendor.default_endpoint
-    if vendor.endpoint(endpoint) is None:
-        allowed = ", ".join(e.path for e in vendor.endpoints)
-        raise InvalidInputError(
-            f"{vendor.display_name} does not accept endpoint {endpoint!r}; use one of: {allowed}"
-        )
-    rule = vendor.completion_window
-    window = completion_window if completion_window is not None else rule.default
-    problem = rule.check(window)
-    if problem:
-        raise InvalidInputError(f"completion_window for {vendor.display_name}: {problem}")
-    merged: dict[str, str] = {}
-    for name, value in (metadata or {}).items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidInputError(f"metadata must map strings to strings, got {name!r}: {value!r}")
-        merged[name] = value
-    body: dict[str, Any] = {"endpoint": endpoint, "completion_window": window}
-    fields = {f.name: f for f in vendor.extra_create_fields}
-    for name, value in (extra or {}).items():
-        spec = fields.get(name)
-        if spec is None:
-            allowed = ", ".join(fields) or "none"
-            raise InvalidInputError(f"{vendor.display_name} has no create field {name!r}; allowed: {allowed}")
-        _check_extra_type(spec, value)
-        if spec.in_metadata:
-            if name in merged and merged[name] != value:
-                raise InvalidInputError(f"{name!r} is given both in metadata and in extra, differently")
-            merged[name] = value
-        else:
-            body[name] = value
-    return body, merged
+# -- finding what a call of unknown effect made ---------------------------------------------------------
 
 
-def check_metadata(vendor: VendorSpec, metadata: Mapping[str, str]) -> None:
-    """
-    Check metadata against the vendor's pair, key and value limits.
-
-    :raises InvalidInputError: naming the key and the limit.
-    """
-    limits = vendor.limits
-    if len(metadata) > limits.metadata_pairs:
-        raise InvalidInputError(
-            f"{vendor.display_name} accepts at most {limits.metadata_pairs} metadata pairs, "
-            f"got {len(metadata)}"
-        )
-    for k, v in metadata.items():
-        if not k or len(k) > limits.metadata_key_chars:
-            raise InvalidInputError(
-                f"metadata key {k!r}: expected 1 to {limits.metadata_key_chars} characters, got {len(k)}"
-            )
-        most = limits.metadata_value_chars_by_key.get(k, limits.metadata_value_chars)
-        if len(v) > most:
-            raise InvalidInputError(
-                f"metadata value of {k!r}: expected at most {most} characters, got {len(v)}"
-            )
+def pick_upload(
+    files: Iterable[FileObject], name: str, size: int | None, started: float
+) -> FileObject | None:
+    """Return the newest file that looks like our upload: same name and size, created since we started."""
+    best: FileObject | None = None
+    for scanned, item in enumerate(files):
+        if scanned >= RECOVERY_SCAN_LIMIT:
+            break
+        created = item.created_at.timestamp() if item.created_at else None
+        if (
+            item.filename == name
+            and item.bytes == size
+            and created is not None
+            and created >= started - UPLOAD_LOOKBACK_SECONDS
+            and (best is None or created > _created(best))
+        ):
+            best = item
+    return best
 
 
-def check_create_args(
-    vendor: VendorSpec,
-    *,
-    endpoint: str | None = None,
-    completion_window: str | None = None,
-    metadata: Mapping[str, str] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """
-    Check create-batch arguments before anything is uploaded, exactly as ``create_batch`` will.
-
-    :raises InvalidInputError: naming the argument and what the vendor accepts.
-    """
-    _, merged = create_arguments(
-        vendor, endpoint=endpoint, completion_window=completion_window, metadata=metadata, extra=extra
-    )
-    check_metadata(vendor, merged)
+def find_newest(batches: Iterable[list[Batch]], wanted: Mapping[str, str], max_scan: int) -> Batch | None:
+    """Return the newest batch whose metadata holds every wanted pair; stop after the first matching page."""
+    best: Batch | None = None
+    scanned = 0
+    for page in batches:
+        for batch in page:
+            scanned += 1
+            metadata = batch.metadata or {}
+            if all(metadata.get(k) == v for k, v in wanted.items()) and (
+                best is None or _created(batch) > _created(best)
+            ):
+                best = batch
+        if best is not None or scanned >= max_scan:
+            break
+    return best
 
 
-def _check_extra_type(spec: ExtraCreateField, value: Any) -> None:
-    ok = {
-        "boolean": isinstance(value, bool),
-        "string": isinstance(value, str),
-        "object": isinstance(value, Mapping),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-    }[spec.type]
-    if not ok:
-        raise InvalidInputError(
-            f"create field {spec.name!r} expects a {spec.type}, got {type(value).__name__}"
-        )
-
-
-def source_name(source: object, default: str = "input.jsonl") -> str:
-    """Return the file name to upload a source under: its base name, else ``default``."""
-    if isinstance(source, str | os.PathLike):
-        return os.path.basename(os.fspath(source)) or default
-    name = getattr(source, "name", None)
-    if isinstance(name, str) and name:
-        return os.path.basename(name) or default
-    return default
+def _created(item: Batch | FileObject) -> float:
+    return item.created_at.timestamp() if item.created_at else 0.0

@@ -1,5 +1,5 @@
 """
-Local ends of streamed transfers: upload sources, checked upload bodies, download sinks, a line splitter.
+Local ends of streamed transfers: upload sources and their multipart framing, checked bodies, download sinks.
 
 Each works with a local path, a binary file object or anything with ``.open()`` such as
 ``ObjectStoragePath``. Their methods are plain blocking calls; the async face runs them in a worker
@@ -12,7 +12,8 @@ import io
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import IO, Any, NoReturn, Protocol, cast
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
@@ -271,21 +272,72 @@ class DownloadSink:
         self._handle = None
 
 
-class LineSplitter:
-    """Split a byte stream into lines without their line ending; blank lines are dropped."""
+@dataclass(frozen=True)
+class MultipartLayout:
+    """
+    The bytes around a streamed file in a ``multipart/form-data`` upload.
 
-    def __init__(self) -> None:
-        self._rest = b""
+    :param boundary: the multipart boundary.
+    :param head: the form fields and the file part's headers.
+    :param tail: the closing boundary.
+    """
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """Return the complete lines that ``chunk`` finishes."""
-        if not chunk:
-            return []
-        parts = (self._rest + chunk).split(b"\n")
-        self._rest = parts.pop()
-        return [line.rstrip(b"\r") for line in parts if line.strip()]
+    boundary: str
+    head: bytes
+    tail: bytes
 
-    def flush(self) -> list[bytes]:
-        """Return the last line when the stream did not end with a newline."""
-        rest, self._rest = self._rest.rstrip(b"\r"), b""
-        return [rest] if rest.strip() else []
+    @property
+    def content_type(self) -> str:
+        """Return the request's Content-Type header."""
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def headers(self, size: int | None) -> dict[str, str]:
+        """Return the upload's headers for a file of ``size`` bytes; an unknown size goes chunked."""
+        headers = {"Content-Type": self.content_type}
+        if size is not None:
+            headers["Content-Length"] = str(len(self.head) + size + len(self.tail))
+        return headers
+
+    def body(self, handle: IO[bytes]) -> Iterator[bytes]:
+        """Yield the whole body: the form fields, the file read in chunks, the closing boundary."""
+        yield self.head
+        while chunk := handle.read(CHUNK_SIZE):
+            yield chunk
+        yield self.tail
+
+
+def _form_quote(value: str) -> str:
+    # As browsers (and httpx) do: escape what would end the quoted string.
+    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def multipart_layout(
+    fields: Mapping[str, str], *, filename: str, boundary: str | None = None
+) -> MultipartLayout:
+    """
+    Return the multipart framing of an upload: the form ``fields`` first, then the file as ``file``.
+
+    :param fields: plain form fields (``purpose``).
+    :param filename: the file name sent to the vendor.
+    :param boundary: a fixed boundary, for tests.
+    """
+    boundary = boundary or uuid.uuid4().hex
+    head = bytearray()
+    for name, value in fields.items():
+        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{_form_quote(name)}"\r\n\r\n'.encode()
+        head += f"{value}\r\n".encode()
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{_form_quote(filename)}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    return MultipartLayout(boundary=boundary, head=bytes(head), tail=f"\r\n--{boundary}--\r\n".encode())
+
+
+def source_name(source: object, default: str = "input.jsonl") -> str:
+    """Return the file name to upload a source under: its base name, else ``default``."""
+    if isinstance(source, str | os.PathLike):
+        return os.path.basename(os.fspath(source)) or default
+    name = getattr(source, "name", None)
+    if isinstance(name, str) and name:
+        return os.path.basename(name) or default
+    return default

@@ -15,7 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import httpx
 import pydantic
 
@@ -25,6 +27,7 @@ from airflow_provider_llmbatch.exceptions import (
     AuthenticationError,
     BadRequestError,
     ConflictError,
+    Effect,
     FileTooLargeError,
     MalformedResponseError,
     NotFoundError,
@@ -86,10 +89,23 @@ class ErrorBody:
     request_id: str | None = None
 
 
+def secret_forms(secret: str) -> list[str]:
+    """Return every form in which ``secret`` can reach a message: as is, escaped (repr, JSON), URL-quoted."""
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        json.dumps(secret)[1:-1],
+        quote(secret, safe=""),
+        repr(secret.encode())[2:-1],
+    }
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
 def redact(text: str, secret: str | None) -> str:
-    """Return ``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    """Return ``text`` with every form of ``secret`` (see :func:`secret_forms`) replaced by ``***``."""
     if secret:
-        text = text.replace(secret, "***")
+        for form in secret_forms(secret):
+            text = text.replace(form, "***")
     return text
 
 
@@ -153,7 +169,7 @@ def error_kind(vendor: VendorSpec, status: int, body: ErrorBody, *, operation: s
         pairs = [kind for kind, (s, c) in dialect.codes.items() if s == status and c == value]
         if len(set(pairs)) == 1:
             return pairs[0]
-    if operation == "cancel_batch" and status == vendor.quirks.cancel_terminal_status and status != 404:
+    if operation == "cancel_batch" and status == vendor.cancel_terminal_status and status != 404:
         return "conflict"
     if status in STATUS_KINDS:
         return STATUS_KINDS[status]
@@ -223,21 +239,55 @@ def error_from_response(
     )
 
 
+TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[APIConnectionError], Effect | None], ...] = (
+    # Before a byte of the request left: any call may be repeated.
+    (httpx.ConnectTimeout, APITimeoutError, "not_sent"),
+    (httpx.PoolTimeout, APITimeoutError, "not_sent"),
+    (httpx.ConnectError, APIConnectionError, "not_sent"),
+    (httpx.ProxyError, APIConnectionError, "not_sent"),
+    (aiohttp.ConnectionTimeoutError, APITimeoutError, "not_sent"),
+    (aiohttp.ClientConnectorError, APIConnectionError, "not_sent"),
+    # After (part of) the request was sent: the vendor may have acted on it.
+    (httpx.TimeoutException, APITimeoutError, "unknown"),
+    (httpx.NetworkError, APIConnectionError, "unknown"),
+    (httpx.RemoteProtocolError, APIConnectionError, "unknown"),
+    (TimeoutError, APITimeoutError, "unknown"),
+    (aiohttp.ClientPayloadError, APIConnectionError, "unknown"),
+    (aiohttp.ServerDisconnectedError, APIConnectionError, "unknown"),
+    (aiohttp.ClientOSError, APIConnectionError, "unknown"),
+    (aiohttp.ClientResponseError, APIConnectionError, "unknown"),
+    # Anything else (a request that could not be built, an invalid URL): repeating will not help.
+    (httpx.HTTPError, APIConnectionError, None),
+    (aiohttp.ClientError, APIConnectionError, None),
+)
+"""Transport failure of either face -> (exception class, whether the vendor may have acted); first match."""
+
+
 def transport_error(
-    exc: httpx.TransportError, *, vendor: VendorSpec, conn_id: str, operation: str, secret: str | None
+    exc: BaseException, *, vendor: VendorSpec, conn_id: str, operation: str, secret: str | None
 ) -> APIConnectionError:
     """
-    Return the typed exception for a failure without a response (raise it ``from exc``).
+    Return the typed exception for a failure without a (complete) response; raise it ``from None``.
 
-    :param exc: the httpx transport error.
+    The cause is not chained: a transport library's exception may hold the request and its headers.
+
+    :param exc: an httpx or aiohttp transport error, or a timeout.
     :param vendor: the vendor spec.
     :param conn_id: the Airflow connection id.
     :param operation: the hook operation.
     :param secret: the API key, never to appear in the result.
     """
-    cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    cls, effect = next(
+        ((c, e) for kind, c, e in TRANSPORT_ERRORS if isinstance(exc, kind)), (APIConnectionError, None)
+    )
     detail = redact(str(exc), secret) or type(exc).__name__
-    return cls(f"{type(exc).__name__}: {detail}", vendor=vendor.name, conn_id=conn_id, operation=operation)
+    return cls(
+        f"{type(exc).__name__}: {detail}",
+        vendor=vendor.name,
+        conn_id=conn_id,
+        operation=operation,
+        effect=effect,
+    )
 
 
 def summarize_validation(exc: pydantic.ValidationError, *, limit: int = 5) -> str:

@@ -18,7 +18,7 @@ from airflow_provider_llmbatch.exceptions import (
 )
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
-from airflow_provider_llmbatch.operators.batch import default_task_path
+from airflow_provider_llmbatch.operators.reattach import default_task_path
 from airflow_provider_llmbatch.results import JoinReport, join_results
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class FetchBatchResultsOperator(BaseOperator):
         spec = hook.vendor
         if not batch.input_file_id:
             raise InvalidInputError(f"Batch {batch.id} names no input file; pass input_file=")
-        if not spec.quirks.input_content_downloadable:
+        if not spec.input_content_downloadable:
             raise InvalidInputError(
                 f"{spec.display_name} does not serve the content of request files, so the results of "
                 f"batch {batch.id} cannot be joined without them; pass input_file= (for example "

@@ -1,0 +1,272 @@
+"""
+Identity and re-attaching: how a retried or cleared task finds the batch and the upload it already paid for.
+
+A task instance's batch is named by a key made of the task instance (dag, task, run, map index) and the
+SHA-256 of its request file (:func:`batch_key`), stored in the batch's ``llmbatch_key`` metadata. The
+key, the uploaded file id and the batch id are also kept in Airflow's task state store, which survives
+retries. A look-up accepts a batch only if its recorded key is this task instance's key for this input:
+a changed file, another run or another task never re-attaches to what the old one made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_llmbatch.exceptions import LLMBatchError, NotFoundError, VendorAPIError
+from airflow_provider_llmbatch.jsonl import RequestFileCheck, RequestFileReport
+from airflow_provider_llmbatch.models import Batch, BatchStatus
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_llmbatch.hooks.batch import BatchHook
+
+KEY_LENGTH = 32
+"""Hex characters of the retry-safe identity key."""
+
+KEY_METADATA = "llmbatch_key"
+"""The batch metadata key that identifies the task instance and input a batch was created for."""
+
+STATE_KEY = "llmbatch_create"
+"""The task state store key holding ``{"key", "input_file_id", "fingerprint", "batch_id"}`` across retries."""
+
+TAG_LENGTH = 16
+"""Hex characters of the task tag and of the nonce in the name of a file checked as it uploads."""
+
+REATTACHABLE_STATUSES: frozenset[BatchStatus] = frozenset(
+    {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED}
+)
+"""Statuses of an earlier batch a retry re-attaches to; any other end gets a fresh batch."""
+
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._+:=-]")
+
+
+def task_identity(context: Context) -> tuple[str, str, str, int]:
+    """Return ``(dag_id, task_id, run_id, map_index)`` of the running task instance."""
+    ti = context.get("ti")
+    if ti is None:
+        raise LLMBatchError("the task context has no task instance; run the operator as an Airflow task")
+    map_index = ti.map_index
+    index = map_index if isinstance(map_index, int) and map_index >= 0 else -1
+    return str(ti.dag_id), str(ti.task_id), str(ti.run_id), index
+
+
+def default_task_path(root: str, context: Context) -> str:
+    """Return ``$AIRFLOW_HOME/<root>/<dag_id>/<run_id>/<task_id>[.<map_index>].jsonl`` for this task."""
+    dag_id, task_id, run_id, map_index = task_identity(context)
+    name = task_id if map_index < 0 else f"{task_id}.{map_index}"
+    parts = [_UNSAFE_PATH_CHARS.sub("_", p) for p in (dag_id, run_id, name)]
+    home = Path(os.path.expanduser(os.environ.get("AIRFLOW_HOME", "~/airflow")))
+    return str(home / root / parts[0] / parts[1] / f"{parts[2]}.jsonl")
+
+
+def _hash(*parts: object, length: int) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:length]
+
+
+def batch_key(context: Context, input_fingerprint: str) -> str:
+    """Return the key naming this task instance's batch for this input (32 hex characters)."""
+    return _hash(*task_identity(context), input_fingerprint, length=KEY_LENGTH)
+
+
+def checked_upload_name(context: Context) -> str:
+    """
+    Return the name of a file checked as it uploads: ``llmbatch-<task tag>-<nonce>.jsonl``.
+
+    Its key is known only once the whole file has passed, after the name is sent; the random nonce
+    makes the name unique, so the hook's look-up of an upload of unknown effect finds this upload only.
+    """
+    return (
+        f"llmbatch-{_hash(*task_identity(context), length=TAG_LENGTH)}-{uuid.uuid4().hex[:TAG_LENGTH]}.jsonl"
+    )
+
+
+class StateStore:
+    """The task state store where the running Airflow has one; every failure degrades to "absent"."""
+
+    def __init__(self, context: Context, log: Any) -> None:
+        self._store = context.get("task_state_store")
+        self._log = log
+        self._value: dict[str, Any] | None = None
+        self._answered = False
+
+    def get(self, key: str) -> dict[str, Any]:
+        """Return what an earlier try stored for ``key`` (read once), or an empty dict."""
+        value = self._load()
+        return value if value.get("key") == key else {}
+
+    def knows_no_earlier_try(self) -> bool:
+        """Return whether the store answered and holds nothing from an earlier try (for any input)."""
+        return not self._load() and self._answered
+
+    def set(self, value: dict[str, Any]) -> None:
+        """Store ``value`` for later tries."""
+        self._value = dict(value)
+        if self._store is not None:
+            try:
+                self._store.set(STATE_KEY, value)
+            except Exception as exc:
+                self._disable("write", exc)
+
+    def _load(self) -> dict[str, Any]:
+        if self._value is None:
+            self._value = self._read()
+        return self._value
+
+    def _read(self) -> dict[str, Any]:
+        if self._store is None:
+            return {}
+        try:
+            value = self._store.get(STATE_KEY)
+        except Exception as exc:
+            self._disable("read", exc)
+            return {}
+        self._answered = True
+        if value is None:
+            return {}
+        # Something an earlier try wrote, even unreadable, means this is not the first try.
+        return dict(value) if isinstance(value, Mapping) else {"unreadable": repr(value)[:100]}
+
+    def _disable(self, what: str, exc: Exception) -> None:
+        # The batch metadata look-up still finds the batch; the state store only makes it cheaper.
+        self._log.warning("Task state store %s failed (%s); relying on the batch metadata look-up", what, exc)
+        self._store = None
+
+
+@dataclass(frozen=True)
+class Found:
+    """
+    The checked request file of this try, its upload, and this task instance's earlier batch of it.
+
+    :param report: what the file holds (its SHA-256 names the input).
+    :param key: this task instance's key for this input.
+    :param file_id: the uploaded file the batch is (or will be) created from.
+    :param batch: the earlier batch re-attached to, or None when one is to be created.
+    """
+
+    report: RequestFileReport
+    key: str
+    file_id: str
+    batch: Batch | None
+
+
+class Tracker:
+    """
+    Find this task instance's earlier work: its task state store, and the look-ups for its batch and upload.
+
+    :param context: the task context.
+    :param hook: the hook of the task's connection.
+    :param log: the task's logger.
+    :param enabled: look for earlier work at all (``reattach=True``).
+    """
+
+    def __init__(self, context: Context, hook: BatchHook, log: Any, *, enabled: bool) -> None:
+        self.context = context
+        self.hook = hook
+        self.log = log
+        self.enabled = enabled
+        self.state = StateStore(context, log)
+
+    def first_try(self) -> bool:
+        """Return whether no earlier try can exist: nothing to find before the upload."""
+        return not self.enabled or self.state.knows_no_earlier_try()
+
+    def upload_checked(self, source: Any, check: RequestFileCheck) -> Found:
+        """Check the file as it uploads (one pass); record the upload as soon as it returns."""
+        uploaded = self.hook.upload_file(source, filename=checked_upload_name(self.context), check=check)
+        report = check.report
+        assert report is not None  # upload_file returns only after the check passed
+        key = batch_key(self.context, report.sha256)
+        self.record(key, report, uploaded.id)
+        # The state store may have been emptied (a cleared run) while the batch this task paid for runs.
+        batch = self._earlier_batch(key)
+        if batch is None:
+            return Found(report, key, uploaded.id, None)
+        self._discard(uploaded.id)
+        return Found(report, key, batch.input_file_id or "", batch)
+
+    def reuse_or_upload(self, source: Any, report: RequestFileReport) -> Found:
+        """For a checked file: re-attach to the earlier batch, or reuse the earlier upload, or upload."""
+        key = batch_key(self.context, report.sha256)
+        batch = self._earlier_batch(key)
+        if batch is not None:
+            return Found(
+                report, key, batch.input_file_id or self.state.get(key).get("input_file_id") or "", batch
+            )
+        filename = f"llmbatch-{key}.jsonl"
+        file_id = self._earlier_upload(key, filename, report.bytes)
+        if file_id is None:
+            file_id = self.hook.upload_file(source, filename=filename).id
+            self.record(key, report, file_id)
+        return Found(report, key, file_id, None)
+
+    def record(self, key: str, report: RequestFileReport, file_id: str, batch_id: str | None = None) -> None:
+        """Record what this try made, for a later try."""
+        value = {"key": key, "input_file_id": file_id, "fingerprint": report.sha256}
+        self.state.set(value if batch_id is None else {**value, "batch_id": batch_id})
+
+    def _earlier_batch(self, key: str) -> Batch | None:
+        """Return this task instance's earlier batch for this input, if it is worth re-attaching to."""
+        if not self.enabled:
+            return None
+        batch: Batch | None = None
+        stored_id = self.state.get(key).get("batch_id")
+        if isinstance(stored_id, str) and stored_id:
+            try:
+                batch = self.hook.get_batch(stored_id)
+            except NotFoundError:
+                self.log.info("Batch %s from the task state store no longer exists", stored_id)
+        # Only a batch that records this task instance's key for this input is ever taken.
+        if batch is None or (batch.metadata or {}).get(KEY_METADATA) != key:
+            batch = self.hook.find_batch(metadata={KEY_METADATA: key})
+        if batch is None:
+            return None
+        if batch.state in REATTACHABLE_STATUSES:
+            self.log.info("Re-attaching to batch %s (%s) created by an earlier try", batch.id, batch.status)
+            return batch
+        self.log.warning(
+            "The earlier batch %s of this task ended %s; creating a fresh batch", batch.id, batch.status
+        )
+        return None
+
+    def _earlier_upload(self, key: str, filename: str, size: int) -> str | None:
+        """Return the id of this task instance's earlier upload of this input, if it is still usable."""
+        if not self.enabled:
+            return None
+
+        def usable(file_bytes: int | None, status: str | None) -> bool:
+            return (file_bytes is None or file_bytes == size) and status not in ("error", "deleted")
+
+        stored_id = self.state.get(key).get("input_file_id")
+        try:
+            if isinstance(stored_id, str) and stored_id:
+                try:
+                    stored = self.hook.get_file(stored_id)
+                except NotFoundError:
+                    stored = None
+                if stored is not None and usable(stored.bytes, stored.status):
+                    return stored.id
+            for file in self.hook.list_files(purpose="batch"):
+                if file.filename == filename and usable(file.bytes, file.status):
+                    self.log.info("Reusing uploaded request file %s (%s)", file.id, filename)
+                    return file.id
+        except VendorAPIError as exc:
+            # A duplicate upload costs storage, not money; a failed look-up must not fail the task.
+            self.log.warning("Could not look for an earlier upload (%s); uploading again", exc)
+        return None
+
+    def _discard(self, file_id: str) -> None:
+        """Delete this try's own upload when an earlier batch (with its own input file) is re-attached to."""
+        try:
+            self.hook.delete_file(file_id)
+        except VendorAPIError as exc:
+            self.log.warning("Could not delete the unneeded upload %s (%s)", file_id, exc)
+        else:
+            self.log.info("Deleted upload %s: the earlier batch has its own input file", file_id)

@@ -1,0 +1,301 @@
+"""
+Waiting for a batch from a task: deferred to :class:`~airflow_provider_llmbatch.triggers.batch.BatchTrigger`,
+or polled on the worker around the same :class:`~airflow_provider_llmbatch.polling.Poller`.
+
+Both ways end with the same event payload, and :func:`complete` turns it into the task's result: the
+judged summary, or the error the outcome table names. ``BatchSensor`` and
+``CreateBatchOperator(wait_for_completion=True)`` both wait through here, with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from airflow_provider_llmbatch.exceptions import (
+    BatchTimeoutError,
+    InvalidInputError,
+    LLMBatchError,
+    VendorAPIError,
+)
+from airflow_provider_llmbatch.hooks.batch import BatchHook
+from airflow_provider_llmbatch.models import CANCELLABLE_STATUSES, Batch
+from airflow_provider_llmbatch.outcomes import judge
+from airflow_provider_llmbatch.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    EVENT_KINDS,
+    Cancel,
+    Poller,
+    Step,
+    Wait,
+    check_seconds,
+)
+from airflow_provider_llmbatch.retry import classify
+from airflow_provider_llmbatch.triggers.batch import BatchTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+DEFAULT_TIMEOUT = 7 * 24 * 3600.0
+"""How long a wait lasts by default: a week, the longest window most vendors allow."""
+
+DEFER_TIMEOUT_MARGIN = 600.0
+"""
+Seconds the deferral's own timeout trails the trigger's deadline.
+
+When a deferral times out, Airflow fails the task without running ``execute_complete`` or the
+trigger's ``on_kill``, so nothing could cancel the batch; the trigger enforces the deadline itself
+(and cancels), and the deferral timeout is only a backstop.
+"""
+
+XCOM_SUMMARY = "batch_summary"
+"""The XCom key the final batch summary is pushed under before it is judged."""
+
+# Seams for tests: the worker-side wait reads the clock and sleeps through these.
+clock: Callable[[], float] = time.time
+"""Return the wall-clock time in epoch seconds."""
+
+sleep: Callable[[float], None] = time.sleep
+"""Wait on the worker."""
+
+
+@dataclass(frozen=True)
+class WaitSettings:
+    """
+    How a task waits for a batch; every duration checked once, before anything is uploaded.
+
+    :param poll_interval: the typical seconds between polls.
+    :param max_poll_interval: no scheduled wait between polls is longer.
+    :param timeout: seconds to wait before giving up.
+    :param max_failed_fraction: share of failed requests a completed batch may have.
+    :param cancel_on_timeout: cancel the batch when the timeout passes.
+    :param cancel_on_kill: cancel the batch when the task is killed.
+    :param max_consecutive_errors: transient API errors in a row before failing.
+    """
+
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
+    max_failed_fraction: float = 0.0
+    cancel_on_timeout: bool = True
+    cancel_on_kill: bool = True
+    max_consecutive_errors: int = 10
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        poll_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | timedelta = DEFAULT_MAX_POLL_INTERVAL,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
+        max_failed_fraction: float = 0.0,
+        cancel_on_timeout: bool = True,
+        cancel_on_kill: bool = True,
+        max_consecutive_errors: int = 10,
+    ) -> WaitSettings:
+        """Return the settings after checking each argument; raise :class:`InvalidInputError` naming it."""
+        fraction = max_failed_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+            raise InvalidInputError(f"max_failed_fraction must be from 0.0 to 1.0, got {fraction!r}")
+        errors = max_consecutive_errors
+        if isinstance(errors, bool) or not isinstance(errors, int) or errors < 1:
+            raise InvalidInputError(f"max_consecutive_errors must be a whole number >= 1, got {errors!r}")
+        return cls(
+            poll_interval=check_seconds("poll_interval", poll_interval),
+            max_poll_interval=check_seconds("max_poll_interval", max_poll_interval),
+            timeout=check_seconds("timeout", timeout),
+            max_failed_fraction=float(fraction),
+            cancel_on_timeout=bool(cancel_on_timeout),
+            cancel_on_kill=bool(cancel_on_kill),
+            max_consecutive_errors=errors,
+        )
+
+    def trigger(self, conn_id: str, batch_id: str, deadline: float) -> BatchTrigger:
+        """Return the trigger that waits with these settings."""
+        return BatchTrigger(
+            conn_id=conn_id,
+            batch_id=batch_id,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            deadline=deadline,
+            cancel_on_kill=self.cancel_on_kill,
+            cancel_on_timeout=self.cancel_on_timeout,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+
+
+def wait_for_batch(
+    context: Context,
+    hook: BatchHook,
+    batch_id: str,
+    settings: WaitSettings,
+    *,
+    deferrable: bool,
+    defer: Callable[..., NoReturn],
+    log: Any,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    Wait for ``batch_id`` to end; return its judged summary merged over ``extra``.
+
+    Deferrable: a batch that has already ended is judged at once; otherwise the task defers to a
+    :class:`BatchTrigger` whose deadline is now + ``timeout`` and resumes in the task's
+    ``execute_complete`` (``extra`` travels with the deferral). Not deferrable: polls here, with the same
+    state machine.
+
+    :raises BatchOutcomeError: the batch failed, expired, was cancelled, timed out, or too many
+        requests failed.
+    """
+    deadline = clock() + settings.timeout
+    extra = dict(extra or {})
+    if not deferrable:
+        return complete(context, poll_until_done(hook, batch_id, settings, deadline, log), settings, extra)
+    batch = _peek(hook, batch_id, log)
+    if batch is not None and batch.is_terminal:
+        return finish(context, batch.summary(), settings, extra)
+    log.info("Deferring until batch %s ends (timeout %.0fs)", batch_id, settings.timeout)
+    defer(
+        trigger=settings.trigger(hook.conn_id, batch_id, deadline),
+        method_name="execute_complete",
+        kwargs={"extra": extra} if extra else None,
+        timeout=timedelta(seconds=settings.timeout + DEFER_TIMEOUT_MARGIN),
+    )
+
+
+def _peek(hook: BatchHook, batch_id: str, log: Any) -> Batch | None:
+    """Return the batch once, or None when a transient error hides it (the trigger polls on)."""
+    try:
+        return hook.get_batch(batch_id)
+    except VendorAPIError as exc:
+        if classify(exc) is None:
+            raise
+        log.warning("Could not check batch %s before deferring: %s", batch_id, exc)
+        return None
+
+
+def poll_until_done(
+    hook: BatchHook, batch_id: str, settings: WaitSettings, deadline: float, log: Any
+) -> dict[str, Any]:
+    """Poll ``batch_id`` on the worker until the state machine finishes; return the final event."""
+    poller = Poller(
+        batch_id,
+        started=clock(),
+        poll_interval=settings.poll_interval,
+        max_poll_interval=settings.max_poll_interval,
+        deadline=deadline,
+        cancel_on_timeout=settings.cancel_on_timeout,
+        max_consecutive_errors=settings.max_consecutive_errors,
+        log=log,
+    )
+    step: Step = Wait(0.0)
+    while isinstance(step, Wait):
+        sleep(step.seconds)
+        sent_at = clock()
+        try:
+            result: Batch | Exception = hook.get_batch(batch_id, retry=False)
+        except Exception as exc:
+            result = exc
+        step = poller.after(result, sent_at=sent_at, now=clock())
+    if isinstance(step, Cancel):
+        step = poller.after_cancel(cancel(hook, batch_id, step.reason, log))
+    return poller.event(step)
+
+
+def cancel_if_running(hook: BatchHook, batch_id: str, log: Any) -> Batch:
+    """Cancel a batch unless it has already ended; return it as it is after that."""
+    batch = hook.get_batch(batch_id)
+    if batch.state not in CANCELLABLE_STATUSES:
+        log.info("Batch %s is %s; nothing to cancel", batch_id, batch.status)
+        return batch
+    batch = hook.cancel_batch(batch_id)
+    log.info("Cancel requested for batch %s: now %s", batch_id, batch.status)
+    return batch
+
+
+def cancel(hook: BatchHook, batch_id: str, reason: str, log: Any) -> dict[str, Any] | None:
+    """Cancel a batch that still runs, best effort; return its summary after the request, or None."""
+    log.info("Cancelling batch %s: %s", batch_id, reason)
+    try:
+        return cancel_if_running(hook, batch_id, log).summary()
+    except Exception as exc:
+        # The batch may have ended meanwhile or be unreachable; the caller reports the failed cancel.
+        log.warning("Could not cancel batch %s: %s", batch_id, exc)
+        return None
+
+
+def validate_event(event: Any) -> dict[str, Any]:
+    """
+    Return a wait's event payload after checking its shape; raise a clear error otherwise.
+
+    :param event: what the trigger sent back (``None`` if it sent nothing).
+    :raises LLMBatchError: the event is missing or not a :class:`BatchTrigger` event.
+    """
+    if event is None:
+        raise LLMBatchError("The batch trigger resumed the task without an event")
+    if not isinstance(event, Mapping):
+        raise LLMBatchError(f"The batch trigger sent an event of type {type(event).__name__}, not a mapping")
+    kind = event.get("event")
+    if kind not in EVENT_KINDS:
+        raise LLMBatchError(
+            f"The batch trigger sent an unknown event {kind!r}; expected one of {sorted(EVENT_KINDS)}"
+        )
+    batch = event.get("batch")
+    if batch is not None and not isinstance(batch, Mapping):
+        raise LLMBatchError(f"The batch trigger sent a {kind!r} event whose batch is not a mapping")
+    if kind == "terminal" and (batch is None or not batch.get("batch_id") or not batch.get("status")):
+        raise LLMBatchError("The batch trigger sent a 'terminal' event without the batch's id and status")
+    message = event.get("message")
+    batch_id = event.get("batch_id") or (batch or {}).get("batch_id")
+    return {
+        "event": kind,
+        "batch_id": str(batch_id or ""),
+        "batch": dict(batch) if batch is not None else None,
+        "message": message if isinstance(message, str) else "",
+        "polls": event.get("polls"),
+    }
+
+
+def complete(
+    context: Context,
+    event: Any,
+    settings: WaitSettings,
+    extra: Mapping[str, Any] | None,
+    *,
+    conn_id: str = "",
+) -> dict[str, Any]:
+    """
+    Turn a wait's final event into the task's result: the judged summary merged over ``extra``.
+
+    :raises LLMBatchError: the event is missing or malformed.
+    :raises VendorAPIError: polling failed for good (``error`` event).
+    :raises BatchTimeoutError: the deadline passed (``timeout`` event).
+    :raises BatchOutcomeError: the batch ended, and not well.
+    """
+    payload = validate_event(event)
+    batch = payload["batch"]
+    if payload["event"] == "error":
+        raise VendorAPIError(payload["message"] or "polling the batch failed", conn_id=conn_id)
+    if payload["event"] == "timeout":
+        raise BatchTimeoutError(
+            payload["message"] or "the batch did not finish before the deadline",
+            batch_id=payload["batch_id"],
+            status="timeout",
+            summary=batch,
+        )
+    assert batch is not None  # validate_event: a terminal event carries its batch
+    return finish(context, batch, settings, extra or {})
+
+
+def finish(
+    context: Context, summary: dict[str, Any], settings: WaitSettings, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Push the summary (XCom ``batch_summary``), judge it and return it merged over ``extra``."""
+    ti = context.get("ti") if isinstance(context, Mapping) else None
+    if ti is not None:
+        ti.xcom_push(key=XCOM_SUMMARY, value=summary)
+    judge(summary, max_failed_fraction=settings.max_failed_fraction)
+    return {**extra, **summary}
