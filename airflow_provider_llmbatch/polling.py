@@ -8,10 +8,13 @@ worker are each only the I/O around it, and both end with the same event payload
 
 The schedule is adaptive and a promise about the user's API quota. Polls start close together (a file
 the vendor rejects shows up as ``failed`` within seconds), spread out as the wait grows, and come back
-sooner when progress says the end is near. The schedule gives a delay between the *starts* of two polls;
-each wait is jittered by up to ±10% (mean zero) so many waiters do not poll in lockstep. The start of a
-poll is when it holds a connection, so time spent queueing for one never shortens the next wait. After
-a failed poll the delay doubles from the scheduled one (never shorter), or follows ``Retry-After``.
+sooner when progress says the end is near. The schedule gives the delay between the *starts* of two
+polls, and each poll starts exactly that long after the previous one (or at once, when an answer took
+longer). The start of a poll is when it holds a connection, so time spent queueing for one never
+shortens the next wait. Waiters started together (a burst of tasks, a triggerer restart) are spread by
+their first wait only (±10%, mean zero), so they never poll in lockstep and never more often than
+scheduled. After a failed poll the delay doubles from the scheduled one (never shorter), lengthened by
+up to 10% so failing waiters do not come back together, or follows ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,13 @@ the end of a long batch is seen at most ten minutes late, under 1% of its durati
 """
 
 JITTER = 0.1
-"""Each wait is the scheduled delay times ``1 ± JITTER`` (uniform, mean zero)."""
+"""The first wait is the scheduled delay times ``1 ± JITTER`` (mean zero); error waits ``1 + [0, JITTER)``."""
+
+CAP_MARGIN = 0.02
+"""
+The capped delay is ``max_poll_interval`` less this share (at most 1 s): room for the answer's way back,
+so a batch that ends right after a poll is still seen within ``max_poll_interval``.
+"""
 
 MAX_WAIT_SECONDS = 60 * 24 * 3600.0
 """The longest duration any wait argument may have (60 days; the longest vendor window is 14)."""
@@ -109,7 +118,8 @@ def scheduled_delay(
     :param elapsed_s: seconds since the wait began.
     :param summary: the latest batch summary, or None if no poll has succeeded yet.
     :param poll_interval: the typical delay; the first delays are a quarter of it.
-    :param max_poll_interval: the cap; no scheduled delay is longer.
+    :param max_poll_interval: a batch's end is seen within this long (the delay's cap, less
+        :data:`CAP_MARGIN`).
     """
     elapsed_s = max(elapsed_s, 0.0)
     ramp = poll_interval * min(1.0, WARMUP_FRACTION + elapsed_s / (WARMUP_POLL_INTERVALS * poll_interval))
@@ -120,7 +130,7 @@ def scheduled_delay(
     if eta is not None:
         # Come back around the estimated end rather than a long fixed delay after it.
         delay = min(delay, max(eta, poll_interval * WARMUP_FRACTION))
-    return min(delay, max_poll_interval)
+    return min(delay, max_poll_interval - min(CAP_MARGIN * max_poll_interval, 1.0))
 
 
 def error_delay(
@@ -137,9 +147,11 @@ def error_delay(
     return max(backoff, retry_after or 0.0)
 
 
-def jittered(delay: float, rng: RandomLike | None = None) -> float:
-    """Return ``delay`` spread by ``±JITTER`` (uniform, mean ``delay``)."""
-    return delay * (1.0 + JITTER * (2.0 * (rng or random).random() - 1.0))
+def spread(
+    delay: float, rng: RandomLike | None = None, *, low: float = -JITTER, high: float = JITTER
+) -> float:
+    """Return ``delay`` times ``1 + u``, ``u`` uniform in ``[low, high)``."""
+    return delay * (1.0 + low + (high - low) * (rng or random).random())
 
 
 def _eta_seconds(elapsed_s: float, summary: Mapping[str, Any] | None) -> float | None:
@@ -282,7 +294,11 @@ class Poller:
         )
         if self.errors:
             delay = error_delay(delay, self.errors, retry_after, self.max_poll_interval)
-        wait = max(sent_at + jittered(delay, self.rng) - now, 0.0)
+        if self.errors:
+            delay = spread(delay, self.rng, low=0.0)
+        elif self.polls == 1:
+            delay = spread(delay, self.rng)
+        wait = max(sent_at + delay - now, 0.0)
         if self.deadline is not None:
             wait = min(wait, self.deadline - now)
         return Wait(wait)

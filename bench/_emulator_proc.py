@@ -10,6 +10,8 @@ Commands (one JSON object a line; each answers one JSON line on stdout):
 - ``{"op": "latency", "seconds": s}``, ``{"op": "fault", "rule": {...}}``, ``{"op": "clear"}``;
 - ``{"op": "finished"}``: when each batch was really completed (and forget them);
 - ``{"op": "stats", "vendor": v}``: the vendor's counters plus this process's CPU seconds;
+- ``{"op": "polls", "since": t0, "until": t1}``: batch polls that arrived in the window (times, and a
+  count per batch id), then forget them all;
 - ``{"op": "quit"}``.
 """
 
@@ -21,13 +23,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig, FaultRule  # noqa: E402
+from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig, FaultRule, server  # noqa: E402
 
 
 def _cpu() -> float:
@@ -71,20 +74,27 @@ def _prepare(emu: Emulator, vendor: str, n: int) -> list[str]:
 
 
 FINISHED: dict[str, float] = {}
-POLL_TIMES: list[float] = []
-"""Arrival time of every batch poll (``get_batch``), to show how polls spread over the interval."""
+POLLS: list[tuple[float, str]] = []
+"""Arrival time and batch id of every batch poll (``GET .../batches/{id}``), answered or refused."""
 
 
-def _record_polls(emu: Emulator) -> None:
-    store = emu.runtime.store
-    count = store.count
+class _PollRecorder:
+    """ASGI middleware: record each batch poll as it arrives, before faults or latency apply."""
 
-    def counting(vendor: str, key: str, operation: str | None = None) -> None:
-        if operation == "get_batch":
-            POLL_TIMES.append(time.time())
-        count(vendor, key, operation)
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
-    store.count = counting  # type: ignore[method-assign]
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            head, _, batch_id = scope["path"].rpartition("/")
+            if head.endswith("/batches") and batch_id:
+                POLLS.append((time.time(), batch_id))
+        await self.app(scope, receive, send)
+
+
+def _record_polls() -> None:
+    build = server.build_app
+    server.build_app = lambda runtime: _PollRecorder(build(runtime))  # type: ignore[assignment]
 
 
 def _finisher(emu: Emulator, vendor: str, at: dict[str, float]) -> None:
@@ -97,8 +107,8 @@ def _finisher(emu: Emulator, vendor: str, at: dict[str, float]) -> None:
 
 
 def main() -> None:
+    _record_polls()
     emu = Emulator(EmulatorConfig(time_scale=1000.0)).start()
-    _record_polls(emu)
     print(json.dumps({"url": emu.url, "api_key": emu.api_key}), flush=True)
     for raw in sys.stdin:
         cmd = json.loads(raw)
@@ -117,9 +127,14 @@ def main() -> None:
         elif op == "stats":
             reply["stats"] = emu.stats(cmd["vendor"])
             reply["cpu"] = _cpu()
-        elif op == "poll_times":
-            reply["times"] = [t for t in POLL_TIMES if cmd["since"] <= t < cmd["until"]]
-            POLL_TIMES.clear()
+        elif op == "polls":
+            window = [(t, b) for t, b in POLLS if cmd["since"] <= t < cmd["until"]]
+            reply["times"] = [t for t, _ in window]
+            counts: dict[str, int] = {}
+            for _, batch_id in window:
+                counts[batch_id] = counts.get(batch_id, 0) + 1
+            reply["per_batch"] = counts
+            POLLS.clear()
         elif op == "finished":
             reply["finished"] = dict(FINISHED)
             FINISHED.clear()

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -27,17 +28,49 @@ def _sockets(proc: psutil.Process, port: int) -> int:
 
 def _pools(impl: str, loop: asyncio.AbstractEventLoop) -> dict[str, int]:
     """Return the connection pools on this loop and the triggers holding them (ours only)."""
-    if impl != "llmbatch":
+    if not impl.startswith("llmbatch"):
         return {}
-    from airflow_provider_llmbatch.hooks._pool import shared_clients
+    try:
+        from airflow_provider_llmbatch.hooks.transport import shared_sessions as shared
+    except ImportError:  # the release before the redesign
+        from airflow_provider_llmbatch.hooks._pool import shared_clients as shared
 
-    pools = shared_clients(loop)
+    pools = shared(loop)
     return {"pools": len(pools), "pool_refs": sum(pools.values())}
+
+
+def _schedule(impl: str, plan: dict[str, Any]) -> Callable[[float], float]:
+    """Return the implementation's own scheduled delay between poll starts, by seconds waited so far."""
+    interval, most = plan["poll_interval"], plan.get("max_poll_interval", plan["poll_interval"])
+    if not impl.startswith("llmbatch"):
+        return lambda _elapsed: interval
+    from airflow_provider_llmbatch import polling
+
+    if hasattr(polling, "scheduled_delay"):
+        return lambda e: polling.scheduled_delay(e, None, poll_interval=interval, max_poll_interval=most)
+
+    class _NoJitter:  # the release before the redesign: its nominal delay, jitter off
+        def random(self) -> float:
+            return 0.0
+
+    return lambda e: polling.next_poll_delay(
+        e, None, poll_interval=interval, max_poll_interval=most, rng=_NoJitter()
+    )
+
+
+def _expected_polls(delay: Callable[[float], float], started: float, since: float, until: float) -> float:
+    """Return how many polls the schedule calls for in ``[since, until)``: the integral of 1 / delay."""
+    step = 0.01
+    total, t = 0.0, since
+    while t < until:
+        total += step / delay(t - started)
+        t += step
+    return total
 
 
 def _make(impl: str, batch_id: str, plan: dict[str, Any]) -> Any:
     interval = plan["poll_interval"]
-    if impl == "llmbatch":
+    if impl.startswith("llmbatch"):
         from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 
         return BatchTrigger(
@@ -110,6 +143,7 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
         }
 
     fired: dict[str, float] = {}
+    started: dict[str, float] = {}
     events: dict[str, Any] = {}
 
     async def run_one(trigger: Any, batch_id: str) -> None:
@@ -135,6 +169,7 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
     samplers = [asyncio.create_task(sample(k, t0 + v)) for k, v in plan["samples"].items()]
     tasks = []
     for batch_id in ids:
+        started[batch_id] = time.time()
         tasks.append(asyncio.create_task(run_one(_make(impl, batch_id, plan), batch_id)))
         await asyncio.sleep(0)  # as the triggerer starts them, one at a time
     _done, pending = await asyncio.wait(tasks, timeout=max(t0 + plan["end"] - time.time(), 0))
@@ -154,7 +189,11 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
         kind = str(payload.get("event") or payload.get("status"))
         kinds[kind] = kinds.get(kind, 0) + 1
     del loop
+    schedule = _schedule(impl, plan)
+    since, until = t0 + plan["samples"]["s0"], t0 + plan["samples"]["s1"]
+    expected = {b: _expected_polls(schedule, started[b], since, until) for b in ids}
     return {
+        "expected_polls": expected,
         "impl": impl,
         "n": len(ids),
         "lags": lags,

@@ -2,7 +2,7 @@
 """
 API calls per batch: polls the sensor makes with its default settings vs. a fixed 60 s interval.
 
-The schedule is simulated with the real ``polling.delay_after_poll`` and the defaults of
+The schedule is simulated with the real poll state machine (``polling.Poller``) and the defaults of
 ``BatchSensor`` / ``BatchTrigger`` (jitter included, 200 seeds per case; each poll takes a
 ``ROUND_TRIP`` and the vendor reads the state as the poll starts, the worst case), for batches that
 report progress (request counts grow steadily) and batches that report none until they end. Resume
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import random
@@ -34,6 +35,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from airflow_provider_llmbatch import polling  # noqa: E402
+from airflow_provider_llmbatch.models import Batch  # noqa: E402
 
 DURATIONS = {"10 min": 600.0, "2 h": 7200.0, "20 h": 72000.0}
 FIXED = 60.0
@@ -41,28 +43,41 @@ SEEDS = 200
 ROUND_TRIP = 0.5  # seconds per poll, request and answer
 
 
+_QUIET = logging.getLogger("bench.polls_per_batch")
+_QUIET.setLevel(logging.CRITICAL)
+
+
 def simulate(
     duration: float, *, progress: bool, rng: random.Random, poll_interval: float, max_poll_interval: float
 ) -> tuple[int, float]:
-    """Return (polls, resume latency in seconds) for one batch."""
-    elapsed, polls = 0.0, 0  # elapsed: when the poll starts, and the vendor reads the state
+    """Return (polls, resume latency in seconds) for one batch, driving the real poll state machine."""
+    poller = polling.Poller(
+        "sim",
+        started=0.0,
+        poll_interval=poll_interval,
+        max_poll_interval=max_poll_interval,
+        deadline=None,
+        cancel_on_timeout=False,
+        max_consecutive_errors=10,
+        log=_QUIET,
+        rng=rng,
+    )
+    now = 0.0  # when a poll starts, and (the worst case) when the vendor reads the state
     while True:
-        polls += 1
-        if elapsed >= duration:
-            return polls, elapsed + ROUND_TRIP - duration
-        done = int(1000 * elapsed / duration) if progress else 0
-        summary = {"status": "in_progress", "request_counts": {"total": 1000, "completed": done, "failed": 0}}
-        elapsed += ROUND_TRIP
-        elapsed += polling.delay_after_poll(
-            elapsed,
-            summary,
-            errors=0,
-            retry_after=None,
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            poll_seconds=ROUND_TRIP,
-            rng=rng,
+        sent = now
+        done = int(1000 * min(sent / duration, 1.0)) if progress or sent >= duration else 0
+        batch = Batch.model_validate(
+            {
+                "id": "sim",
+                "status": "completed" if sent >= duration else "in_progress",
+                "request_counts": {"total": 1000, "completed": done, "failed": 0},
+            }
         )
+        now = sent + ROUND_TRIP
+        step = poller.after(batch, sent_at=sent, now=now)
+        if not isinstance(step, polling.Wait):
+            return poller.polls, now - duration
+        now += step.seconds
 
 
 def table(poll_interval: float, max_poll_interval: float) -> list[dict[str, Any]]:

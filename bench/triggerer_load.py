@@ -34,6 +34,22 @@ ROOT = BENCH.parent
 OPENAI_CONN = "AIRFLOW_CONN_OPENAI_BENCH"
 OURS_CONN = "AIRFLOW_CONN_LLMBATCH_BENCH"
 START_MARGIN = 6.0  # seconds for the child to import Airflow before t0
+BEFORE_REV = "cf3f557"
+"""The last commit before the core redesign; ``llmbatch-before`` rounds run its package, side by side."""
+BEFORE = BENCH / "_work" / "before"
+
+
+def checkout_before() -> None:
+    """Put the package as it was at :data:`BEFORE_REV` in ``bench/_work/before`` (once)."""
+    if (BEFORE / "airflow_provider_llmbatch").is_dir():
+        return
+    BEFORE.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", BEFORE_REV, "airflow_provider_llmbatch"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(BEFORE)], input=archive, check=True)
 
 # name -> round settings; times are seconds after t0.
 _RATE_LIMITED = {
@@ -138,7 +154,7 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
     base = emu.url + "/openai/v1"
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([*([str(BEFORE)] if impl == "llmbatch-before" else []), str(ROOT)]),
         "AIRFLOW_HOME": home,
         OURS_CONN: json.dumps({"conn_type": "llmbatch_openai", "host": base, "password": emu.api_key}),
         OPENAI_CONN: json.dumps({"conn_type": "openai", "host": base, "password": emu.api_key}),
@@ -162,7 +178,9 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         raise SystemExit(f"{impl} round {name} failed (exit {child.returncode})")
     res = json.loads(lines[-1])
     finished: dict[str, float] = emu.call(op="finished")["finished"]
-    poll_times: list[float] = emu.call(op="poll_times", since=t0 + s0, until=t0 + s1)["times"]
+    polled = emu.call(op="polls", since=t0 + s0, until=t0 + s1)
+    poll_times: list[float] = polled["times"]
+    fidelity = _fidelity(impl, polled["per_batch"], res["expected_polls"])
     emu.call(op="clear")
     polls = stats["s1"]["stats"]["operations"].get("get_batch", 0) - stats["s0"]["stats"]["operations"].get(
         "get_batch", 0
@@ -218,6 +236,22 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         "pools": smp["s1"].get("pools", -1),
         "pool_refs": smp["s1"].get("pool_refs", -1),
         **_spread(poll_times, t0 + s0, t0 + s1, interval),
+        **fidelity,
+    }
+
+
+def _fidelity(impl: str, polls: dict[str, int], expected: dict[str, float]) -> dict[str, float]:
+    """
+    Schedule fidelity: the polls each batch received over the steady window, divided by the polls its
+    implementation's own schedule called for there. Ours should be 1 (never more: that spends the user's
+    quota; not much less: that is latency); a peer's figure is capped at 1, polling more is no credit.
+    """
+    cap = float("inf") if impl.startswith("llmbatch") else 1.0
+    ratios = [min(polls.get(b, 0) / want, cap) for b, want in expected.items() if want > 0]
+    return {
+        "fidelity_mean": statistics.fmean(ratios),
+        "fidelity_min": min(ratios),
+        "fidelity_max": max(ratios),
     }
 
 
@@ -249,9 +283,11 @@ def _spread(times: list[float], start: float, end: float, interval: float) -> di
 
 PLAN: list[tuple[str, str]] = [
     ("llmbatch", "n200"),
+    ("llmbatch-before", "n200"),
     ("openai", "n200"),
     ("common-ai", "n200"),
     ("llmbatch", "n1000"),
+    ("llmbatch-before", "n1000"),
     ("llmbatch", "n1000-429"),
     ("openai", "n200-429"),
 ]
@@ -282,6 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.only:
         plan = [tuple(x.split(":", 1)) for x in args.only]  # type: ignore[misc]
     raw: dict[str, list[dict[str, Any]]] = {}
+    if any(impl == "llmbatch-before" for impl, _ in plan):
+        checkout_before()
     emu = EmulatorProcess(python)
     try:
         for rep in range(args.repeat):
@@ -289,7 +327,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 row = run_round(emu, python, impl, name, args.latency)
                 raw.setdefault(f"{impl}:{name}", []).append(row)
                 print(
-                    f"[{rep + 1}/{args.repeat}] {impl:<9} {name:<10} polls/s {row['polls_per_s']:7.1f} "
+                    f"[{rep + 1}/{args.repeat}] {impl:<15} {name:<10} polls/s {row['polls_per_s']:7.1f} "
+                    f"fidelity {row['fidelity_mean']:.3f} ({row['fidelity_min']:.2f}-{row['fidelity_max']:.2f}) "
                     f"lag p50/p99/max {row['lag_p50_ms']:.1f}/{row['lag_p99_ms']:.1f}/{row['lag_max_ms']:.1f} ms "
                     f"cpu/poll {row['cpu_per_poll_ms']:.2f} ms fired {row['fired']}/{row['n']} "
                     f"(max at {row['lag_max_at_s']:.1f}s, after start {row['lag_max_ms_after_start']:.0f} ms) "

@@ -146,19 +146,35 @@ class HookBase(BaseHook):
         """
         policy = self.retry_policy if retry else NO_RETRY
         idempotent = request.idempotent or recover is not None
+        failed: VendorAPIError | None = None
+        lookup_failed = False
+
+        def repeatable() -> bool:
+            return not lookup_failed and (can_repeat is None or can_repeat())
+
         for attempt in policy.retrying(
-            request.operation, self.log, idempotent=idempotent, can_repeat=can_repeat
+            request.operation, self.log, idempotent=idempotent, can_repeat=repeatable
         ):
             with attempt:
                 repeat = attempt.retry_state.attempt_number > 1
-                if repeat and recover is not None and (found := recover()) is not None:
-                    self.log.info("%s: found what the failed attempt made", request.operation)
-                    return found
+                if repeat and recover is not None:
+                    try:
+                        found = recover()
+                    except VendorAPIError:
+                        # Whether the failed attempt took effect stays unknown: never repeat it blindly.
+                        # What failed is the call itself, so its own error is the one to raise.
+                        lookup_failed = True
+                        assert failed is not None
+                        raise failed from None
+                    if found is not None:
+                        self.log.info("%s: found what the failed attempt made", request.operation)
+                        return found
                 try:
                     return once()
                 except VendorAPIError as exc:
                     if repeat and on_repeat is not None and isinstance(exc, on_repeat[0]):
                         return on_repeat[1]()
+                    failed = exc
                     raise
         raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
 

@@ -116,6 +116,12 @@ def _base_url(
         raise _refuse(conn_id, "host (Base URL)", "a URL", type(host).__name__)
     if host and host.strip():
         base_url = host.strip()
+        # urlsplit drops tabs and newlines silently and httpx refuses other controls with an untyped
+        # error, while aiohttp sends them on: neither is the URL the user meant.
+        blank = next((i for i, c in enumerate(base_url, start=1) if c <= " " or c == "\x7f"), None)
+        if blank is not None:
+            got = f"a space or control character at position {blank}"
+            raise _refuse(conn_id, "host (Base URL)", "a URL without spaces or control characters", got)
         if "://" not in base_url:
             base_url = f"https://{base_url}"
     elif region not in (None, ""):

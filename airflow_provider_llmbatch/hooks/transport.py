@@ -18,19 +18,22 @@ loop CPU per poll, aiohttp about 0.3 ms (see the README's "How it fits together"
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
+import httpcore
 import httpx
 
-from airflow_provider_llmbatch.exceptions import APIConnectionError, APITimeoutError, VendorAPIError
+from airflow_provider_llmbatch.exceptions import APIConnectionError, VendorAPIError
 from airflow_provider_llmbatch.hooks import errors
 from airflow_provider_llmbatch.hooks._core import Core, Reply, Request
 from airflow_provider_llmbatch.hooks.settings import MAX_CONNECTIONS, ConnSettings, proxy_for, ssl_context
@@ -42,16 +45,6 @@ ERROR_BODY_LIMIT = 64 * 1024
 """Bytes of an error body read at most: enough for any message; the status decides the error's kind."""
 
 _CHUNK = 64 * 1024
-
-
-def _deadline_passed(core: Core, request: Request, started: float) -> APITimeoutError:
-    return APITimeoutError(
-        f"the call took longer than its {core.settings.timeout:g}s timeout",
-        vendor=core.vendor.name,
-        conn_id=core.settings.conn_id,
-        operation=request.operation,
-        effect="unknown",
-    )
 
 
 def _too_large(core: Core, request: Request) -> VendorAPIError:
@@ -89,17 +82,89 @@ def _transport(core: Core, request: Request, exc: BaseException) -> VendorAPIErr
 
 # -- sync face: httpx ----------------------------------------------------------------------------------
 
+_DEADLINE: ContextVar[float | None] = ContextVar("llmbatch_call_deadline", default=None)
+"""When the sync face's current JSON call must be over (``time.monotonic``), or None."""
+
+
+def _left(timeout: float | None, late: type[Exception]) -> float | None:
+    """Return a socket wait bounded by what is left of the call's deadline; raise ``late`` once it passed."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise late("the call's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write waits no longer than its call's deadline allows."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        bounded = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, bounded))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's own network backend, with every connection bounded by its call's deadline."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_tcp(host, port, bounded, local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
+        bounded = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, bounded, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
 
 def new_client(settings: ConnSettings) -> httpx.Client:
     """Return the sync face's client: the environment's proxy for the origin, the shared TLS context."""
     limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS)
-    return httpx.Client(
-        timeout=httpx.Timeout(settings.timeout),
-        limits=limits,
+    transport = httpx.HTTPTransport(
         verify=ssl_context(),
+        limits=limits,
         proxy=proxy_for(settings.base_url),
-        trust_env=False,  # what it would read is read once, above, the same way as the async face
-        follow_redirects=False,
+        trust_env=False,  # what it would read is read once, in settings, the same way as the async face
+    )
+    # httpx's timeouts bound each socket operation; a deadline for a whole call (an answer trickled a
+    # byte at a time) needs each read and write bounded by what is left of it. httpcore takes a network
+    # backend for that, which httpx does not pass through: it is set on httpx's own pool.
+    pool = transport._pool
+    pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return httpx.Client(
+        transport=transport, timeout=httpx.Timeout(settings.timeout), follow_redirects=False, trust_env=False
     )
 
 
@@ -114,6 +179,9 @@ def stream(
     """
     Send ``request`` and yield its open successful response; any failure raises the typed error.
 
+    A streamed transfer (``content``, or a download read from the yielded response) waits at most
+    ``timeout`` per read or write, not for the whole call.
+
     :param client: the sync face's client.
     :param core: the connection's request builder and reader.
     :param request: the call.
@@ -121,7 +189,6 @@ def stream(
     :param headers: headers of that body.
     """
     settings = core.settings
-    started = time.monotonic()
     try:
         with client.stream(
             request.method,
@@ -131,7 +198,7 @@ def stream(
             content=content if content is not None else request.body,
         ) as response:
             if not response.is_success:
-                body = b"".join(_capped(response.iter_bytes(), ERROR_BODY_LIMIT, core, request, started))
+                body = b"".join(_capped(response.iter_bytes(), ERROR_BODY_LIMIT))
                 raise core.error(
                     request, response.status_code, response.reason_phrase, response.headers, body
                 )
@@ -140,18 +207,14 @@ def stream(
         raise _transport(core, request, exc) from None
 
 
-def _capped(
-    chunks: Iterator[bytes], limit: int, core: Core, request: Request, started: float
-) -> Iterator[bytes]:
-    """Yield decoded chunks up to ``limit`` bytes; stop early at the limit, fail past the deadline."""
+def _capped(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    """Yield decoded chunks up to ``limit`` bytes in all; stop reading at the limit."""
     got = 0
     for chunk in chunks:
         yield chunk[: limit - got]
         got += len(chunk)
         if got >= limit:
             return
-        if time.monotonic() - started > core.settings.timeout:
-            raise _deadline_passed(core, request, started)
 
 
 def send(
@@ -161,13 +224,20 @@ def send(
     content: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> Reply:
-    """Make one call on the sync face and return its answer read whole (see :func:`stream`)."""
-    started = time.monotonic()
-    with stream(client, core, request, content, headers) as response:
-        body = b"".join(_capped(response.iter_bytes(), MAX_BODY_BYTES + 1, core, request, started))
-        if len(body) > MAX_BODY_BYTES:
-            raise _too_large(core, request)
-        return Reply(response.status_code, response.headers, body)
+    """
+    Make one call on the sync face and return its answer read whole (see :func:`stream`).
+
+    A call without a streamed body must be over within ``timeout``, however its answer trickles in.
+    """
+    token = _DEADLINE.set(time.monotonic() + core.settings.timeout if content is None else None)
+    try:
+        with stream(client, core, request, content, headers) as response:
+            body = b"".join(_capped(response.iter_bytes(), MAX_BODY_BYTES + 1))
+            if len(body) > MAX_BODY_BYTES:
+                raise _too_large(core, request)
+            return Reply(response.status_code, response.headers, body)
+    finally:
+        _DEADLINE.reset(token)
 
 
 # -- async face: aiohttp, one session per event loop and origin -----------------------------------------
@@ -294,11 +364,13 @@ async def asend(shared: SharedSession, core: Core, request: Request) -> Reply:
             timeout=aiohttp.ClientTimeout(total=settings.timeout),
             allow_redirects=False,
         ) as response:
-            limit = MAX_BODY_BYTES + 1 if response.ok else ERROR_BODY_LIMIT
+            # 2xx only, as on the sync face: aiohttp's ``ok`` counts a redirect (not followed) as success.
+            success = 200 <= response.status < 300
+            limit = MAX_BODY_BYTES + 1 if success else ERROR_BODY_LIMIT
             body = bytearray()
             while len(body) < limit and (chunk := await response.content.read(_CHUNK)):
                 body += chunk
-            if not response.ok:
+            if not success:
                 reason = response.reason or ""
                 raise core.error(request, response.status, reason, response.headers, bytes(body[:limit]))
             if len(body) > MAX_BODY_BYTES:
