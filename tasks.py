@@ -57,7 +57,8 @@ def test(args: list[str]) -> None:
 
 def demo(args: list[str]) -> None:
     ensure_env("test")
-    run(PY, "-m", "airflow_provider_llmbatch.demo", *args)
+    # dev/ is repository tooling, not in the wheel: run as a module from the checkout's root (run's cwd).
+    run(PY, "-m", "dev.demo", *args)
 
 
 def bench(args: list[str]) -> None:

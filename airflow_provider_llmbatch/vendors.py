@@ -3,7 +3,10 @@ The vendor registry: every difference between the supported Batch APIs, as data.
 
 One frozen :class:`VendorSpec` per vendor, collected in :data:`REGISTRY`. The hook, the JSONL tools,
 the operators, the connection forms and the emulator all read these specs; no other module asks
-"which vendor is this?". Adding a vendor is one spec and one registry line.
+"which vendor is this?". Adding a vendor is one spec and one registry line. How each vendor shapes its
+responses (millisecond timestamps, list pages, result lines, ...) is not here: the client reads every
+variant for every vendor, and only the emulator needs to know which vendor does what
+(:mod:`airflow_provider_llmbatch.emulator.vendor_dialects`).
 
 Facts are taken from the vendors' documentation where it exists. Where a fact is a guess, it is a
 setting here (and the client copes with both possibilities), never a hard-coded belief elsewhere.
@@ -16,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 ErrorKind = Literal[
     "bad_request",
@@ -31,17 +33,6 @@ ErrorKind = Literal[
 ]
 """The closed set of API error kinds; the hook maps each one to an exception class."""
 
-ResultLineId = Literal["batch_id", "custom_id", "uuid", "batch_request"]
-"""What a vendor puts in the ``id`` field of an output line."""
-
-ResultRequestId = Literal["in_body", "empty", "uuid"]
-"""Where a vendor puts the request id of an output line: in the body, ``""``, or a fresh uuid."""
-
-ValidationStage = Literal["upload", "create", "async"]
-"""Where a vendor rejects a malformed request file: at upload, at create, or after create (``failed``)."""
-
-ErrorBodyField = Literal["code", "message", "type", "param"]
-
 _WINDOW_RE = re.compile(r"^(\d+)([hd])$")
 
 
@@ -55,11 +46,10 @@ class EndpointSpec:
     One batch endpoint a vendor accepts: the ``endpoint`` of a batch and the ``url`` of each request line.
 
     :param path: the value as the vendor spells it, e.g. ``/v4/chat/completions``.
-    :param kind: what the endpoint does; the emulator answers by kind.
+    :param kind: what the endpoint does: how request bodies are built, how the emulator answers.
     :param max_requests: a tighter per-file request limit than the vendor's, if any.
     :param max_file_bytes: a tighter per-file byte limit than the vendor's, if any.
     :param required_model: the only model the endpoint accepts, if it has one.
-    :param documented: False where the endpoint is seen in examples only.
     """
 
     path: str
@@ -67,7 +57,6 @@ class EndpointSpec:
     max_requests: int | None = None
     max_file_bytes: int | None = None
     required_model: str | None = None
-    documented: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,7 +109,6 @@ class Limits:
     :param max_requests: requests (lines) in one file.
     :param max_file_bytes: bytes in one file.
     :param max_line_bytes: bytes in one line, where the vendor has such a limit.
-    :param max_stored_files: batch files kept per account, where documented.
     :param metadata_pairs: key/value pairs in a batch's ``metadata``.
     :param metadata_key_chars: characters in a metadata key.
     :param metadata_value_chars: characters in a metadata value.
@@ -130,7 +118,6 @@ class Limits:
     max_requests: int
     max_file_bytes: int
     max_line_bytes: int | None = None
-    max_stored_files: int | None = None
     metadata_pairs: int = 16
     metadata_key_chars: int = 64
     metadata_value_chars: int = 512
@@ -145,14 +132,12 @@ class ExtraCreateField:
     :param name: the field name as sent.
     :param type: the JSON type expected.
     :param description: what it does, for docs and forms.
-    :param vendor_default: what the vendor assumes when the field is absent.
     :param in_metadata: True where the field travels inside ``metadata`` (DashScope ``ds_*``).
     """
 
     name: str
     type: Literal["boolean", "string", "object", "integer"]
     description: str
-    vendor_default: object = None
     in_metadata: bool = False
 
 
@@ -188,92 +173,27 @@ class ListSpec:
 
     :param params: the query parameters it accepts, pagination included.
     :param max_limit: the largest ``limit`` accepted (``None``: no ``limit`` parameter).
-    :param default_limit: the page size when ``limit`` is not sent.
-    :param has_first_last_ids: whether pages carry ``first_id``/``last_id``.
-    :param has_more: whether pages carry ``has_more``.
-    :param honours_after: whether ``after`` is honoured (a list that ignores it returns everything).
-    :param data_null_when_empty: whether an empty page says ``data: null``.
     """
 
     params: frozenset[str]
     max_limit: int | None = 100
-    default_limit: int | None = 20
-    has_first_last_ids: bool = True
-    has_more: bool = True
-    honours_after: bool = True
-    data_null_when_empty: bool = False
 
 
 @dataclass(frozen=True)
 class ErrorDialect:
     """
-    How a vendor shapes an error response.
+    What a vendor's error responses mean.
 
-    :param fields: which keys of the nested ``error`` object the vendor fills.
-    :param request_id_in_body: whether the body carries a top-level ``request_id``.
     :param request_id_headers: response headers that may carry the request id.
-    :param codes: the vendor's ``(HTTP status, code)`` for each error kind; ``code`` goes in
-        ``error.code`` or ``error.type`` as the dialect's fields say.
+    :param codes: the vendor's ``(HTTP status, code)`` for each error kind; the code comes in
+        ``error.code`` or ``error.type``.
     :param code_kinds: vendor codes or types that override the HTTP status's kind
         (e.g. Zhipu's 429 with code 1113 means arrears, not a rate limit: never retry it).
-    :param sends_retry_after: whether a 429 carries ``Retry-After`` (``None``: unknown).
     """
 
-    fields: tuple[ErrorBodyField, ...]
-    request_id_in_body: bool
     request_id_headers: tuple[str, ...]
     codes: Mapping[ErrorKind, tuple[int, str]]
     code_kinds: Mapping[str, ErrorKind] = field(default_factory=_frozen)
-    sends_retry_after: bool | None = None
-
-
-@dataclass(frozen=True)
-class Quirks:
-    """
-    Deviations of a vendor's responses from the OpenAI shape, seen or documented.
-
-    The client reads every variant for every vendor (lenient reading); these flags say what the
-    emulator produces for the vendor, so each quirk is exercised where it was seen.
-
-    :param timestamps_in_ms: timestamps come in milliseconds.
-    :param empty_file_id: what an unset ``output_file_id``/``error_file_id`` looks like.
-    :param null_counts_while_validating: ``request_counts`` values are null while validating.
-    :param batch_has_errors: whether a batch carries an ``errors`` object.
-    :param batch_has_expired_at: whether a batch carries ``expired_at``.
-    :param completion_window_echo: what the vendor echoes as ``completion_window`` (None: the request's).
-    :param cancel_terminal_status: the HTTP status for cancelling a terminal batch.
-    :param cancel_counts_unfinished_as_failed: whether a cancel counts unfinished requests as failed.
-    :param input_content_downloadable: whether ``GET /files/{id}/content`` works for input files.
-    :param error_file_id_prefix: the prefix of error file ids (DashScope's looks like an output id).
-    :param validation_stage: where a malformed request file is rejected.
-    """
-
-    timestamps_in_ms: bool = False
-    empty_file_id: Literal["null", "empty_string"] = "null"
-    null_counts_while_validating: bool = False
-    batch_has_errors: bool = True
-    batch_has_expired_at: bool = True
-    completion_window_echo: str | None = None
-    cancel_terminal_status: int = 400
-    cancel_counts_unfinished_as_failed: bool = False
-    input_content_downloadable: bool = True
-    error_file_id_prefix: str = "file-err-"
-    validation_stage: ValidationStage = "async"
-
-
-@dataclass(frozen=True)
-class ResultFormat:
-    """
-    The shape of a line in a vendor's output and error files.
-
-    :param line_id: what goes in the line's ``id``.
-    :param request_id: where the response's request id goes.
-    :param error_key_on_success: whether a successful line carries ``"error": null``.
-    """
-
-    line_id: ResultLineId
-    request_id: ResultRequestId
-    error_key_on_success: bool
 
 
 @dataclass(frozen=True)
@@ -291,13 +211,11 @@ class VendorSpec:
     :param extra_create_fields: vendor-only create fields.
     :param batch_list: how batches are listed.
     :param file_list: how files are listed.
-    :param errors: how errors are shaped and what their codes mean.
-    :param quirks: deviations the emulator reproduces.
-    :param result_format: the shape of output/error lines.
-    :param rate_limits_per_minute: operation -> requests per minute, where documented.
+    :param errors: what error codes mean and where the request id is.
+    :param cancel_terminal_status: the HTTP status a cancel of an already finished batch answers with.
+    :param input_content_downloadable: whether ``GET /files/{id}/content`` serves request (input) files.
     :param console_url: URL template of the vendor's console page for a batch (``{batch_id}``).
     :param conn_fields: vendor-only connection fields (beyond the shared ones).
-    :param batch_discount: price of batch relative to real time, for cost estimates.
     """
 
     name: str
@@ -307,16 +225,14 @@ class VendorSpec:
     completion_window: CompletionWindowRule
     limits: Limits
     errors: ErrorDialect
-    result_format: ResultFormat
     batch_list: ListSpec
     file_list: ListSpec
-    quirks: Quirks = Quirks()
     forbidden_body_keys: frozenset[str] = frozenset()
     extra_create_fields: tuple[ExtraCreateField, ...] = ()
-    rate_limits_per_minute: Mapping[str, int] = field(default_factory=_frozen)
+    cancel_terminal_status: int = 400
+    input_content_downloadable: bool = True
     console_url: str = ""
     conn_fields: tuple[ConnField, ...] = ()
-    batch_discount: float = 0.5
 
     @property
     def conn_type(self) -> str:
@@ -332,11 +248,6 @@ class VendorSpec:
     def default_endpoint(self) -> str:
         """Return the endpoint used when none is given."""
         return self.endpoints[0].path
-
-    @property
-    def emulator_prefix(self) -> str:
-        """Return the path the bundled emulator serves this vendor under: ``/<name><real path>``."""
-        return f"/{self.name}{urlsplit(self.default_base_url).path.rstrip('/')}"
 
     def endpoint(self, path: str) -> EndpointSpec | None:
         """Return the spec of an endpoint, or None if the vendor does not accept it."""
@@ -383,25 +294,23 @@ ZHIPU = VendorSpec(
     },
     endpoints=(
         EndpointSpec("/v4/chat/completions", "chat"),
-        EndpointSpec("/v4/embeddings", "embeddings", max_requests=10_000, documented=False),
-        EndpointSpec("/v4/images/generations", "images", documented=False),
+        # Embeddings and images are seen in the vendor's examples only, not documented for batch.
+        EndpointSpec("/v4/embeddings", "embeddings", max_requests=10_000),
+        EndpointSpec("/v4/images/generations", "images"),
     ),
     # Deprecated upstream: ignored, may be null, echoed as "24h"; the vendor cancels after 7 days.
     completion_window=CompletionWindowRule(min_hours=0, max_hours=10_000, default=None, ignored=True),
-    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2, max_stored_files=1000),
+    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2),
     extra_create_fields=(
         ExtraCreateField(
             name="auto_delete_input_file",
             type="boolean",
             description="Delete the input file once the batch is done (the vendor's default is true).",
-            vendor_default=True,
         ),
     ),
     batch_list=ListSpec(params=frozenset({"after", "limit"})),
     file_list=ListSpec(params=frozenset({"after", "purpose", "order", "limit"})),
     errors=ErrorDialect(
-        fields=("code", "message"),
-        request_id_in_body=False,
         request_id_headers=("x-request-id", "x-log-id"),
         codes={
             "bad_request": (400, "1214"),
@@ -415,16 +324,7 @@ ZHIPU = VendorSpec(
             "server": (500, "500"),
         },
         code_kinds={"1113": "quota_exceeded", "1302": "rate_limit", "1301": "bad_request"},
-        sends_retry_after=False,
     ),
-    quirks=Quirks(
-        timestamps_in_ms=True,
-        empty_file_id="empty_string",
-        null_counts_while_validating=True,
-        completion_window_echo="24h",
-        validation_stage="upload",
-    ),
-    result_format=ResultFormat(line_id="batch_id", request_id="in_body", error_key_on_success=False),
     console_url="https://open.bigmodel.cn/console/batch?batch_id={batch_id}",
 )
 
@@ -435,21 +335,12 @@ MOONSHOT = VendorSpec(
     endpoints=(EndpointSpec("/v1/chat/completions", "chat"),),
     completion_window=CompletionWindowRule(min_hours=12, max_hours=7 * 24, default="24h"),
     # The request limit is a guess (the other vendors' figure).
-    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2, max_stored_files=1000),
+    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2),
     forbidden_body_keys=frozenset({"temperature", "top_p", "n", "presence_penalty", "frequency_penalty"}),
-    batch_list=ListSpec(params=frozenset({"after", "limit"}), has_first_last_ids=False),
+    batch_list=ListSpec(params=frozenset({"after", "limit"})),
     # No parameters, no has_more, `after` ignored: the pager must stop on its own.
-    file_list=ListSpec(
-        params=frozenset(),
-        max_limit=None,
-        default_limit=None,
-        has_first_last_ids=False,
-        has_more=False,
-        honours_after=False,
-    ),
+    file_list=ListSpec(params=frozenset(), max_limit=None),
     errors=ErrorDialect(
-        fields=("type", "message"),
-        request_id_in_body=False,
         request_id_headers=("x-request-id", "msh-request-id"),
         codes={
             "bad_request": (400, "invalid_request_error"),
@@ -468,12 +359,8 @@ MOONSHOT = VendorSpec(
             "rate_limit_reached_error": "rate_limit",
             "resource_not_found_error": "not_found",
         },
-        sends_retry_after=None,
     ),
-    quirks=Quirks(batch_has_errors=False, batch_has_expired_at=False, validation_stage="create"),
-    result_format=ResultFormat(line_id="custom_id", request_id="empty", error_key_on_success=True),
     console_url="https://platform.moonshot.cn/console/batch?batch_id={batch_id}",
-    batch_discount=0.6,
 )
 
 DASHSCOPE = VendorSpec(
@@ -500,7 +387,6 @@ DASHSCOPE = VendorSpec(
         max_requests=50_000,
         max_file_bytes=500 * 1024**2,
         max_line_bytes=6 * 1024**2,
-        max_stored_files=10_000,
         metadata_value_chars_by_key={"ds_name": 100, "ds_description": 200},
     ),
     extra_create_fields=(
@@ -519,16 +405,11 @@ DASHSCOPE = VendorSpec(
         params=frozenset(
             {"after", "limit", "ds_name", "input_file_ids", "status", "create_after", "create_before"}
         ),
-        data_null_when_empty=True,
     ),
     file_list=ListSpec(
-        params=frozenset({"after", "limit", "purpose", "create_after", "create_before"}),
-        max_limit=2000,
-        data_null_when_empty=True,
+        params=frozenset({"after", "limit", "purpose", "create_after", "create_before"}), max_limit=2000
     ),
     errors=ErrorDialect(
-        fields=("message", "type", "param", "code"),
-        request_id_in_body=True,
         request_id_headers=("x-request-id", "x-dashscope-request-id"),
         codes={
             "bad_request": (400, "invalid_parameter_error"),
@@ -542,17 +423,9 @@ DASHSCOPE = VendorSpec(
             "server": (500, "InternalError"),
         },
         code_kinds={"Arrearage": "quota_exceeded", "Throttling.RateQuota": "rate_limit"},
-        sends_retry_after=None,
     ),
-    quirks=Quirks(
-        cancel_counts_unfinished_as_failed=True,
-        input_content_downloadable=False,
-        # Seen: an error file id that looks like an output file id. Never infer kind from an id.
-        error_file_id_prefix="file-batch_output-",
-        validation_stage="async",
-    ),
-    result_format=ResultFormat(line_id="uuid", request_id="uuid", error_key_on_success=True),
-    rate_limits_per_minute={"create": 1000, "retrieve": 1000, "cancel": 1000, "list": 100},
+    # Doc: only output and error files can be downloaded.
+    input_content_downloadable=False,
     console_url="https://bailian.console.aliyun.com/?tab=model#/batch-inference?batch_id={batch_id}",
     conn_fields=(
         ConnField(
@@ -586,8 +459,6 @@ OPENAI = VendorSpec(
     batch_list=ListSpec(params=frozenset({"after", "limit"})),
     file_list=ListSpec(params=frozenset({"after", "limit", "purpose", "order"}), max_limit=10_000),
     errors=ErrorDialect(
-        fields=("message", "type", "param", "code"),
-        request_id_in_body=False,
         request_id_headers=("x-request-id",),
         codes={
             "bad_request": (400, "invalid_request_error"),
@@ -601,10 +472,8 @@ OPENAI = VendorSpec(
             "server": (500, "server_error"),
         },
         code_kinds={"insufficient_quota": "quota_exceeded", "rate_limit_exceeded": "rate_limit"},
-        sends_retry_after=True,
     ),
-    quirks=Quirks(cancel_terminal_status=409, error_file_id_prefix="file-"),
-    result_format=ResultFormat(line_id="batch_request", request_id="uuid", error_key_on_success=True),
+    cancel_terminal_status=409,
     console_url="https://platform.openai.com/batches/{batch_id}",
     conn_fields=(
         ConnField(

@@ -212,14 +212,14 @@ def _upload_operation(
     kernel's write-back of dirty pages, whichever client those runs use.
     """
     from airflow_provider_llmbatch import jsonl
-    from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY, Emulator
+    from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY, Emulator, emulator_prefix
     from airflow_provider_llmbatch.vendors import REGISTRY
 
     url = os.environ.get(EMULATOR_URL_ENV)
     if url is None:
         emulator = Emulator(data_dir=workdir / "emulator").start()
         url = emulator.url
-    base_url = url + REGISTRY[vendor].emulator_prefix
+    base_url = url + emulator_prefix(REGISTRY[vendor])
     warm = workdir / "warm-up.jsonl"
     jsonl.build_request_file(prompt_records(1, 300), warm, vendor, model="bench-model")
     if name == "openai upload":

@@ -1,7 +1,8 @@
 """
 Run the example pipeline end to end against the bundled emulator, in a private Airflow.
 
-    python -m airflow_provider_llmbatch.demo [--vendor all|zhipu|moonshot|dashscope|openai]
+    python3 tasks.py demo [--vendor all|zhipu|moonshot|dashscope|openai]
+    python -m dev.demo ...      # the same, from the repository root, in an installed environment
 
 Starts the emulator on a free loopback port, prepares a private ``AIRFLOW_HOME`` (``./airflow-home``:
 a SQLite metadata database, migrated once and reused), points the connections ``llmbatch_<vendor>``
@@ -11,37 +12,21 @@ trigger runs in line, then the task resumes. Prints per vendor the run state, wh
 deferred, where the results landed, the counts, the tokens and the wall time; exits non-zero if a
 run failed.
 
-:class:`LocalAirflow` and :class:`MetadataReader` are also what the test suite runs Airflow with.
+Repository tooling, not part of the wheel: :mod:`dev.local_airflow` (the private Airflow) is also
+what the test suite runs Airflow with.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import sqlite3
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from airflow_provider_llmbatch.vendors import REGISTRY
-
-PIPELINE_DAG_ID = "example_llmbatch_pipeline"
-"""The DAG the demo runs."""
-
-TRIGGER_CLASSPATH = "airflow_provider_llmbatch.triggers.batch.BatchTrigger"
-"""The trigger a deferred batch sensor leaves in the metadata database."""
-
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-_MODULE = "airflow_provider_llmbatch.demo"
-
+from dev.local_airflow import PIPELINE_DAG_ID, DagTestRun, LocalAirflow
 
 DEMO_REPLIES: tuple[tuple[str, str], ...] = (
     (r"(?i)\b(but|though|although|however)\b|但|不过", '{"sentiment": "mixed", "issue": "trade-off"}'),
@@ -55,379 +40,13 @@ DEMO_REPLIES: tuple[tuple[str, str], ...] = (
 """Keyword rules that let the emulator answer the pipeline's prompts the way a model would."""
 
 
-def find_example_dags() -> Path:
-    """Return the ``example_dags`` folder of a source checkout, or of the current directory."""
-    for candidate in (_PACKAGE_ROOT / "example_dags", Path.cwd() / "example_dags"):
-        if (candidate / f"{PIPELINE_DAG_ID}.py").is_file():
-            return candidate
-    raise FileNotFoundError("example_dags/ not found: run from a source checkout or pass --dags-folder")
-
-
-def _airflow_version() -> str:
-    try:
-        return metadata.version("apache-airflow-core")
-    except metadata.PackageNotFoundError:
-        return metadata.version("apache-airflow")
-
-
-@dataclass(frozen=True)
-class DagTestRun:
-    """
-    The outcome of one ``dag.test()``, read back from the metadata database.
-
-    :param dag_id: the DAG that ran.
-    :param run_id: the DAG run, if one was created.
-    :param state: the DAG run's final state (None if the run did not finish).
-    :param seconds: wall time of the run.
-    :param tasks: task id -> final state.
-    :param xcoms: task id -> return value.
-    :param deferrals: the batch triggers created during the run, as stored (kwargs dict, or None if
-        not readable).
-    :param error: why the run could not be started or finished, if so.
-    :param import_errors: DAG file -> error, for files of the DAGs folder that failed to parse.
-    :param log_path: the full output of the process that ran it.
-    """
-
-    dag_id: str
-    run_id: str | None
-    state: str | None
-    seconds: float
-    tasks: dict[str, str | None] = field(default_factory=dict)
-    xcoms: dict[str, Any] = field(default_factory=dict)
-    deferrals: list[dict[str, Any] | None] = field(default_factory=list)
-    error: str | None = None
-    import_errors: dict[str, str] = field(default_factory=dict)
-    log_path: Path | None = None
-
-    @property
-    def succeeded(self) -> bool:
-        """Return True when the DAG run succeeded."""
-        return self.state == "success" and self.error is None
-
-
-class MetadataReader:
-    """
-    Read an Airflow SQLite metadata database, read-only, without importing Airflow.
-
-    :param db_path: the SQLite file.
-    """
-
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-
-    def _query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        # Read-only and with a busy timeout: the scheduler and workers may be writing right now.
-        con = sqlite3.connect(f"{self.db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-        try:
-            return con.execute(sql, args).fetchall()
-        finally:
-            con.close()
-
-    def has_dag(self, dag_id: str) -> bool:
-        """Return True once the DAG is parsed and serialized."""
-        return bool(self._query("SELECT 1 FROM serialized_dag WHERE dag_id = ?", dag_id))
-
-    def latest_run(self, dag_id: str) -> tuple[str, str | None] | None:
-        """Return ``(run_id, state)`` of the DAG's newest run."""
-        rows = self._query(
-            "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", dag_id
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
-
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        """Return task id -> state for a run (mapped tasks: the last index read wins)."""
-        rows = self._query(
-            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id
-        )
-        return {task_id: state for task_id, state in rows}
-
-    def return_values(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        """Return task id -> XCom return value for a run."""
-        rows = self._query(
-            "SELECT task_id, value FROM xcom WHERE dag_id = ? AND run_id = ? AND key = 'return_value'",
-            dag_id,
-            run_id,
-        )
-        values: dict[str, Any] = {}
-        for task_id, raw in rows:
-            try:
-                values[task_id] = json.loads(raw) if isinstance(raw, str | bytes) else raw
-            except ValueError:
-                values[task_id] = raw
-        return values
-
-    def triggers(
-        self, classpath: str, *, since: float = 0.0, until: float = float("inf")
-    ) -> list[dict[str, Any] | None]:
-        """Return the kwargs of the triggers of a class created in a time window (None where encrypted)."""
-        rows = self._query("SELECT kwargs, created_date FROM trigger WHERE classpath = ?", classpath)
-        found: list[dict[str, Any] | None] = []
-        for raw, created in rows:
-            if not since <= _epoch(created) <= until:
-                continue
-            try:
-                kwargs = json.loads(raw) if str(raw).startswith("{") else None
-            except ValueError:
-                kwargs = None
-            found.append(kwargs if isinstance(kwargs, dict) else None)
-        return found
-
-
-def _epoch(created: Any) -> float:
-    try:
-        moment = datetime.fromisoformat(str(created))
-    except ValueError:
-        return 0.0
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-class LocalAirflow:
-    """
-    A private Airflow: its own home directory, SQLite metadata database and DAGs folder.
-
-    Every Airflow command runs in a child process whose environment holds only this Airflow's
-    settings (inherited ``AIRFLOW*`` variables are dropped), so nothing leaks in from, or out to,
-    another Airflow on the machine.
-
-    :param home: the ``AIRFLOW_HOME``; created if missing.
-    :param dags_folder: the DAGs folder (default: the repository's ``example_dags``).
-    """
-
-    def __init__(
-        self, home: str | os.PathLike[str], dags_folder: str | os.PathLike[str] | None = None
-    ) -> None:
-        self.home = Path(home).resolve()
-        self.dags_folder = Path(dags_folder).resolve() if dags_folder else find_example_dags()
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "logs").mkdir(exist_ok=True)
-
-    @property
-    def db_path(self) -> Path:
-        """Return the SQLite metadata database file."""
-        return self.home / "airflow.db"
-
-    @property
-    def _stamp(self) -> Path:
-        return self.home / f".migrated-{_airflow_version()}"
-
-    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Return the environment of an Airflow process of this installation, plus ``extra``."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        env.update(
-            {
-                "AIRFLOW_HOME": str(self.home),
-                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
-            }
-        )
-        if (_PACKAGE_ROOT / "pyproject.toml").is_file():
-            # A source checkout that is not installed: the DAGs must still import the provider.
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-        env.update(extra or {})
-        return env
-
-    def command(self, *args: str) -> list[str]:
-        """Return the argv of an ``airflow`` command run with this interpreter."""
-        return [sys.executable, "-m", "airflow", *args]
-
-    def run(
-        self,
-        *args: str,
-        env: Mapping[str, str] | None = None,
-        log_path: Path | None = None,
-        timeout: float | None = None,
-    ) -> int:
-        """Run an ``airflow`` command to completion; return its exit status (output to ``log_path``)."""
-        log_path = log_path or self.home / "logs" / f"{'-'.join(args[:2])}.log"
-        with log_path.open("wb") as log:
-            try:
-                return subprocess.run(
-                    self.command(*args),
-                    env=self.env(env),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    timeout=timeout,
-                    check=False,
-                ).returncode
-            except subprocess.TimeoutExpired:
-                log.write(f"\n*** killed after {timeout} s\n".encode())
-                return -1
-
-    def migrate(self) -> bool:
-        """Create or upgrade the metadata database unless this Airflow version already did; say if it ran."""
-        if self._stamp.exists() and self.db_path.exists():
-            return False
-        status = self.run("db", "migrate", log_path=self.home / "logs" / "db-migrate.log", timeout=300)
-        if status != 0:
-            raise RuntimeError(f"airflow db migrate failed; see {self.home / 'logs' / 'db-migrate.log'}")
-        self._stamp.write_text(_airflow_version())
-        return True
-
-    def clone(
-        self, home: str | os.PathLike[str], dags_folder: str | os.PathLike[str] | None = None
-    ) -> LocalAirflow:
-        """Return a new installation at ``home`` starting from a copy of this one's migrated database."""
-        other = LocalAirflow(home, dags_folder or self.dags_folder)
-        if self.db_path.exists():
-            shutil.copyfile(self.db_path, other.db_path)
-            other._stamp.write_text(_airflow_version())
-        return other
-
-    def reader(self) -> MetadataReader:
-        """Return a read-only view of the metadata database."""
-        return MetadataReader(self.db_path)
-
-    def run_dag_tests(
-        self,
-        runs: Sequence[str | tuple[str, Mapping[str, str]]],
-        *,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 600.0,
-        log_path: Path | None = None,
-        on_run: Callable[[DagTestRun], None] | None = None,
-    ) -> list[DagTestRun]:
-        """
-        Run ``dag.test()`` for each DAG, one after the other, in one child process; read back each run.
-
-        One process for all: starting Airflow's in-process execution API costs seconds, once. Deferrals
-        run in line (``dag.test()`` builds the trigger from its serialized kwargs and runs it).
-
-        :param runs: DAG ids, or ``(dag_id, env)`` pairs whose variables are set before the DAG is
-            parsed (e.g. ``LLMBATCH_PIPELINE_VENDOR``).
-        :param env: variables for the whole process (connections, poll interval).
-        :param timeout: seconds for all runs together; runs not finished by then are reported so.
-        :param log_path: where the process's output goes (default: under ``logs/``).
-        :param on_run: called with each run as soon as it has finished.
-        """
-        plan: list[tuple[str, dict[str, str]]] = [
-            (run, {}) if isinstance(run, str) else (run[0], dict(run[1])) for run in runs
-        ]
-        stamp = f"{os.getpid()}-{time.monotonic_ns()}"
-        plan_path = self.home / "logs" / f"dag-test-plan-{stamp}.json"
-        report_path = self.home / "logs" / f"dag-test-report-{stamp}.jsonl"
-        log_path = log_path or self.home / "logs" / f"dag-test-{stamp}.log"
-        plan_path.write_text(json.dumps([{"dag_id": dag_id, "env": env} for dag_id, env in plan]))
-        results: list[DagTestRun] = []
-        done = 0
-
-        def collect() -> None:
-            nonlocal done
-            text = report_path.read_text() if report_path.exists() else ""
-            # Only newline-terminated lines are complete; the last piece may still be being written.
-            for line in text.split("\n")[:-1][done:]:
-                results.append(self._read_run(json.loads(line), log_path))
-                done += 1
-                if on_run is not None:
-                    on_run(results[-1])
-
-        deadline = time.monotonic() + timeout
-        with log_path.open("wb") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", _MODULE, "--run-plan", str(plan_path), "--report", str(report_path)],
-                env=self.env(env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            reason = ""
-            try:
-                while child.poll() is None and time.monotonic() < deadline:
-                    collect()
-                    time.sleep(0.2)
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                    reason = f"not finished after {timeout:.0f} s"
-                    log.write(f"\n*** killed: {reason}\n".encode())
-                status = child.wait()
-        collect()
-        reason = reason or f"the process running the DAGs exited early (status {status})"
-        for dag_id, _ in plan[len(results) :]:
-            missing = DagTestRun(dag_id, None, None, 0.0, error=reason, log_path=log_path)
-            results.append(missing)
-            if on_run is not None:
-                on_run(missing)
-        return results
-
-    def _read_run(self, entry: Mapping[str, Any], log_path: Path) -> DagTestRun:
-        dag_id, run_id = entry["dag_id"], entry.get("run_id")
-        seconds = entry["ended"] - entry["started"]
-        import_errors = dict(entry.get("import_errors") or {})
-        if not run_id:
-            return DagTestRun(
-                dag_id,
-                None,
-                None,
-                seconds,
-                error=entry.get("error"),
-                import_errors=import_errors,
-                log_path=log_path,
-            )
-        reader = self.reader()
-        return DagTestRun(
-            dag_id=dag_id,
-            run_id=run_id,
-            state=entry.get("state"),
-            seconds=seconds,
-            tasks=reader.task_states(dag_id, run_id),
-            xcoms=reader.return_values(dag_id, run_id),
-            # Created dates are stored to the microsecond but may lag a clock read: allow a second.
-            deferrals=reader.triggers(
-                TRIGGER_CLASSPATH, since=entry["started"] - 1.0, until=entry["ended"] + 1.0
-            ),
-            error=entry.get("error"),
-            import_errors=import_errors,
-            log_path=log_path,
-        )
-
-
-def _run_plan(plan_path: Path, report_path: Path) -> int:
-    """Run ``dag.test()`` for each entry of a plan, in this process; append one JSON line per run."""
-    import traceback
-
-    from airflow.dag_processing.dagbag import DagBag
-
-    plan = json.loads(plan_path.read_text())
-    worst = 0
-    for item in plan:
-        saved = {key: os.environ.get(key) for key in item["env"]}
-        os.environ.update(item["env"])
-        entry: dict[str, Any] = {"dag_id": item["dag_id"], "started": time.time()}
-        try:
-            # Parsed afresh for each run, so variables read at parse time take this run's values.
-            bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-            entry["import_errors"] = {str(path): str(error) for path, error in bag.import_errors.items()}
-            dag = bag.get_dag(item["dag_id"])
-            if dag is None:
-                raise LookupError(f"DAG {item['dag_id']!r} not found; import errors: {bag.import_errors}")
-            dag_run = dag.test()
-            state = getattr(dag_run.state, "value", dag_run.state)
-            entry.update(run_id=dag_run.run_id, state=state)
-        except Exception as exc:
-            traceback.print_exc()
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        entry["ended"] = time.time()
-        worst = max(worst, 0 if entry.get("state") == "success" else 1)
-        with report_path.open("a") as report:
-            report.write(json.dumps(entry) + "\n")
-    return worst
-
-
 def _default_home() -> Path:
     return Path.cwd() / "airflow-home"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m airflow_provider_llmbatch.demo",
+        prog="python -m dev.demo",
         description="Run the example LLM batch pipeline in a private Airflow against the bundled emulator.",
     )
     parser.add_argument(
@@ -455,9 +74,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds allowed for all runs (default: 600)"
     )
-    # The child process that runs the DAGs.
-    parser.add_argument("--run-plan", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -483,8 +99,6 @@ def _print_run(vendor: str, run: DagTestRun) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return 0 when every run succeeded."""
     args = _parse_args(argv)
-    if args.run_plan:
-        return _run_plan(args.run_plan, args.report)
     home = (args.home or _default_home()).resolve()
     # Set before anything can import Airflow, so this process never touches ~/airflow either.
     os.environ["AIRFLOW_HOME"] = str(home)

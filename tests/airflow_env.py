@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmbatch.demo import LocalAirflow, find_example_dags
 from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
 from airflow_provider_llmbatch.vendors import REGISTRY
+from dev.local_airflow import LocalAirflow, find_example_dags
 
 EXAMPLE_DAGS = find_example_dags()
 REVIEWS_FILE = EXAMPLE_DAGS / "data" / "reviews.jsonl"

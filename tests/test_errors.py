@@ -7,6 +7,7 @@ import httpx
 import pydantic
 import pytest
 
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -39,9 +40,9 @@ def _vendor_body(vendor: VendorSpec, code: str | None, message: str = "it went w
     """Shape an error body the way the vendor's dialect does."""
     error: dict[str, Any] = {"message": message}
     if code is not None:
-        error["type" if "code" not in vendor.errors.fields else "code"] = code
+        error["type" if "code" not in dialect_of(vendor).errors.fields else "code"] = code
     body: dict[str, Any] = {"error": error}
-    if vendor.errors.request_id_in_body:
+    if dialect_of(vendor).errors.request_id_in_body:
         body["request_id"] = "rid-in-body"
     return json.dumps(body).encode()
 

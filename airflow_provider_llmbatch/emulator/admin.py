@@ -11,6 +11,7 @@ from starlette.routing import Mount, Route
 from airflow_provider_llmbatch.emulator import dialects
 from airflow_provider_llmbatch.emulator.app import Runtime
 from airflow_provider_llmbatch.emulator.faults import FaultRule
+from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 
 ADMIN_PREFIX = "/_emulator"
 
@@ -37,7 +38,7 @@ def admin_mount(rt: Runtime) -> Mount:
 
     async def vendors(request: Request) -> Response:
         root = str(request.base_url).rstrip("/")
-        return JSONResponse({n: root + s.emulator_prefix for n, s in rt.config.vendors.items()})
+        return JSONResponse({n: root + emulator_prefix(s) for n, s in rt.config.vendors.items()})
 
     async def stats(request: Request) -> Response:
         vendor = request.query_params.get("vendor")

@@ -28,6 +28,7 @@ from airflow_provider_llmbatch.emulator.records import FileInfo, new_request_id
 from airflow_provider_llmbatch.emulator.state import Store
 from airflow_provider_llmbatch.emulator.uploads import UploadAborted, UploadError, receive_upload
 from airflow_provider_llmbatch.emulator.validation import scan_request_file
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of, emulator_prefix
 from airflow_provider_llmbatch.vendors import VendorSpec
 
 TRANSPORT_SCOPE_KEY = "llmbatch.transport"
@@ -162,6 +163,7 @@ class VendorAPI:
     def __init__(self, runtime: Runtime, spec: VendorSpec) -> None:
         self.rt = runtime
         self.spec = spec
+        self.dialect = dialect_of(spec)
         self.name = spec.name
 
     def mount(self) -> Mount:
@@ -181,7 +183,7 @@ class VendorAPI:
             Route(path, self._wrap(op, fn), methods=[method]) for path, method, op, fn in ops
         ]
         routes.append(Route("/{path:path}", self._wrap("unknown", self._unknown), methods=None))
-        return Mount(self.spec.emulator_prefix, routes=routes)
+        return Mount(emulator_prefix(self.spec), routes=routes)
 
     def _wrap(self, operation: str, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -212,12 +214,12 @@ class VendorAPI:
                     message += f"; got Authorization: {request.headers.get('authorization', '')}"
                 raise ApiError("authentication", message)
             wait = self.rt.limiter.check(
-                self.name, self.spec.rate_limits_per_minute, operation, self.rt.store.clock()
+                self.name, self.dialect.rate_limits_per_minute, operation, self.rt.store.clock()
             )
             if wait is not None:
                 await _drain(request)
                 response = self._error(ApiError("rate_limit", "rate limit reached, slow down"), request_id)
-                if self.spec.errors.sends_retry_after:
+                if self.dialect.errors.sends_retry_after:
                     response.headers["Retry-After"] = str(math.ceil(wait))
                 return self._with_ids(response, request_id)
             response = await handler(request)
@@ -283,11 +285,12 @@ class VendorAPI:
                 message = f"expected at most {spec.limits.max_file_bytes} bytes, got {upload.size}"
                 raise ApiError("file_too_large", message, param="file")
             stored = sum(1 for f in store.list_files(self.name) if f.kind == "input")
-            if spec.limits.max_stored_files is not None and stored >= spec.limits.max_stored_files:
-                message = f"at most {spec.limits.max_stored_files} batch files may be stored; delete some"
+            most = self.dialect.max_stored_files
+            if most is not None and stored >= most:
+                message = f"at most {most} batch files may be stored; delete some"
                 raise ApiError("bad_request", message, param="file")
             info: FileInfo | None = None
-            if spec.quirks.validation_stage == "upload":
+            if self.dialect.validation_stage == "upload":
                 info = await self._scan(path, None)
                 if info.problems:
                     raise problem_error(info.problems[0])
@@ -309,11 +312,11 @@ class VendorAPI:
         )
 
     async def _list_files(self, request: Request) -> Response:
-        list_spec = self.spec.file_list
+        list_spec, shape = self.spec.file_list, self.dialect.file_pages
         records = filter_files(list_spec, self.rt.store.list_files(self.name), request.query_params)
-        items, has_more = paginate(list_spec, records, request.query_params)
+        items, has_more = paginate(list_spec, shape, records, request.query_params)
         rendered = [dialects.render_file(self.spec, r) for r in items]
-        return JSONResponse(dialects.render_page(list_spec, rendered, has_more))
+        return JSONResponse(dialects.render_page(shape, rendered, has_more))
 
     def _file_or_404(self, request: Request) -> Any:
         file_id = request.path_params["file_id"]
@@ -333,7 +336,7 @@ class VendorAPI:
 
     async def _download(self, request: Request) -> Response:
         record = self._file_or_404(request)
-        if record.kind == "input" and not self.spec.quirks.input_content_downloadable:
+        if record.kind == "input" and not self.spec.input_content_downloadable:
             message = "only batch output and error files can be downloaded"
             raise ApiError("permission_denied", message, param="file_id")
         self.rt.store.count(self.name, "downloads")
@@ -355,7 +358,7 @@ class VendorAPI:
                 "bad_request", "the input file must be a batch request file", param="input_file_id"
             )
         info = await self._scan(record.path, params.endpoint)
-        if info.problems and self.spec.quirks.validation_stage != "async":
+        if info.problems and self.dialect.validation_stage != "async":
             raise problem_error(info.problems[0])
         batch = self.rt.store.create_batch(
             self.name,
@@ -369,12 +372,12 @@ class VendorAPI:
         return JSONResponse(dialects.render_batch(self.spec, batch))
 
     async def _list_batches(self, request: Request) -> Response:
-        list_spec = self.spec.batch_list
+        list_spec, shape = self.spec.batch_list, self.dialect.batch_pages
         batches = await run_in_threadpool(self.rt.store.list_batches, self.name)
         records = filter_batches(list_spec, batches, request.query_params)
-        items, has_more = paginate(list_spec, records, request.query_params)
+        items, has_more = paginate(list_spec, shape, records, request.query_params)
         rendered = [dialects.render_batch(self.spec, b) for b in items]
-        return JSONResponse(dialects.render_page(list_spec, rendered, has_more))
+        return JSONResponse(dialects.render_page(shape, rendered, has_more))
 
     async def _get_batch(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
@@ -390,7 +393,7 @@ class VendorAPI:
             raise ApiError("not_found", f"no batch {batch_id!r}", param="batch_id")
         if not accepted:
             message = f"batch {batch_id!r} is {batch.status} and can no longer be cancelled"
-            raise ApiError("conflict", message, status=self.spec.quirks.cancel_terminal_status)
+            raise ApiError("conflict", message, status=self.spec.cancel_terminal_status)
         return JSONResponse(dialects.render_batch(self.spec, batch))
 
     async def _unknown(self, request: Request) -> Response:

@@ -44,7 +44,7 @@ AFTER_EFFECT_KINDS: frozenset[str] = frozenset(
 )
 """Kinds that let the request take effect (a file stored, a batch created) and then break the answer."""
 
-# Which documented rate-limit bucket (VendorSpec.rate_limits_per_minute) an operation counts against.
+# Which documented rate-limit bucket (EmulatorDialect.rate_limits_per_minute) an operation counts against.
 RATE_BUCKETS: Mapping[str, str] = {
     "create": "create",
     "get_batch": "retrieve",

@@ -1,4 +1,4 @@
-"""List endpoints: the filters and paging each vendor's ``ListSpec`` declares, and nothing else."""
+"""List endpoints: the filters and paging a vendor's ``ListSpec`` and ``PageShape`` declare, nothing else."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Protocol, TypeVar
 
 from airflow_provider_llmbatch.emulator.errors import ApiError
 from airflow_provider_llmbatch.emulator.records import BatchRecord, FileRecord
+from airflow_provider_llmbatch.emulator.vendor_dialects import PageShape
 from airflow_provider_llmbatch.vendors import ListSpec
 
 # The ``create_after``/``create_before`` filters are read as Beijing time (documented for DashScope).
@@ -87,10 +88,12 @@ def filter_batches(
     return result
 
 
-def paginate(list_spec: ListSpec, items: Sequence[T], query: Mapping[str, str]) -> tuple[list[T], bool]:
+def paginate(
+    list_spec: ListSpec, shape: PageShape, items: Sequence[T], query: Mapping[str, str]
+) -> tuple[list[T], bool]:
     """Return one page after the ``after`` cursor, and whether more follow."""
     start = 0
-    after = _param(list_spec, query, "after") if list_spec.honours_after else None
+    after = _param(list_spec, query, "after") if shape.honours_after else None
     if after is not None:
         ids = [item.id for item in items]
         # An unknown cursor gives an empty last page: every pager stops on it.
@@ -98,7 +101,7 @@ def paginate(list_spec: ListSpec, items: Sequence[T], query: Mapping[str, str]) 
     if list_spec.max_limit is None or "limit" not in list_spec.params:
         return list(items[start:]), False
     raw = query.get("limit")
-    limit = list_spec.default_limit or list_spec.max_limit
+    limit = shape.default_limit or list_spec.max_limit
     if raw not in (None, ""):
         try:
             limit = int(str(raw))

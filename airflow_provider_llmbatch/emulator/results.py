@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_llmbatch.emulator.records import BatchRecord
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.vendors import VendorSpec
 
 _ECHO_CHARS = 200
@@ -129,7 +130,7 @@ def fake_body(
 
 
 def _line_id(spec: VendorSpec, batch_id: str, custom_id: str) -> str:
-    style = spec.result_format.line_id
+    style = dialect_of(spec).result_format.line_id
     if style == "batch_id":
         return batch_id
     if style == "custom_id":
@@ -140,7 +141,7 @@ def _line_id(spec: VendorSpec, batch_id: str, custom_id: str) -> str:
 
 
 def _response(spec: VendorSpec, status_code: int, body: dict[str, Any]) -> dict[str, Any]:
-    placement = spec.result_format.request_id
+    placement = dialect_of(spec).result_format.request_id
     request_id = uuid.uuid4().hex
     if placement == "in_body":
         return {"status_code": status_code, "body": {**body, "request_id": request_id}}
@@ -158,7 +159,7 @@ def success_line(spec: VendorSpec, batch_id: str, custom_id: str, body: dict[str
         "custom_id": custom_id,
         "response": _response(spec, 200, body),
     }
-    if spec.result_format.error_key_on_success:
+    if dialect_of(spec).result_format.error_key_on_success:
         line["error"] = None
     return line
 

@@ -24,6 +24,7 @@ from airflow_provider_llmbatch.emulator.app import TRANSPORT_SCOPE_KEY, Runtime,
 from airflow_provider_llmbatch.emulator.config import DEFAULT_API_KEY, Clock, EmulatorConfig, OffsetClock
 from airflow_provider_llmbatch.emulator.faults import FaultRule, FaultSet, RateLimiter
 from airflow_provider_llmbatch.emulator.state import Store
+from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 from airflow_provider_llmbatch.vendors import VendorSpec
 
 _START_TIMEOUT = 15.0
@@ -180,7 +181,7 @@ class Emulator:
 
     def base_url(self, vendor: str) -> str:
         """Return the base URL a client of ``vendor`` uses, e.g. ``http://127.0.0.1:8765/moonshot/v1``."""
-        return self.url + self._spec(vendor).emulator_prefix
+        return self.url + emulator_prefix(self._spec(vendor))
 
     def vendors(self) -> dict[str, str]:
         """Return every served vendor's base URL."""

@@ -14,6 +14,7 @@ from airflow_provider_llmbatch.emulator import machine
 from airflow_provider_llmbatch.emulator.config import Clock, EmulatorConfig
 from airflow_provider_llmbatch.emulator.records import BatchRecord, FileInfo, FileKind, FileRecord, new_id
 from airflow_provider_llmbatch.emulator.results import write_results
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.vendors import CompletionWindowRule, VendorSpec
 
 _COUNTERS = ("files_uploaded", "batches_created", "cancels", "downloads", "files_deleted", "requests")
@@ -41,7 +42,7 @@ def create_flag(spec: VendorSpec, extra: dict[str, Any], name: str) -> bool:
     declared = next((f for f in spec.extra_create_fields if f.name == name), None)
     if declared is None:
         return False
-    value = extra.get(name, declared.vendor_default)
+    value = extra.get(name, dialect_of(spec).create_field_defaults.get(name))
     return bool(value)
 
 
@@ -176,7 +177,7 @@ class Store:
         with self.lock:
             state = self.vendor(vendor)
             rule = state.spec.completion_window
-            window = state.spec.quirks.completion_window_echo or completion_window or rule.default
+            window = dialect_of(state.spec).completion_window_echo or completion_window or rule.default
             hours = CompletionWindowRule.hours(window) or 24
             now = self.clock()
             outcome = (metadata or {}).get(machine.OUTCOME_KEY)
@@ -253,11 +254,12 @@ class Store:
         batch.results_written = True
         state = self.vendor(vendor)
         spec = state.spec
+        dialect = dialect_of(spec)
         if batch.status != "failed":
             unfinished_code: str | None = None
             if batch.status == "expired":
                 unfinished_code = "batch_expired"
-            elif batch.status == "cancelled" and spec.quirks.cancel_counts_unfinished_as_failed:
+            elif batch.status == "cancelled" and dialect.cancel_counts_unfinished_as_failed:
                 unfinished_code = "batch_cancelled"
                 batch.unfinished_failed = batch.total - batch.processed
             out_path, err_path = self.new_path(vendor, ".jsonl"), self.new_path(vendor, ".jsonl")
@@ -275,7 +277,7 @@ class Store:
             else:
                 out_path.unlink()
             if bad:
-                prefix = spec.quirks.error_file_id_prefix
+                prefix = dialect.error_file_id_prefix
                 batch.error_file_id = self._result_file(vendor, err_path, batch, "error", prefix, at)
             else:
                 err_path.unlink()

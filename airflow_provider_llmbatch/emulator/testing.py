@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from airflow_provider_llmbatch.emulator.server import Emulator
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.vendors import ErrorKind, VendorSpec
 
 
@@ -103,13 +104,14 @@ def assert_error_body(
 ) -> None:
     """Assert ``response`` is an error of ``kind`` in the vendor's dialect, request id included."""
     expected_status, code = spec.errors.codes[kind]
+    shape = dialect_of(spec).errors
     assert response.status_code == (status or expected_status), response.text
     body = response.json()
     error = body["error"]
-    assert set(error) == set(spec.errors.fields)
+    assert set(error) == set(shape.fields)
     assert code in (error.get("code"), error.get("type"))
-    assert ("request_id" in body) is spec.errors.request_id_in_body
+    assert ("request_id" in body) is shape.request_id_in_body
     request_id = response.headers.get(spec.errors.request_id_headers[0])
     assert request_id
-    if spec.errors.request_id_in_body:
+    if shape.request_id_in_body:
         assert body["request_id"] == request_id

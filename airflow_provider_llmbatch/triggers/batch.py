@@ -125,21 +125,25 @@ class BatchTrigger(BaseTrigger):
         step: Step = Wait(0.0)
         while isinstance(step, Wait):
             await sleep(step.seconds)
-            sent_at, result = await self._poll()
-            step = poller.after(result, sent_at=sent_at, now=clock())
+            step = await self._poll(poller)
         if isinstance(step, Cancel):
             step = poller.after_cancel(await self._cancel(step.reason))
         yield TriggerEvent(poller.event(step))  # type: ignore[no-untyped-call]
 
-    async def _poll(self) -> tuple[float, Batch | Exception]:
-        """Read the batch once; return when it was sent and what came back (the batch, or the failure)."""
+    async def _poll(self, poller: Poller) -> Step:
+        """Read the batch once and return the state machine's next step."""
         try:
             # Timed from when it holds a connection: queueing for one never shortens the next wait.
             async with await self.hook.aslots():
                 sent_at = clock()
-                return sent_at, await self.hook.aget_batch(self.batch_id, retry=False)
+                result: Batch | Exception = await self.hook.aget_batch(self.batch_id, retry=False)
         except Exception as exc:
-            return clock(), exc
+            sent_at, result = clock(), exc
+        step = poller.after(result, sent_at=sent_at, now=clock())
+        # Nothing of the answer outlives the poll: kept through the wait, a thousand waiters' parsed batches
+        # (or a failure's traceback, which holds this frame) end up in the collector's oldest generation.
+        del result
+        return step
 
     async def _cancel(self, reason: str) -> dict[str, Any] | None:
         self.log.info("Cancelling batch %s: %s", self.batch_id, reason)

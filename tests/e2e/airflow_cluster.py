@@ -23,9 +23,10 @@ from pathlib import Path
 
 import psutil
 
-from airflow_provider_llmbatch.demo import LocalAirflow
 from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY
+from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 from airflow_provider_llmbatch.vendors import REGISTRY
+from dev.local_airflow import LocalAirflow
 
 LOOPBACK = "127.0.0.1"
 
@@ -61,7 +62,7 @@ class AirflowCluster:
             f"AIRFLOW_CONN_LLMBATCH_{name.upper()}": json.dumps(
                 {
                     "conn_type": spec.conn_type,
-                    "host": emulator_url + spec.emulator_prefix,
+                    "host": emulator_url + emulator_prefix(spec),
                     "password": DEFAULT_API_KEY,
                 }
             )

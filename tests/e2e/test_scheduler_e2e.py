@@ -7,8 +7,8 @@ import pytest
 from airflow_cluster import LOOPBACK, AirflowCluster
 from airflow_env import REVIEWS_FILE, count_lines, read_jsonl
 
-from airflow_provider_llmbatch.demo import PIPELINE_DAG_ID, LocalAirflow
 from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY
+from dev.local_airflow import PIPELINE_DAG_ID, LocalAirflow
 
 SENSOR = "wait_for_batch"
 BUDGET_SECONDS = 240

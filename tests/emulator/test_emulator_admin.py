@@ -7,6 +7,7 @@ import pytest
 
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.emulator.testing import VendorClient, request_lines
+from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ def test_health_and_vendors_need_no_key(admin: httpx.Client, emulator: Emulator)
 
 
 def test_base_urls_use_the_registry_prefixes(emulator: Emulator, spec: VendorSpec) -> None:
-    assert emulator.base_url(spec.name) == f"http://127.0.0.1:{emulator.port}{spec.emulator_prefix}"
+    assert emulator.base_url(spec.name) == f"http://127.0.0.1:{emulator.port}{emulator_prefix(spec)}"
 
 
 def test_stats_and_reset_over_http(admin: httpx.Client, api: VendorClient, spec: VendorSpec) -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from airflow_provider_llmbatch.emulator.cli import build_parser
+from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def test_cli_serves_until_terminated(tmp_path: Path) -> None:
         assert match, first + (proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
         root = match.group(1)
         urls = dict(proc.stdout.readline().split() for _ in REGISTRY)
-        assert urls == {name: root + spec.emulator_prefix for name, spec in REGISTRY.items()}
+        assert urls == {name: root + emulator_prefix(spec) for name, spec in REGISTRY.items()}
         assert httpx.get(f"{root}/_emulator/health", timeout=5).json()["status"] == "ok"
         ok = httpx.get(f"{urls['openai']}/batches", headers={"Authorization": "Bearer cli-key"}, timeout=5)
         assert ok.status_code == 200

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from airflow_provider_llmbatch.emulator.testing import VendorClient, assert_error_body, request_lines
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
@@ -43,7 +44,7 @@ def test_invalid_request_file_is_rejected_where_the_vendor_does(
     api: VendorClient, spec: VendorSpec, case: str
 ) -> None:
     content, line, param = _bad_files(spec)[case]
-    stage = spec.quirks.validation_stage
+    stage = dialect_of(spec).validation_stage
     uploaded = api.upload(content)
     if stage == "upload":
         assert_error_body(spec, uploaded, "bad_request")
@@ -76,11 +77,11 @@ def test_forbidden_body_keys_are_rejected(api: VendorClient, spec: VendorSpec) -
     key = sorted(spec.forbidden_body_keys)[0]
     content = request_lines(spec, ["a"], body_extra={key: 0.5})
     response = api.upload(content)
-    if spec.quirks.validation_stage == "upload":
+    if dialect_of(spec).validation_stage == "upload":
         assert_error_body(spec, response, "bad_request")
         return
     created = api.create(response.json()["id"])
-    if spec.quirks.validation_stage == "create":
+    if dialect_of(spec).validation_stage == "create":
         assert_error_body(spec, created, "bad_request")
         assert key in created.json()["error"]["message"]
     else:
@@ -142,7 +143,7 @@ def test_auto_delete_input_file_follows_the_vendor_default(
     assert frozen_api.get(created["id"])["status"] == "completed"
     field = next((f for f in spec.extra_create_fields if f.name == "auto_delete_input_file"), None)
     response = frozen_api.http.get(f"/files/{created['input_file_id']}")
-    if field is not None and field.vendor_default:
+    if field is not None and dialect_of(spec).create_field_defaults.get(field.name):
         assert_error_body(spec, response, "not_found")
         kept = frozen_api.batch_from(["a"], auto_delete_input_file=False)
         frozen_api.emulator.advance_clock(5)
@@ -163,13 +164,13 @@ def test_input_deleted_while_running_still_completes(frozen_api: VendorClient, s
 
 def test_batch_list_pages(api: VendorClient, spec: VendorSpec) -> None:
     empty = api.http.get("/batches").json()
-    assert empty["data"] == (None if spec.batch_list.data_null_when_empty else [])
+    assert empty["data"] == (None if dialect_of(spec).batch_pages.data_null_when_empty else [])
     ids = [api.batch_from([f"c{i}"])["id"] for i in range(3)]
     newest_first = list(reversed(ids))
     page = api.http.get("/batches", params={"limit": 2}).json()
     assert [b["id"] for b in page["data"]] == newest_first[:2]
     assert page["has_more"] is True
-    if spec.batch_list.has_first_last_ids:
+    if dialect_of(spec).batch_pages.has_first_last_ids:
         assert (page["first_id"], page["last_id"]) == (newest_first[0], newest_first[1])
     else:
         assert "first_id" not in page

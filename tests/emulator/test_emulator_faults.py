@@ -5,6 +5,7 @@ import pytest
 
 from airflow_provider_llmbatch.emulator import Emulator, FaultRule
 from airflow_provider_llmbatch.emulator.testing import VendorClient, assert_error_body, request_lines
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 pytestmark = pytest.mark.integration
@@ -112,10 +113,10 @@ def test_bad_rules_are_refused(bad: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", [s for s in REGISTRY.values() if s.rate_limits_per_minute], ids=lambda s: s.name
+    "spec", [s for s in REGISTRY.values() if dialect_of(s).rate_limits_per_minute], ids=lambda s: s.name
 )
 def test_documented_rate_limits_when_enabled(api: VendorClient, spec: VendorSpec) -> None:
-    limit = spec.rate_limits_per_minute["list"]
+    limit = dialect_of(spec).rate_limits_per_minute["list"]
     for _ in range(limit + 5):
         assert api.http.get("/batches").status_code == 200
     api.emulator.set_rate_limits(True)

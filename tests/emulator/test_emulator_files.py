@@ -7,6 +7,7 @@ import pytest
 
 from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
 from airflow_provider_llmbatch.emulator.testing import VendorClient, assert_error_body, request_lines
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.vendors import REGISTRY, Limits, VendorSpec
 
 pytestmark = pytest.mark.integration
@@ -21,7 +22,7 @@ def test_upload_get_list_download_delete(api: VendorClient, spec: VendorSpec) ->
     assert uploaded["purpose"] == "batch"
     assert uploaded["filename"] == "requests.jsonl"
     assert isinstance(uploaded["created_at"], int)
-    assert (uploaded["created_at"] > 10**11) is spec.quirks.timestamps_in_ms
+    assert (uploaded["created_at"] > 10**11) is dialect_of(spec).timestamps_in_ms
 
     got = api.http.get(f"/files/{uploaded['id']}")
     assert got.status_code == 200
@@ -31,7 +32,7 @@ def test_upload_get_list_download_delete(api: VendorClient, spec: VendorSpec) ->
     assert [f["id"] for f in listed["data"]] == [uploaded["id"]]
 
     download = api.http.get(f"/files/{uploaded['id']}/content")
-    if spec.quirks.input_content_downloadable:
+    if spec.input_content_downloadable:
         assert download.status_code == 200
         assert download.content == content
     else:
@@ -62,7 +63,7 @@ def test_upload_rejects_bad_purpose_and_name(
 ) -> None:
     response = api.upload(request_lines(spec, ["a"]), filename=filename, purpose=purpose)
     assert_error_body(spec, response, "bad_request")
-    if "param" in spec.errors.fields:
+    if "param" in dialect_of(spec).errors.fields:
         assert response.json()["error"]["param"] == param
     assert api.emulator.stats(spec.name)["files_uploaded"] == 0
 
@@ -130,7 +131,7 @@ def test_file_list_paging_follows_the_spec(api: VendorClient, spec: VendorSpec) 
         page = api.http.get("/files", params={"limit": 1, "after": newest_first[0]}).json()
         assert [f["id"] for f in page["data"]] == newest_first
         assert "has_more" not in page
-    assert ("first_id" in page) is list_spec.has_first_last_ids
+    assert ("first_id" in page) is dialect_of(spec).file_pages.has_first_last_ids
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,7 @@ def test_file_list_filters_by_purpose_and_order(api: VendorClient, spec: VendorS
 
 def test_empty_file_list_uses_the_vendor_shape(api: VendorClient, spec: VendorSpec) -> None:
     page = api.http.get("/files").json()
-    assert page["data"] == (None if spec.file_list.data_null_when_empty else [])
+    assert page["data"] == (None if dialect_of(spec).file_pages.data_null_when_empty else [])
 
 
 def test_wrong_or_missing_key_gets_401_in_dialect(emulator: Emulator, spec: VendorSpec) -> None:

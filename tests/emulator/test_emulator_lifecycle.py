@@ -4,7 +4,9 @@ import pytest
 
 from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
 from airflow_provider_llmbatch.emulator.testing import VendorClient, assert_error_body
-from airflow_provider_llmbatch.models import Batch, ResultLine
+from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
+from airflow_provider_llmbatch.models import Batch
+from airflow_provider_llmbatch.result_lines import ResultLine
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 pytestmark = pytest.mark.integration
@@ -22,20 +24,20 @@ def test_batch_runs_to_completed_through_every_phase(frozen_api: VendorClient, s
     created = frozen_api.batch_from(IDS)
     assert created["status"] == "validating"
     assert created["object"] == "batch"
-    if spec.quirks.null_counts_while_validating:
+    if dialect_of(spec).null_counts_while_validating:
         assert created["request_counts"] == {"total": None, "completed": None, "failed": None}
     else:
         assert _counts(created) == (4, 0, 0)
     assert (
         created["output_file_id"]
         == created["error_file_id"]
-        == ("" if spec.quirks.empty_file_id == "empty_string" else None)
+        == ("" if dialect_of(spec).empty_file_id == "empty_string" else None)
     )
     assert created["completion_window"] == (
-        spec.quirks.completion_window_echo or spec.completion_window.default
+        dialect_of(spec).completion_window_echo or spec.completion_window.default
     )
-    assert ("errors" in created) is spec.quirks.batch_has_errors
-    assert ("expired_at" in created) is spec.quirks.batch_has_expired_at
+    assert ("errors" in created) is dialect_of(spec).batch_has_errors
+    assert ("expired_at" in created) is dialect_of(spec).batch_has_expired_at
     batch_id = created["id"]
 
     emu.advance_clock(0.2)
@@ -57,14 +59,14 @@ def test_batch_runs_to_completed_through_every_phase(frozen_api: VendorClient, s
     assert (parsed.completed_at - parsed.created_at).total_seconds() == pytest.approx(
         1.4, abs=1.0
     )  # whole seconds for most vendors
-    assert done["error_file_id"].startswith(spec.quirks.error_file_id_prefix)
+    assert done["error_file_id"].startswith(dialect_of(spec).error_file_id_prefix)
 
     outputs = frozen_api.lines(done["output_file_id"])
     assert [line["custom_id"] for line in outputs] == ["a1", "a3", "a4"]
     for line in outputs:
         parsed_line = ResultLine.model_validate(line)
         assert parsed_line.succeeded
-        assert ("error" in line) is spec.result_format.error_key_on_success
+        assert ("error" in line) is dialect_of(spec).result_format.error_key_on_success
         body = line["response"]["body"]
         assert body["choices"][0]["message"]["content"] == f"echo: say hello to {line['custom_id']}"
         assert (
@@ -87,7 +89,7 @@ def test_result_line_ids_and_request_ids_follow_the_format(
     frozen_api.emulator.advance_clock(10)
     done = frozen_api.get(created["id"])
     lines = frozen_api.lines(done["output_file_id"])
-    fmt = spec.result_format
+    fmt = dialect_of(spec).result_format
     for line in lines:
         response = line["response"]
         if fmt.line_id == "batch_id":
@@ -140,7 +142,7 @@ def test_emulator_outcome_metadata_forces_the_end(
         assert (completed, failed) == (4, 0)
     elif outcome == "failed":
         assert done["output_file_id"] in (None, "")
-        if spec.quirks.batch_has_errors:
+        if dialect_of(spec).batch_has_errors:
             assert done["errors"]["data"][0]["code"] == "emulator_outcome"
     elif outcome == "expired":
         assert completed == 2
@@ -150,7 +152,7 @@ def test_emulator_outcome_metadata_forces_the_end(
     else:
         assert completed == 2
         assert done["cancelling_at"] is not None
-        assert failed == (2 if spec.quirks.cancel_counts_unfinished_as_failed else 0)
+        assert failed == (2 if dialect_of(spec).cancel_counts_unfinished_as_failed else 0)
 
 
 def test_cancel_moves_through_cancelling(frozen_api: VendorClient, spec: VendorSpec) -> None:
@@ -166,7 +168,7 @@ def test_cancel_moves_through_cancelling(frozen_api: VendorClient, spec: VendorS
     assert cancelled["status"] == "cancelled"
     total, completed, failed = _counts(cancelled)
     assert (total, completed) == (4, 1)
-    assert failed == (3 if spec.quirks.cancel_counts_unfinished_as_failed else 1)
+    assert failed == (3 if dialect_of(spec).cancel_counts_unfinished_as_failed else 1)
     assert frozen_api.emulator.stats(spec.name)["cancels"] == 1
 
 
@@ -174,7 +176,7 @@ def test_cancel_of_a_finished_batch_is_refused_in_dialect(frozen_api: VendorClie
     created = frozen_api.batch_from(["a"])
     frozen_api.emulator.advance_clock(10)
     response = frozen_api.http.post(f"/batches/{created['id']}/cancel")
-    assert_error_body(spec, response, "conflict", status=spec.quirks.cancel_terminal_status)
+    assert_error_body(spec, response, "conflict", status=spec.cancel_terminal_status)
     assert frozen_api.get(created["id"])["status"] == "completed"
 
 

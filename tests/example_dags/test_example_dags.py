@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from airflow_env import EXAMPLE_DAGS, REVIEWS_FILE, env_for, failing_tail, read_jsonl
 
-from airflow_provider_llmbatch.demo import DagTestRun, LocalAirflow
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.vendors import REGISTRY
+from dev.local_airflow import DagTestRun, LocalAirflow
 
 REVIEWS = read_jsonl(REVIEWS_FILE)
 

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from airflow_env import failing_tail, migrated_template
 
-from airflow_provider_llmbatch.demo import DagTestRun, LocalAirflow
 from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
+from dev.local_airflow import DagTestRun, LocalAirflow
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration]
 
