@@ -3,8 +3,8 @@ Streaming tools for batch request files (JSONL): validate, build, iterate, finge
 
 Every function reads or writes one line at a time, so memory does not grow with the file. The rules
 come from the vendor's :class:`~airflow_provider_llmbatch.vendors.VendorSpec` (limits, endpoints,
-forbidden body keys); the line scanner and the per-line checks live in
-:mod:`airflow_provider_llmbatch.jsonl_lines`.
+forbidden body keys); :mod:`airflow_provider_llmbatch.jsonl_lines` states them and
+:mod:`airflow_provider_llmbatch.jsonl_check` applies them as the bytes pass.
 
 A ``source`` is a local path (``str`` or ``os.PathLike``), a URI such as ``s3://bucket/key.jsonl``,
 an ``ObjectStoragePath`` (anything with ``.open("rb")``), or a binary file object (left open).
@@ -16,14 +16,40 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeAlias, overload
+from typing import IO, TYPE_CHECKING, Any, overload
 
 from pydantic import ValidationError
 
-from airflow_provider_llmbatch import jsonl_lines as core
+from airflow_provider_llmbatch import codec
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
+from airflow_provider_llmbatch.jsonl_check import (
+    RequestFileCheck,
+    RequestFileReport,
+    Tally,
+    chunk_bytes,
+    finish_check,
+    validate_request_file,
+)
+from airflow_provider_llmbatch.jsonl_lines import (
+    RequestChecker,
+    byte_limit,
+    diagnose_unparsable,
+    request_limit,
+    resolve_endpoint,
+    resolve_vendor,
+    show,
+)
+from airflow_provider_llmbatch.locations import (
+    Location,
+    as_path,
+    atomic_writer,
+    file_name,
+    label,
+    make_folder,
+    open_read,
+)
+from airflow_provider_llmbatch.locations import Source as RequestSource
 from airflow_provider_llmbatch.models import RequestLine
 from airflow_provider_llmbatch.vendors import EndpointSpec, VendorSpec
 
@@ -41,241 +67,13 @@ __all__ = [
     "validate_request_file",
 ]
 
-RequestSource: TypeAlias = "str | os.PathLike[str] | ObjectStoragePath | BinaryIO"
-"""Where a request file is read from."""
-
-RequestDestination: TypeAlias = "str | os.PathLike[str] | ObjectStoragePath"
-"""Where a request file is written to."""
-
-_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class RequestFileReport:
-    """
-    What a valid request file holds.
-
-    :param source: the file's name or URI.
-    :param vendor: the vendor's registry name.
-    :param endpoint: the batch endpoint every line names.
-    :param lines: the number of requests.
-    :param bytes: the file's size in bytes.
-    :param model: the one model of the file.
-    :param sha256: the SHA-256 of the file's bytes (hex), the same as :func:`fingerprint`.
-    """
-
-    source: str
-    vendor: str
-    endpoint: str
-    lines: int
-    bytes: int
-    model: str | None
-    sha256: str
-
-    @property
-    def custom_ids_sha256(self) -> str:
-        """Return the fingerprint of the input (an alias of ``sha256``)."""
-        return self.sha256
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the report as JSON primitives, small enough for XCom."""
-        return {
-            "source": self.source,
-            "vendor": self.vendor,
-            "endpoint": self.endpoint,
-            "lines": self.lines,
-            "bytes": self.bytes,
-            "model": self.model,
-            "sha256": self.sha256,
-        }
-
-
-def _is_uri(text: str) -> bool:
-    scheme, sep, _ = text.partition("://")
-    return bool(sep) and scheme.isidentifier() and len(scheme) > 1
-
-
-def _object_path(uri: str) -> ObjectStoragePath:
-    from airflow.sdk import ObjectStoragePath
-
-    return ObjectStoragePath(uri)
-
-
-def _label(source: object) -> str:
-    if isinstance(source, str | os.PathLike):
-        return os.fsdecode(source)
-    if hasattr(source, "open"):
-        return str(source)
-    return str(getattr(source, "name", None) or "<stream>")
-
-
-def _file_name(source: object) -> str | None:
-    """Return the name whose extension matters, or None for an anonymous file object."""
-    if isinstance(source, str | os.PathLike):
-        return os.path.basename(_label(source).rstrip("/"))
-    if hasattr(source, "open"):
-        return str(getattr(source, "name", "")) or None
-    return None
-
-
-@contextmanager
-def _open_read(source: RequestSource) -> Iterator[IO[bytes]]:
-    """Open a source for binary reading; a file object given by the caller is left open."""
-    if isinstance(source, str | os.PathLike):
-        path = _label(source)
-        handle: IO[bytes] = (
-            _object_path(path).open("rb")  # type: ignore[no-untyped-call]
-            if _is_uri(path)
-            else open(path, "rb")  # noqa: SIM115 - closed below
-        )
-    elif hasattr(source, "open"):
-        handle = source.open("rb")
-    elif hasattr(source, "readline"):
-        yield source
-        return
-    else:
-        raise InvalidInputError(f"cannot read a request file from {type(source).__name__}")
-    with handle:
-        yield handle
-
-
-class RequestFileCheck:
-    """
-    Check a request file as its bytes pass by, with the rules and messages of ``validate_request_file``.
-
-    It is the engine of :func:`validate_request_file`, in a form that is fed: an upload with
-    ``BatchHook.upload_file(..., check=...)`` feeds it each chunk before sending that chunk, so the file
-    is read once for both. :meth:`begin` starts a pass (again for a repeated upload), :meth:`feed` takes
-    the next bytes and tells whether the file can still pass, :meth:`finish` runs the end-of-file checks
-    and returns the report (kept as :attr:`report`).
-
-    :param vendor: the vendor's spec, or its registry name.
-    :param endpoint: the batch endpoint (default: the vendor's first).
-    :param max_problems: how many problems to list; further ones are counted.
-    :raises InvalidInputError: when the endpoint is not one of the vendor's.
-    """
-
-    def __init__(
-        self, vendor: VendorSpec | str, endpoint: str | None = None, *, max_problems: int = 20
-    ) -> None:
-        self.spec = core.resolve_vendor(vendor)
-        self.endpoint = core.resolve_endpoint(self.spec, endpoint)
-        self.max_problems = max_problems
-        self.report: RequestFileReport | None = None
-        """The report of the last pass that passed; None before, and while a pass runs."""
-        self._checker: core.RequestChecker | None = None
-        self._lines: core.LineFeed | None = None
-        self._label = ""
-
-    def begin(self, source: object) -> None:
-        """
-        Start a pass over ``source``, dropping any unfinished one.
-
-        :param source: what the bytes come from: its name is checked (``.jsonl``; a file object without
-            a name is not) and names the file in problems.
-        """
-        self.close()
-        self.report = None
-        checker = core.RequestChecker(
-            self.spec, self.endpoint, _file_name(source), max_problems=self.max_problems
-        )
-        self._checker = checker
-        self._lines = core.LineFeed(checker.max_line_bytes, core.Tally(), checker.line)
-        self._label = _label(source)
-
-    def feed(self, chunk: bytes) -> bool:
-        """
-        Check the lines ``chunk`` completes (the unfinished last one waits for the next chunk).
-
-        :param chunk: the next bytes of the file.
-        :return: False once the file cannot pass any more (a problem, or over a request or size limit).
-        """
-        lines, checker = self._lines, self._checker
-        if lines is None or checker is None:
-            raise RuntimeError("begin() a pass before feeding it")
-        lines.feed(chunk)
-        return not (
-            checker.failed
-            or checker.requests > checker.max_requests
-            or lines.tally.bytes > checker.max_file_bytes
-        )
-
-    def finish(self) -> RequestFileReport:
-        """
-        End the pass: check the last line and the whole file.
-
-        :return: the report (also kept as :attr:`report`).
-        :raises InvalidRequestFileError: listing every problem found (``line N: field: expected ...``).
-        """
-        lines, checker = self._lines, self._checker
-        if lines is None or checker is None:
-            raise RuntimeError("begin() a pass before finishing it")
-        self._lines = self._checker = None
-        lines.end()
-        tally = lines.tally
-        checker.finish(tally.bytes, self._label)
-        self.report = RequestFileReport(
-            source=self._label,
-            vendor=self.spec.name,
-            endpoint=self.endpoint.path,
-            lines=checker.requests,
-            bytes=tally.bytes,
-            model=checker.model,
-            sha256=tally.hexdigest(),
-        )
-        return self.report
-
-    def close(self) -> None:
-        """Drop an unfinished pass (and stop its hashing thread); a finished one needs no closing."""
-        lines, self._lines, self._checker = self._lines, None, None
-        if lines is not None:
-            lines.tally.close()
-
-
-def validate_request_file(
-    source: RequestSource,
-    vendor: VendorSpec | str,
-    endpoint: str | None = None,
-    *,
-    max_problems: int = 20,
-) -> RequestFileReport:
-    """
-    Check a request file against a vendor's rules in one streaming pass, and describe it.
-
-    Checks the name (``.jsonl``), UTF-8 without a BOM, one JSON object per line (strict JSON: no
-    NaN/Infinity), no blank lines between requests (a final newline is fine, CRLF too), the keys
-    ``custom_id`` (a unique non-empty string), ``method`` (``POST``), ``url`` (the batch endpoint)
-    and ``body`` (an object with a string ``model``, the same on every line, and none of the
-    vendor's forbidden keys), the endpoint's required model, and the request, file-size and
-    line-size limits of the vendor and the endpoint. An upload can run the same checks as it
-    streams (see :class:`RequestFileCheck`).
-
-    :param source: the request file.
-    :param vendor: the vendor's spec, or its registry name.
-    :param endpoint: the batch endpoint (default: the vendor's first).
-    :param max_problems: how many problems to list; further ones are counted.
-    :raises InvalidInputError: when the endpoint is not one of the vendor's.
-    :raises InvalidRequestFileError: listing every problem found (``line N: field: expected ..., got ...``).
-    """
-    check = RequestFileCheck(vendor, endpoint, max_problems=max_problems)
-    check.begin(source)
-    try:
-        size = core.chunk_bytes()
-        feed = check.feed
-        with _open_read(source) as handle:
-            read = handle.read
-            while chunk := read(size):
-                feed(chunk)
-        return check.finish()
-    finally:
-        check.close()
-
 
 def fingerprint(source: RequestSource) -> str:
     """Return the SHA-256 (hex) of a file's bytes, read in chunks."""
     sha = hashlib.sha256()
-    with _open_read(source) as handle:
-        while chunk := handle.read(_CHUNK):
+    size = chunk_bytes()
+    with open_read(source) as handle:
+        while chunk := handle.read(size):
             sha.update(chunk)
     return sha.hexdigest()
 
@@ -288,27 +86,27 @@ def iter_request_lines(source: RequestSource) -> Iterator[RequestLine]:
     request raises :class:`InvalidRequestFileError` naming it. Use :func:`validate_request_file` to
     check a file against a vendor's rules.
     """
-    label = _label(source)
-    with _open_read(source) as handle:
+    name = label(source)
+    with open_read(source) as handle:
         for lineno, raw in enumerate(iter(handle.readline, b""), start=1):
             line = raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
             if not line.strip():
                 continue
             try:
-                obj = core.loads(line)
-            except core.CODEC_ERRORS as exc:
-                field, expected, got = core.diagnose_unparsable(line, exc)
+                obj = codec.loads(line)
+            except codec.CODEC_ERRORS as exc:
+                field, expected, got = diagnose_unparsable(line, exc)
                 problem = f"line {lineno}: {field}: expected {expected}, got {got}"
-                raise InvalidRequestFileError(label, [problem]) from None
+                raise InvalidRequestFileError(name, [problem]) from None
             try:
                 request = RequestLine.model_validate(obj)
             except ValidationError as exc:
                 problems = [
                     f"line {lineno}: {'.'.join(map(str, e['loc'])) or 'json'}: "
-                    f"expected {e['msg'].lower()}, got {core.show(e['input'])}"
+                    f"expected {e['msg'].lower()}, got {show(e['input'])}"
                     for e in exc.errors()
                 ]
-                raise InvalidRequestFileError(label, problems) from None
+                raise InvalidRequestFileError(name, problems) from None
             yield request
 
 
@@ -341,7 +139,7 @@ def _body_for(record: Mapping[str, Any], kind: str, system: str | None) -> dict[
 
 def build_request_file(
     records: Iterable[Mapping[str, Any]],
-    destination: RequestDestination,
+    destination: Location,
     vendor: VendorSpec | str,
     endpoint: str | None = None,
     *,
@@ -374,13 +172,12 @@ def build_request_file(
     :param max_problems: how many problems to list; further ones are counted.
     :raises InvalidRequestFileError: when a record cannot be turned into a valid request line.
     """
-    spec = core.resolve_vendor(vendor)
-    endpoint_spec = core.resolve_endpoint(spec, endpoint)
-    label = _label(destination)
-    checker = core.RequestChecker(spec, endpoint_spec, _file_name(destination), max_problems=max_problems)
-    tally = core.Tally()
+    spec = resolve_vendor(vendor)
+    endpoint_spec = resolve_endpoint(spec, endpoint)
+    checker = RequestChecker(spec, endpoint_spec, file_name(destination), max_problems=max_problems)
+    tally = Tally()
     with _open_write(destination) as handle:
-        write, update, dumps = handle.write, tally.update, core.dumps
+        write, update, dumps = handle.write, tally.update, codec.dumps
         for number, record in enumerate(records, start=1):
             line = _request_for(
                 record, number, endpoint_spec, checker, model, custom_id_field, system, params
@@ -390,7 +187,7 @@ def build_request_file(
                 continue
             try:
                 raw = dumps(line)
-            except core.CODEC_ERRORS as exc:
+            except codec.CODEC_ERRORS as exc:
                 checker.problem(f"record {number}", "body", "JSON-serializable values", f"{exc}")
                 checker.skip()
                 continue
@@ -398,23 +195,15 @@ def build_request_file(
             raw += b"\n"
             write(raw)
             update(raw)
-        checker.finish(tally.bytes, label)
-    return RequestFileReport(
-        source=label,
-        vendor=spec.name,
-        endpoint=endpoint_spec.path,
-        lines=checker.requests,
-        bytes=tally.bytes,
-        model=checker.model,
-        sha256=tally.hexdigest(),
-    )
+        # Inside the block: a file that breaks a rule is never committed.
+        return finish_check(checker, tally, label(destination))
 
 
 def _request_for(
     record: Any,
     number: int,
     endpoint: EndpointSpec,
-    checker: core.RequestChecker,
+    checker: RequestChecker,
     model: str | None,
     custom_id_field: str | None,
     system: str | None,
@@ -423,7 +212,7 @@ def _request_for(
     """Return the request line for one record, or None after reporting why there is none."""
     where = f"record {number}"
     if not isinstance(record, Mapping):
-        checker.problem(where, "record", "a mapping", core.show(record))
+        checker.problem(where, "record", "a mapping", show(record))
         return None
     if custom_id_field is None:
         custom_id = record.get("custom_id") or f"request-{number}"
@@ -437,7 +226,7 @@ def _request_for(
     if "body" in record:
         body = record["body"]
         if not isinstance(body, Mapping):
-            checker.problem(where, "body", "an object", core.show(body))
+            checker.problem(where, "body", "an object", show(body))
             return None
         body = dict(body)
     else:
@@ -450,11 +239,11 @@ def _request_for(
             return None
         own = record.get("params") or {}
         if not isinstance(own, Mapping):
-            checker.problem(where, "params", "an object of body fields", core.show(own))
+            checker.problem(where, "params", "an object of body fields", show(own))
             return None
         body = {**(params or {}), **built, **own}
     if model is not None and body.setdefault("model", model) != model:
-        checker.problem(where, "body.model", f"{model!r} (the model argument)", core.show(body["model"]))
+        checker.problem(where, "body.model", f"{model!r} (the model argument)", show(body["model"]))
     return {
         "custom_id": custom_id,
         "method": record.get("method", "POST"),
@@ -463,33 +252,17 @@ def _request_for(
     }
 
 
-def _make_local_folder(folder: Any) -> None:
-    """Create a folder on a local file system; object stores have no folders to create."""
-    if getattr(folder, "protocol", "file") in ("file", "local", ""):
-        folder.mkdir(parents=True, exist_ok=True)
-
-
 @contextmanager
-def _open_write(destination: RequestDestination) -> Iterator[IO[bytes]]:
-    """Open a destination for writing; remove what was written if the block raises."""
-    if isinstance(destination, str | os.PathLike) and not _is_uri(_label(destination)):
-        final = Path(_label(destination))
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside the target and rename, so the target never holds a partial or invalid file.
-        temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            with temp.open("wb") as handle:
-                yield handle
-            os.replace(temp, final)
-        finally:
-            temp.unlink(missing_ok=True)
+def _open_write(destination: Location) -> Iterator[IO[bytes]]:
+    """Open a destination for writing: a path atomically, a URI in place and removed if the block raises."""
+    target = as_path(destination)
+    if isinstance(target, Path):
+        with atomic_writer(target) as handle:
+            yield handle
         return
-    target: Any = (
-        _object_path(_label(destination)) if isinstance(destination, str | os.PathLike) else destination
-    )
-    _make_local_folder(target.parent)
+    make_folder(target.parent)
     try:
-        with target.open("wb") as handle:
+        with target.open("wb") as handle:  # type: ignore[no-untyped-call]
             yield handle
     except BaseException:
         # Best effort: the original error is the one worth raising.
@@ -525,7 +298,7 @@ def split_request_file(
 def split_request_file(
     source: RequestSource,
     vendor: VendorSpec | str,
-    out_dir: RequestDestination,
+    out_dir: Location,
     *,
     endpoint: str | None = None,
     max_requests: int | None = None,
@@ -544,11 +317,11 @@ def split_request_file(
     :param max_bytes: bytes per part (default: the vendor's limit; never above it).
     :raises InvalidInputError: for limits out of range, or a line that cannot fit in a part.
     """
-    spec = core.resolve_vendor(vendor)
-    endpoint_spec = core.resolve_endpoint(spec, endpoint)
+    spec = resolve_vendor(vendor)
+    endpoint_spec = resolve_endpoint(spec, endpoint)
     limits = {
-        "max_requests": (max_requests, core.request_limit(spec, endpoint_spec)),
-        "max_bytes": (max_bytes, core.byte_limit(spec, endpoint_spec)),
+        "max_requests": (max_requests, request_limit(spec, endpoint_spec)),
+        "max_bytes": (max_bytes, byte_limit(spec, endpoint_spec)),
     }
     for name, (given, ceiling) in limits.items():
         if given is not None and not 0 < given <= ceiling:
@@ -557,23 +330,19 @@ def split_request_file(
             )
     part_requests = max_requests or limits["max_requests"][1]
     part_bytes = max_bytes or limits["max_bytes"][1]
-    folder: Any
-    if isinstance(out_dir, str | os.PathLike) and not _is_uri(_label(out_dir)):
-        folder = Path(_label(out_dir))
-    else:
-        folder = _object_path(_label(out_dir)) if isinstance(out_dir, str | os.PathLike) else out_dir
-    _make_local_folder(folder)
-    stem = Path(_file_name(source) or "requests.jsonl").name.removesuffix(".jsonl")
+    folder = as_path(out_dir)
+    make_folder(folder)
+    stem = Path(file_name(source) or "requests.jsonl").name.removesuffix(".jsonl")
     parts: list[Any] = []
     handle: IO[bytes] | None = None
     count = size = 0
     try:
-        with _open_read(source) as reader:
+        with open_read(source) as reader:
             # Lines are copied verbatim (terminators included), so the parts add up to the original.
             for lineno, raw in enumerate(iter(lambda: reader.readline(part_bytes + 1), b""), start=1):
                 if len(raw) > part_bytes:
                     raise InvalidInputError(
-                        f"{_label(source)}: line {lineno} is over {part_bytes} bytes and cannot fit in a part"
+                        f"{label(source)}: line {lineno} is over {part_bytes} bytes and cannot fit in a part"
                     )
                 request = 1 if raw.strip() else 0
                 if handle is None or count + request > part_requests or size + len(raw) > part_bytes:

@@ -1,27 +1,22 @@
 """
-Request files line by line: the strict JSON codec, the chunked line scanner and the rules.
+The rules of a request file, line by line, and the problems they report.
 
-:func:`scan_lines` reads a file in chunks and yields its lines, hashing the bytes on the way
-(:class:`Tally`). :class:`RequestChecker` holds the state of one pass over a request file (line
-numbers, the first model, keys of the custom ids seen) and turns every broken rule into one
-readable problem: ``line N: <field>: expected <...>, got <...>`` or ``file: <field>: ...``. It
-never sees the whole file: :mod:`airflow_provider_llmbatch.jsonl` feeds it line by line, while
-reading a file or while writing one. All vendor differences come from the :class:`VendorSpec`.
+:class:`RequestChecker` holds the state of one pass over a request file (line numbers, the first
+model, keys of the custom ids seen) and turns every broken rule into one readable problem:
+``line N: <field>: expected <...>, got <...>`` or ``file: <field>: ...``. It never sees the whole
+file: :mod:`airflow_provider_llmbatch.jsonl_check` feeds it line by line while reading a file, and
+:func:`~airflow_provider_llmbatch.jsonl.build_request_file` while writing one. All vendor differences
+come from the :class:`VendorSpec`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import os
-import queue
 import re
-import threading
 import zlib
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import Any
 
+from airflow_provider_llmbatch.codec import CODEC_ERRORS, UNSET, is_utf8, json_loads, loads, shape_decoder
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
 from airflow_provider_llmbatch.vendors import REGISTRY, EndpointSpec, VendorSpec
 
@@ -29,8 +24,6 @@ LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 """The keys of a request line; vendors document no others."""
 
 _BOM = b"\xef\xbb\xbf"
-_CHUNK = 1 << 20
-_CPUS = os.cpu_count() or 1
 _OPEN_BRACE = 0x7B
 _MISSING: Any = object()
 _crc32 = zlib.crc32
@@ -44,87 +37,6 @@ _JSON_TYPES: dict[type, str] = {
     bool: "boolean",
     type(None): "null",
 }
-
-
-def is_utf8(raw: bytes) -> bool:
-    """Return whether ``raw`` is valid UTF-8."""
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def json_loads(raw: bytes) -> Any:
-    """Parse one JSON document strictly with the standard library: UTF-8 only, no NaN or Infinity."""
-    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
-
-
-def json_dumps(value: Any) -> bytes:
-    """Serialize compactly with the standard library, keeping non-ASCII text as UTF-8."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def _select_codec() -> tuple[Callable[[bytes], Any], Callable[[Any], bytes], tuple[type[Exception], ...]]:
-    """Return the fastest strict JSON parser and serializer available, with the errors they raise."""
-    try:
-        import msgspec
-    except ImportError:  # pragma: no cover - msgspec comes with Airflow, the fallback is for slim installs
-        return json_loads, json_dumps, (ValueError, TypeError, RecursionError)
-    # msgspec rejects NaN/Infinity and checks UTF-8 while parsing, so it is strict by itself.
-    decode: Callable[[bytes], Any] = msgspec.json.Decoder().decode
-    encode: Callable[[Any], bytes] = msgspec.json.Encoder().encode
-    # Both parsers stop nesting deeper than about 1,000 levels with RecursionError: a bad line, not a crash.
-    return decode, encode, (msgspec.MsgspecError, ValueError, TypeError, OverflowError, RecursionError)
-
-
-loads, dumps, CODEC_ERRORS = _select_codec()
-"""The parser and serializer used for request lines (replaceable, for tests of the fallback)."""
-
-_DEFAULT_LOADS = loads
-
-
-@functools.cache
-def _shape_decoder(forbidden: frozenset[str]) -> tuple[Callable[[bytes], Any], tuple[str, ...], Any] | None:
-    """
-    Return a decoder that builds only what the checks read, the names of forbidden keys, and "unset".
-
-    The rest of a line (the prompts) is parsed and checked for syntax but never built into Python
-    objects, which is most of the cost of parsing. None when msgspec is not installed.
-    """
-    try:
-        import msgspec
-    except ImportError:  # pragma: no cover - see _select_codec
-        return None
-    unset = msgspec.UNSET
-    names = tuple(f"forbidden_{i}" for i in range(len(forbidden)))
-    body = msgspec.defstruct(
-        "RequestBodyShape",
-        [("model", Any, unset), *((name, Any, unset) for name in names)],
-        rename=dict(zip(names, sorted(forbidden), strict=True)),
-    )
-    line = msgspec.defstruct(
-        "RequestLineShape",
-        [("custom_id", Any, unset), ("method", Any, unset), ("url", Any, unset), ("body", body, unset)],
-        forbid_unknown_fields=True,
-    )
-    return msgspec.json.Decoder(line).decode, names, unset
-
-
-def chunk_bytes() -> int:
-    """Return the bytes read per chunk: few calls, flat memory, and the size hashing moves to a thread at."""
-    return _CHUNK
 
 
 def resolve_vendor(vendor: VendorSpec | str) -> VendorSpec:
@@ -183,7 +95,7 @@ def show(value: Any) -> str:
 
 
 def diagnose_unparsable(raw: bytes, error: Exception) -> tuple[str, str, str]:
-    """Return ``(field, expected, got)`` for a line that did not parse, the same whichever parser failed."""
+    """Return ``(field, expected, got)`` for a line the parser refused with ``error``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -191,16 +103,13 @@ def diagnose_unparsable(raw: bytes, error: Exception) -> tuple[str, str, str]:
         return "encoding", "UTF-8 text", f"byte 0x{bad} at byte {exc.start + 1} of the line ({exc.reason})"
     if isinstance(error, RecursionError):
         return "json", "a JSON object nested less deeply", "nesting deeper than the JSON parser allows"
-    message = str(error)
-    match = _MSGSPEC_OFFSET.search(message)
-    for constant in ("-Infinity", "Infinity", "NaN"):
-        if match:
-            at = int(match.group(1))
-            found = raw.startswith(constant.encode(), at) or raw.startswith(constant.encode(), at - 1)
-        else:
-            found = f"{constant} is not valid JSON" in message
-        if found:
-            return "json", "strict JSON", f"{constant}, which JSON does not allow (write null or a number)"
+    match = _MSGSPEC_OFFSET.search(str(error))
+    if match:
+        at = int(match.group(1))
+        for constant in (b"-Infinity", b"Infinity", b"NaN"):
+            if raw.startswith(constant, at) or raw.startswith(constant, at - 1):
+                got = f"{constant.decode()}, which JSON does not allow (write null or a number)"
+                return "json", "strict JSON", got
     try:
         json_loads(text.encode("utf-8"))
     except ValueError as exc:
@@ -208,151 +117,6 @@ def diagnose_unparsable(raw: bytes, error: Exception) -> tuple[str, str, str]:
     except RecursionError:
         return "json", "a JSON object nested less deeply", "nesting deeper than the JSON parser allows"
     return "json", "a JSON object", f"JSON the parser rejects ({error})"
-
-
-class Tally:
-    """
-    Count and hash the bytes of a file as they pass.
-
-    Large files are hashed on a helper thread (hashlib releases the GIL), so hashing overlaps with
-    parsing; a bounded queue keeps at most a few chunks in flight.
-    """
-
-    __slots__ = ("_queue", "_thread", "bytes", "sha")
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.sha = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] | None = None
-        self._thread: threading.Thread | None = None
-
-    def update(self, data: bytes) -> None:
-        """Count and hash the next bytes, in order."""
-        self.bytes += len(data)
-        if self._queue is None:
-            if len(data) < _CHUNK or _CPUS < 2:
-                self.sha.update(data)
-                return
-            self._queue = queue.Queue(maxsize=8)
-            self._thread = threading.Thread(target=self._drain, name="llmbatch-sha256", daemon=True)
-            self._thread.start()
-        self._queue.put(data)
-
-    def _drain(self) -> None:
-        assert self._queue is not None
-        while (data := self._queue.get()) is not None:
-            self.sha.update(data)
-
-    def close(self) -> None:
-        """Wait until every byte given is hashed."""
-        if self._thread is not None and self._queue is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def hexdigest(self) -> str:
-        """Return the SHA-256 of all bytes given."""
-        self.close()
-        return self.sha.hexdigest()
-
-
-class _PartialLine:
-    """A line that spans chunks, keeping at most ``keep`` of its bytes while counting all of them."""
-
-    __slots__ = ("cr", "keep", "kept", "parts", "size")
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.parts: list[bytes] = []
-        self.kept = self.size = 0
-        self.cr = False
-
-    def add(self, piece: bytes) -> None:
-        if not piece:
-            return
-        self.size += len(piece)
-        self.cr = piece[-1] == 13
-        room = self.keep - self.kept
-        if room > 0:
-            self.parts.append(piece[:room])
-            self.kept += min(room, len(piece))
-
-    def take(self, end: bytes) -> tuple[bytes, int]:
-        self.add(end)
-        line, size = b"".join(self.parts), self.size - self.cr
-        self.parts, self.kept, self.size, self.cr = [], 0, 0, False
-        return line, size
-
-
-class LineFeed:
-    r"""
-    Split pushed chunks into lines and hand each to ``check(line, size)``, counting and hashing every byte.
-
-    The push form of :func:`scan_lines`, for bytes that pass by anyway (an upload): ``line`` has no
-    terminator and ``size`` excludes a final ``\r``. A line longer than ``cap`` may be handed over
-    truncated (``len(line) < size``): the rest is hashed and counted but not kept.
-
-    :param cap: the longest line kept whole (the vendor's line limit).
-    :param tally: counts and hashes the bytes.
-    :param check: called once per line, in order.
-    """
-
-    __slots__ = ("_check", "_partial", "_update", "tally")
-
-    def __init__(self, cap: int, tally: Tally, check: Callable[[bytes, int], None]) -> None:
-        self.tally = tally
-        self._update = tally.update
-        self._check = check
-        self._partial = _PartialLine(cap + 2)
-
-    def feed(self, chunk: bytes) -> None:
-        """Take the next bytes of the file: check the lines they finish, keep the unfinished one."""
-        if not isinstance(chunk, bytes):
-            raise InvalidInputError("request files must be opened in binary mode ('rb')")
-        if not chunk:
-            return
-        self._update(chunk)
-        lines = chunk.split(b"\n")
-        tail = lines.pop()
-        if lines:
-            check = self._check
-            partial = self._partial
-            rest = iter(lines)
-            if partial.size:
-                check(*partial.take(next(rest)))
-            for line in rest:
-                check(line, len(line) - line.endswith(b"\r"))
-        self._partial.add(tail)
-
-    def end(self) -> None:
-        """Check the last line when the file does not end with a newline, and finish hashing."""
-        try:
-            if self._partial.size:
-                self._check(*self._partial.take(b""))
-        finally:
-            self.tally.close()
-
-
-def scan_lines(handle: IO[bytes], cap: int, tally: Tally) -> Iterator[tuple[bytes, int]]:
-    r"""
-    Yield ``(line, size)`` for each line, without its terminator; ``size`` excludes a final ``\r``.
-
-    Reads in chunks. A line longer than ``cap`` may be yielded truncated (``len(line) < size``): the
-    rest is hashed and counted but not kept, so a file without newlines cannot fill the memory.
-    """
-    found: list[tuple[bytes, int]] = []
-    keep = found.append
-    feed = LineFeed(cap, tally, lambda line, size: keep((line, size)))
-    read = handle.read
-    try:
-        while chunk := read(_CHUNK):
-            feed.feed(chunk)
-            yield from found
-            found.clear()
-        feed.end()
-        yield from found
-    finally:
-        tally.close()
 
 
 class RequestChecker:
@@ -390,14 +154,7 @@ class RequestChecker:
         self._seen: dict[int, int] = {}
         self._url = endpoint.path
         self._forbidden = spec.forbidden_body_keys
-        self._loads = loads
-        shape = _shape_decoder(self._forbidden) if loads is _DEFAULT_LOADS else None
-        self._shape: Callable[[bytes], Any] | None = None
-        self._forbidden_names: tuple[str, ...] = ()
-        self._unset: Any = None
-        if shape is not None:
-            self._shape, self._forbidden_names, self._unset = shape
-        self._errors = CODEC_ERRORS
+        self._shape, self._forbidden_names = shape_decoder(self._forbidden)
         if file_name is not None and not file_name.endswith(".jsonl"):
             self.file_problem("name", "a file name ending in '.jsonl'", repr(file_name))
 
@@ -445,54 +202,34 @@ class RequestChecker:
             )
             if len(raw) < size:
                 return
-        if self._shape is not None:
-            unset = self._unset
-            try:
-                shape = self._shape(raw)
-            except self._errors:
-                shape = None
-            # A good line in one expression; any doubt goes to the full parse and the detailed checks.
-            # Skipped text is syntax-checked but not decoded, hence the UTF-8 check of non-ASCII lines.
-            if (
-                shape is not None
-                and shape.method == "POST"
-                and shape.url == self._url
-                and type(custom_id := shape.custom_id) is str
-                and custom_id != ""
-                and (body := shape.body) is not unset
-                and body.model == self._expected_model
-                and not (
-                    self._forbidden_names
-                    and any(getattr(body, name) is not unset for name in self._forbidden_names)
-                )
-                and (raw.isascii() or is_utf8(raw))
-            ):
-                self._check_unique(custom_id, lineno)
-                return
         try:
-            obj = self._loads(raw)
-        except self._errors as exc:
-            self.problem(f"line {lineno}", *diagnose_unparsable(raw, exc))
+            shape = self._shape(raw)
+        except CODEC_ERRORS:
+            shape = None
+        # A good line in one expression; any doubt goes to the full parse and the detailed checks.
+        # Skipped text is syntax-checked but not decoded, hence the UTF-8 check of non-ASCII lines.
+        if (
+            shape is not None
+            and shape.method == "POST"
+            and shape.url == self._url
+            and type(custom_id := shape.custom_id) is str
+            and custom_id != ""
+            and (body := shape.body) is not UNSET
+            and body.model == self._expected_model
+            and not (
+                self._forbidden_names
+                and any(getattr(body, name) is not UNSET for name in self._forbidden_names)
+            )
+            and (raw.isascii() or is_utf8(raw))
+        ):
+            self._check_unique(custom_id, lineno)
             return
         try:
-            custom_id = obj["custom_id"]
-            body = obj["body"]
-            good = (
-                len(obj) == 4
-                and obj["method"] == "POST"
-                and obj["url"] == self._url
-                and type(custom_id) is str
-                and custom_id != ""
-                and type(body) is dict
-                and body.get("model") == self._expected_model
-                and (not self._forbidden or self._forbidden.isdisjoint(body))
-            )
-        except (KeyError, TypeError, IndexError):
-            good = False
-        if good:
-            self._check_unique(custom_id, lineno)
-        else:
-            self._check_parsed(obj, lineno)
+            obj = loads(raw)
+        except CODEC_ERRORS as exc:
+            self.problem(f"line {lineno}", *diagnose_unparsable(raw, exc))
+            return
+        self._check_parsed(obj, lineno)
 
     def _check_parsed(self, obj: Any, lineno: int) -> None:
         if type(obj) is not dict:

@@ -7,6 +7,9 @@ file id, null or missing ``request_counts``, ``data: null`` pages, pages without
 or ``has_more``, ``errors`` as an object, a list or absent, scalars of the wrong JSON type, and fields
 nobody documented. Normalised values are the attributes; the vendor's JSON is kept in ``raw``.
 
+The lines of output and error files are read by the same rules in
+:mod:`airflow_provider_llmbatch.result_lines`.
+
 Only the identity of an object is required (a batch's ``id`` and ``status``, a file's ``id``); a model
 that lacks it raises :class:`pydantic.ValidationError`, which the hook reports as a malformed response.
 """
@@ -17,7 +20,7 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, NamedTuple, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -94,7 +97,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         return None
 
 
-def _optional_str(value: Any) -> str | None:
+def optional_str(value: Any) -> str | None:
     """Read a scalar as text; ``""`` and non-scalars read as unset."""
     if value is None or isinstance(value, dict | list):
         return None
@@ -104,7 +107,8 @@ def _optional_str(value: Any) -> str | None:
     return text or None
 
 
-def _optional_int(value: Any) -> int | None:
+def optional_int(value: Any) -> int | None:
+    """Read a number or numeric text as an integer; anything else reads as unset."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -125,10 +129,6 @@ def _str_map(value: Any) -> dict[str, str] | None:
     return {str(k): "" if v is None else str(v) for k, v in value.items()}
 
 
-def _dict_or_none(value: Any) -> dict[str, Any] | None:
-    return dict(value) if isinstance(value, Mapping) else None
-
-
 def _required_str(value: Any) -> Any:
     """Coerce a scalar id to text; leave anything else for pydantic to reject."""
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -137,13 +137,13 @@ def _required_str(value: Any) -> Any:
 
 
 Timestamp = Annotated[datetime | None, BeforeValidator(parse_timestamp)]
-OptStr = Annotated[str | None, BeforeValidator(_optional_str)]
-OptInt = Annotated[int | None, BeforeValidator(_optional_int)]
+OptStr = Annotated[str | None, BeforeValidator(optional_str)]
+OptInt = Annotated[int | None, BeforeValidator(optional_int)]
 ReqStr = Annotated[str, BeforeValidator(_required_str), Field(min_length=1)]
 
 
-class _Lenient(BaseModel):
-    """Ignore unknown fields, keep the vendor's JSON in ``raw``."""
+class LenientModel(BaseModel):
+    """A model of a vendor object: unknown fields are ignored, the vendor's JSON is kept in ``raw``."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
@@ -163,7 +163,7 @@ class _Lenient(BaseModel):
         return self._raw
 
 
-class RequestCounts(_Lenient):
+class RequestCounts(LenientModel):
     """How many requests of a batch exist, completed and failed; ``None`` where the vendor said null."""
 
     total: OptInt = None
@@ -180,7 +180,7 @@ def _counts(value: Any) -> Any:
     return value if isinstance(value, Mapping) else {}
 
 
-class BatchError(_Lenient):
+class BatchError(LenientModel):
     """One error of a batch: usually a validation problem of one input line."""
 
     code: OptStr = None
@@ -205,7 +205,7 @@ def _batch_errors(value: Any) -> list[Any]:
     return [e for e in value if isinstance(e, Mapping)]
 
 
-class Batch(_Lenient):
+class Batch(LenientModel):
     """A batch as any vendor returns it; file ids are ``None`` while unset, timestamps aware UTC."""
 
     id: ReqStr
@@ -266,7 +266,7 @@ class Batch(_Lenient):
         }
 
 
-class FileObject(_Lenient):
+class FileObject(LenientModel):
     """A stored file: request, output or error."""
 
     id: ReqStr
@@ -278,7 +278,7 @@ class FileObject(_Lenient):
     status: OptStr = None
 
 
-T = TypeVar("T", bound=_Lenient)
+T = TypeVar("T", bound=LenientModel)
 
 
 def _page_data(value: Any) -> list[Any]:
@@ -307,172 +307,3 @@ class RequestLine(BaseModel):
     method: str = "POST"
     url: str
     body: dict[str, Any]
-
-
-class ResultResponse(_Lenient):
-    """The ``response`` of an output line."""
-
-    status_code: OptInt = None
-    request_id: OptStr = None
-    body: Annotated[dict[str, Any] | None, BeforeValidator(_dict_or_none)] = None
-
-
-class ResultError(_Lenient):
-    """The ``error`` of an error line."""
-
-    code: OptStr = None
-    message: OptStr = None
-
-
-def _result_error(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return value
-    if isinstance(value, str) and value:
-        return {"message": value}
-    return None
-
-
-def _result_response(value: Any) -> Any:
-    return value if isinstance(value, Mapping) else None
-
-
-class ResultLine(_Lenient):
-    """One line of an output or error file, in any vendor's shape."""
-
-    id: OptStr = None
-    custom_id: OptStr = None
-    response: Annotated[ResultResponse | None, BeforeValidator(_result_response)] = None
-    error: Annotated[ResultError | None, BeforeValidator(_result_error)] = None
-
-    @property
-    def succeeded(self) -> bool:
-        """Return True when the request got a 2xx response and no error."""
-        error = self.error
-        status_code = self.response.status_code if self.response is not None else None
-        return _line_succeeded(error.code if error else None, error.message if error else None, status_code)
-
-    @property
-    def error_code(self) -> str | None:
-        """Return the error code from ``error`` or from the response body's ``error``."""
-        return _line_error_code(self.error.code if self.error else None, _body_error(self._body()))
-
-    @property
-    def error_message(self) -> str | None:
-        """Return the error message from ``error`` or from the response body's ``error``."""
-        response = self.response
-        return _line_error_message(
-            self.error.message if self.error else None,
-            _body_error(self._body()),
-            response is not None and not self.succeeded,
-            response.status_code if response is not None else None,
-        )
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """Return the token usage of a successful response (empty when absent)."""
-        return _body_usage(self._body())
-
-    def _body(self) -> dict[str, Any] | None:
-        return self.response.body if self.response is not None else None
-
-
-class ResultOutcome(NamedTuple):
-    """
-    What one output or error line says about its request: what :class:`ResultLine` reads, in one call.
-
-    :param succeeded: the request got a 2xx response and no error (:attr:`ResultLine.succeeded`).
-    :param error_code: :attr:`ResultLine.error_code`.
-    :param error_message: :attr:`ResultLine.error_message`.
-    :param has_response: the line has a ``response`` object (a request that never ran has none).
-    :param body: the response body, or None (:attr:`ResultResponse.body`).
-    :param usage: :attr:`ResultLine.usage`.
-    """
-
-    succeeded: bool
-    error_code: str | None
-    error_message: str | None
-    has_response: bool
-    body: dict[str, Any] | None
-    usage: dict[str, int]
-
-
-def read_result_line(data: Mapping[str, Any]) -> ResultOutcome:
-    """
-    Read a parsed output or error line as :class:`ResultLine` does, without building the models.
-
-    The same rules as ``ResultLine.model_validate(data)`` and its properties, for the results join,
-    which reads every line of a batch's output: a body that is already a dict is used as it is.
-
-    :param data: one line of an output or error file, parsed from JSON.
-    """
-    response = data.get("response")
-    if type(response) is not dict:
-        response = _result_response(response)
-    error = data.get("error")
-    if error is not None and type(error) is not dict:
-        error = _result_error(error)
-    status_code: int | None = None
-    body: dict[str, Any] | None = None
-    if response is not None:
-        status_code = response.get("status_code")
-        if type(status_code) is not int:
-            status_code = _optional_int(status_code)
-        raw_body = response.get("body")
-        body = raw_body if type(raw_body) is dict else _dict_or_none(raw_body)
-    code = message = None
-    if error is not None:
-        code = _optional_str(error.get("code"))
-        message = _optional_str(error.get("message"))
-    succeeded = _line_succeeded(code, message, status_code)
-    body_error = _body_error(body)
-    return ResultOutcome(
-        succeeded,
-        _line_error_code(code, body_error),
-        _line_error_message(message, body_error, response is not None and not succeeded, status_code),
-        response is not None,
-        body,
-        _body_usage(body),
-    )
-
-
-def _line_succeeded(error_code: str | None, error_message: str | None, status_code: int | None) -> bool:
-    if error_code or error_message:
-        return False
-    return status_code is not None and 200 <= status_code < 300
-
-
-def _body_error(body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    error = body.get("error") if body else None
-    return error if error is not None and (type(error) is dict or isinstance(error, Mapping)) else None
-
-
-def _line_error_code(error_code: str | None, body_error: Mapping[str, Any] | None) -> str | None:
-    if error_code:
-        return error_code
-    return _optional_str(body_error.get("code") or body_error.get("type")) if body_error else None
-
-
-def _line_error_message(
-    error_message: str | None,
-    body_error: Mapping[str, Any] | None,
-    failed_response: bool,
-    status_code: int | None,
-) -> str | None:
-    if error_message:
-        return error_message
-    if body_error:
-        return _optional_str(body_error.get("message"))
-    if failed_response:
-        return f"HTTP {status_code}"
-    return None
-
-
-def _body_usage(body: Mapping[str, Any] | None) -> dict[str, int]:
-    usage = body.get("usage") if body else None
-    if usage is None or not (type(usage) is dict or isinstance(usage, Mapping)):
-        return {}
-    return {
-        str(k): v
-        for k, v in usage.items()
-        if type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
-    }

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmbatch import jsonl_lines as core
+from airflow_provider_llmbatch import jsonl_check
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
 from airflow_provider_llmbatch.jsonl import (
     RequestFileCheck,
@@ -74,22 +74,12 @@ def problems_of(excinfo: pytest.ExceptionInfo[InvalidRequestFileError]) -> str:
     return "\n".join(excinfo.value.problems)
 
 
-@pytest.fixture(params=["msgspec", "stdlib"])
-def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the fast parser and with the standard-library fallback."""
-    if request.param == "stdlib":
-        monkeypatch.setattr(core, "loads", core.json_loads)
-        monkeypatch.setattr(core, "dumps", core.json_dumps)
-        monkeypatch.setattr(core, "CODEC_ERRORS", (ValueError, TypeError))
-    return str(request.param)
-
-
 @pytest.fixture(params=["1MiB", "7B"])
 def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Read in the normal chunk size, and in tiny chunks so lines span reads and hashing is threaded."""
     if request.param == "7B":
-        monkeypatch.setattr(core, "_CHUNK", 7)
-    return int(core._CHUNK)
+        monkeypatch.setattr(jsonl_check, "_CHUNK", 7)
+    return int(jsonl_check._CHUNK)
 
 
 # ------------------------------------------------------------------------------------ broken files table
@@ -292,7 +282,6 @@ CASES: dict[str, Case] = {
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 @pytest.mark.parametrize("spec", VENDORS, ids=[s.name for s in VENDORS])
-@pytest.mark.usefixtures("parser")
 def test_broken_file_names_line_and_field(tmp_path: Path, spec: VendorSpec, case: str) -> None:
     endpoint = spec.endpoints[0]
     checked_spec, lines, expected = CASES[case](spec, endpoint)
@@ -307,7 +296,6 @@ def test_broken_file_names_line_and_field(tmp_path: Path, spec: VendorSpec, case
 
 
 @pytest.mark.parametrize("spec", VENDORS, ids=[s.name for s in VENDORS])
-@pytest.mark.usefixtures("parser")
 def test_forbidden_body_keys_follow_the_spec(tmp_path: Path, spec: VendorSpec) -> None:
     endpoint = spec.endpoints[0]
     body = body_for(endpoint, temperature=0.2, top_p=0.9)
@@ -537,7 +525,7 @@ def test_fed_check_stops_at_the_limits_before_the_end(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n", b""], ids=["lf", "crlf", "no-final-newline"])
 @pytest.mark.parametrize(("spec", "endpoint"), ENDPOINTS, ids=ENDPOINT_IDS)
-@pytest.mark.usefixtures("parser", "chunk")
+@pytest.mark.usefixtures("chunk")
 def test_good_file_report(tmp_path: Path, spec: VendorSpec, endpoint: EndpointSpec, ending: bytes) -> None:
     lines = good_lines(endpoint, 5)
     data = b"\r\n".join(lines) if ending == b"\r\n" else b"\n".join(lines)
@@ -678,7 +666,6 @@ BUILD_CASES = [
     BUILD_CASES,
     ids=[f"{s.name}{e.path}-{f}" for s, e, f in BUILD_CASES],
 )
-@pytest.mark.usefixtures("parser")
 def test_build_round_trip(tmp_path: Path, spec: VendorSpec, endpoint: EndpointSpec, form: str) -> None:
     destination = tmp_path / "out" / "requests.jsonl"
     system = "Answer briefly." if form == "prompt" else None

@@ -15,9 +15,9 @@ from airflow_provider_llmbatch.models import (
     BatchStatus,
     FileObject,
     Page,
-    ResultLine,
     parse_timestamp,
 )
+from airflow_provider_llmbatch.result_lines import ResultLine
 
 SECONDS = 1_735_689_600  # 2025-01-01T00:00:00Z
 WHEN = datetime(2025, 1, 1, tzinfo=UTC)

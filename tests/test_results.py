@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_llmbatch import results
+from airflow_provider_llmbatch import results_index
 from airflow_provider_llmbatch.emulator.results import error_line, fake_body, success_line
-from airflow_provider_llmbatch.results import ROW_STATUSES, atomic_writer, join_results
+from airflow_provider_llmbatch.locations import atomic_writer
+from airflow_provider_llmbatch.results import ROW_STATUSES, join_results
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 VENDORS = list(REGISTRY.values())
@@ -283,7 +284,7 @@ def test_atomic_write_leaves_nothing_at_destination_on_crash(
     req = _requests(tmp_path / "in.jsonl", [f"r{i}" for i in range(50)])
     out = _write_jsonl(tmp_path / "out.jsonl", [_ok(f"r{i}") for i in range(50)])
     dest = tmp_path / "res" / "results.jsonl"
-    real_row = results._row
+    real_row = results_index._row
     calls = {"n": 0}
 
     def crashing_row(*args: Any, **kwargs: Any) -> Any:
@@ -292,7 +293,7 @@ def test_atomic_write_leaves_nothing_at_destination_on_crash(
             raise RuntimeError("worker died")
         return real_row(*args, **kwargs)
 
-    monkeypatch.setattr(results, "_row", crashing_row)
+    monkeypatch.setattr(results_index, "_row", crashing_row)
     with pytest.raises(RuntimeError, match="worker died"):
         join_results(req, dest, output_file=out)
 

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_llmbatch import results
-from airflow_provider_llmbatch.models import ResultLine, read_result_line
+from airflow_provider_llmbatch import codec, results, results_index
+from airflow_provider_llmbatch.result_lines import ResultLine, read_result_line
 from airflow_provider_llmbatch.results import ROW_STATUSES, JoinReport, join_results
 
 SETTINGS = settings(
@@ -203,7 +203,8 @@ def test_many_shuffled_lines_join_exactly_like_the_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, include_request: bool, fast: bool
 ) -> None:
     if not fast:
-        monkeypatch.setattr(results, "_FAST", None)
+        # Every line too deep for msgspec: json reads them all.
+        monkeypatch.setattr(codec, "_shallow", lambda raw: False)
     # More lines than one batch, so ids repeat across batches of lines and of requests.
     requests, files, ids = _build(tmp_path, 3000, seed=11)
     destination = tmp_path / "results.jsonl"
@@ -280,13 +281,13 @@ def test_index_is_removed_after_a_join(
 ) -> None:
     requests, files, _ = _build(tmp_path, 50, seed=3)
     made: list[str] = []
-    real_index = results._Index
+    real_index = results_index.ResultIndex
 
-    def spy(directory: str) -> results._Index:
+    def spy(directory: str) -> results_index.ResultIndex:
         made.append(directory)
         return real_index(directory)
 
-    monkeypatch.setattr(results, "_Index", spy)
+    monkeypatch.setattr(results_index, "ResultIndex", spy)
     join_results(requests, tmp_path / "r.jsonl", output_file=files[0], error_file=files[1])
 
     assert len(made) == 1
@@ -298,7 +299,7 @@ def test_index_is_removed_when_the_join_fails(
     tmp_path: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     requests, files, _ = _build(tmp_path, 700, seed=5)
-    real_row = results._row
+    real_row = results_index._row
     calls = {"n": 0}
 
     def crashing_row(*args: Any) -> bytes:
@@ -307,7 +308,7 @@ def test_index_is_removed_when_the_join_fails(
             raise RuntimeError("worker died")
         return real_row(*args)
 
-    monkeypatch.setattr(results, "_row", crashing_row)
+    monkeypatch.setattr(results_index, "_row", crashing_row)
     with pytest.raises(RuntimeError, match="worker died"):
         join_results(requests, tmp_path / "out" / "r.jsonl", output_file=files[0], error_file=files[1])
 
@@ -385,10 +386,10 @@ def test_msgspec_reads_and_writes_lines_as_json_does(value: Any, ensure_ascii: b
         ensure_ascii=ensure_ascii,
         separators=(", ", ": ") if spaced else (",", ":"),
     )
-    parsed = results._loads(raw.encode())
+    parsed = codec.parse_vendor_line(raw.encode())
     assert parsed == _strict(raw.encode())
     expected = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
-    assert results._dumps(parsed) == expected
+    assert codec.to_json(parsed) == expected
 
 
 @pytest.mark.parametrize(
@@ -415,14 +416,14 @@ def test_vendor_lines_msgspec_refuses_are_read_by_json(raw: bytes) -> None:
     except (ValueError, RecursionError) as exc:
         expected = type(exc)
     try:
-        got: Any = results._loads(raw)
+        got: Any = codec.parse_vendor_line(raw)
     except (ValueError, RecursionError) as exc:
         got = type(exc)
     if isinstance(expected, type):
         assert got in (ValueError, RecursionError) or issubclass(got, ValueError)
     else:
         assert got == expected
-        assert results._dumps(got) == results._utf8(results._ENCODE(expected))
+        assert codec.to_json(got) == codec._utf8(codec._ENCODE(expected))
 
 
 @pytest.mark.parametrize(
@@ -458,7 +459,7 @@ def test_request_lines_read_the_same_with_either_codec(
             return str(exc)
 
     fast = read()
-    monkeypatch.setattr(results, "_FAST", None)
+    monkeypatch.setattr(codec, "_shallow", lambda raw: False)
     assert read() == fast
 
 

@@ -26,8 +26,8 @@ from airflow_provider_llmbatch.models import (
     FileObject,
     Page,
     RequestCounts,
-    ResultLine,
 )
+from airflow_provider_llmbatch.result_lines import ResultLine
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 EXAMPLES = int(os.environ.get("LLMBATCH_FUZZ_EXAMPLES", "300"))

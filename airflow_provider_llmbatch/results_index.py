@@ -1,0 +1,269 @@
+"""
+The results join's working state on disk: a spool of finished rows and a SQLite index of them.
+
+Every output and error line comes in finished (its row but for the custom_id); the row goes to the
+spool file and its custom_id into the index, where the first line of an id wins. The requests then
+come in file order, a batch at a time: one query finds their lines, and their rows are copied out of
+the spool as they come. In memory there is one byte per line (was it used?), a batch of lines or
+requests at a time, and SQLite's page cache; the directory goes when the join ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any, TypeAlias
+
+from airflow_provider_llmbatch.codec import to_json
+
+if TYPE_CHECKING:
+    from airflow_provider_llmbatch.results import Anomalies
+
+FinishedLine: TypeAlias = tuple[str, str, int, int, int, bytes]
+"""An output or error line as a row: custom_id, status, prompt, completion and total tokens, and the
+row's other members as JSON (``"status":...,"response":...,"error":...,"usage":...``)."""
+
+# Lines are stored, requests looked up and rows written in batches of at most this many lines or bytes.
+_BATCH_LINES = 512
+_BATCH_BYTES = 512 * 1024
+# SQLite integers are 64-bit; a larger token count (never a real one) is stored as its digits.
+_INT64 = 1 << 63
+# A throwaway database: no journal, no fsync, a bounded page cache (KiB), sorts spilled to files.
+_PRAGMAS = (
+    "PRAGMA journal_mode = OFF",
+    "PRAGMA synchronous = OFF",
+    "PRAGMA temp_store = FILE",
+    "PRAGMA cache_size = -8192",
+)
+# ``lines``: one row per custom_id of the output and error files, for its first line: the line's place
+# among them (``seq``), its status and tokens, and where its finished row is in the spool file.
+# ``missing``: the request ids that have no line, to tell a repeated one. Ids are UTF-8 blobs (lone
+# surrogates kept); the token columns have no type, so a count beyond 64 bits can be stored as text.
+_SCHEMA = """
+CREATE TABLE lines (
+    id BLOB PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    prompt,
+    completion,
+    total,
+    pos INTEGER NOT NULL,
+    size INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE missing (id BLOB PRIMARY KEY) WITHOUT ROWID;
+"""
+_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_LOOKUP_LINES = "SELECT id, seq, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
+_LOOKUP_MISSING = "SELECT id FROM missing WHERE id IN ({})"
+
+
+def _key(custom_id: str) -> bytes:
+    return custom_id.encode("utf-8", "surrogatepass")
+
+
+def _id_of(key: bytes) -> str:
+    return key.decode("utf-8", "surrogatepass")
+
+
+def _stored_int(value: int) -> int | str:
+    return value if -_INT64 <= value < _INT64 else str(value)
+
+
+class ResultIndex:
+    """
+    The spool and the index of one join, in a temporary directory (see :func:`open_index`).
+
+    The spool holds every finished row (less its custom_id) in the order of the lines; the index maps
+    each custom_id to its first line.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.db = sqlite3.connect(os.path.join(directory, "index.sqlite"), isolation_level=None)
+        for pragma in _PRAGMAS:
+            self.db.execute(pragma)
+        self.db.executescript(_SCHEMA)
+        # One transaction for the whole join: nothing is ever committed, the file is thrown away.
+        self.db.execute("BEGIN")
+        self.spool_path = os.path.join(directory, "rows.spool")
+        self.lines = 0
+        self.stored = 0
+        self.used = bytearray()
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    def add_lines(self, lines: Iterable[FinishedLine], anomalies: Anomalies) -> None:
+        """Spool the rows of every output and error line and index their custom_ids, counting duplicates."""
+        batch: list[tuple[Any, ...]] = []
+        rows: list[bytes] = []
+        pos = spooled = 0
+        with open(self.spool_path, "wb") as spool:
+            for custom_id, status, prompt, completion, total, members in lines:
+                self.lines += 1
+                rows.append(members)
+                size = len(members)
+                tokens = _stored_int(prompt), _stored_int(completion), _stored_int(total)
+                batch.append((_key(custom_id), self.lines, status, *tokens, pos, size))
+                pos += size
+                if len(batch) >= _BATCH_LINES or pos - spooled >= _BATCH_BYTES:
+                    spool.write(b"".join(rows))
+                    self._store(batch, anomalies)
+                    batch, rows, spooled = [], [], pos
+            spool.write(b"".join(rows))
+            self._store(batch, anomalies)
+        self.used = bytearray(self.lines + 1)
+
+    def _store(self, batch: list[tuple[Any, ...]], anomalies: Anomalies) -> None:
+        """Index a batch of lines; an id already indexed keeps its first line."""
+        if not batch:
+            return
+        added = self.db.executemany(_INSERT_LINES, batch).rowcount
+        self.stored += added
+        duplicates = len(batch) - added
+        if not duplicates:
+            return
+        if anomalies.full("duplicates"):
+            anomalies.counts["duplicates"] += duplicates
+            return
+        # Name the lines that lost: their id is indexed under another (earlier) line.
+        for key, seq, *_ in batch:
+            if self.db.execute("SELECT seq FROM lines WHERE id = ?", (key,)).fetchone() != (seq,):
+                anomalies.add("duplicates", _id_of(key))
+
+    def write_rows(
+        self,
+        requests: Iterable[tuple[str, dict[str, Any] | None]],
+        out: IO[bytes],
+        *,
+        include_request: bool,
+        missing: tuple[str, bytes],
+        anomalies: Anomalies,
+    ) -> tuple[Counter[str], list[int]]:
+        """
+        Write one row per request, in request order.
+
+        :param requests: each request's custom_id and body (a dict, or None).
+        :param out: where the rows go.
+        :param include_request: add each request's body to its row as ``request``.
+        :param missing: the status and the finished row members of a request without a line.
+        :param anomalies: counts the repeated request ids.
+        :return: the rows per status, and the prompt, completion and total tokens over them.
+        """
+        writer = _RowWriter(self, out, missing, anomalies)
+        batch: list[tuple[bytes, bytes, bytes | None]] = []
+        size = 0
+        with open(self.spool_path, "rb") as spool:
+            writer.spool = spool
+            for custom_id, body in requests:
+                request = to_json(body) if include_request else None
+                batch.append((_key(custom_id), to_json(custom_id), request))
+                size += len(request) if request is not None else 0
+                if len(batch) >= _BATCH_LINES or size >= _BATCH_BYTES:
+                    writer.write(batch)
+                    batch, size = [], 0
+            writer.write(batch)
+            writer.flush()
+        return writer.counts, writer.tokens
+
+    def count_unknown(self, anomalies: Anomalies) -> None:
+        """Count the ids of the output and error files that no request line has, in order of appearance."""
+        used = self.used
+        if self.stored == used.count(1):
+            return
+        for key, seq in self.db.execute("SELECT id, seq FROM lines ORDER BY seq"):
+            if not used[seq]:
+                anomalies.add("unknown_ids", _id_of(key))
+
+
+class _RowWriter:
+    """Write the rows of batches of requests: look their ids up, read their rows from the spool."""
+
+    def __init__(
+        self, index: ResultIndex, out: IO[bytes], missing: tuple[str, bytes], anomalies: Anomalies
+    ) -> None:
+        self.index = index
+        self.out = out
+        self.spool: IO[bytes] | None = None
+        self.missing_status, self.missing = missing
+        self.anomalies = anomalies
+        self.counts: Counter[str] = Counter()
+        self.tokens = [0, 0, 0]
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.at = 0
+
+    def write(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
+        """Write the rows of a batch of requests: (key, JSON of the id, JSON of the body or None)."""
+        if not batch:
+            return
+        db, used, spool = self.index.db, self.index.used, self.spool
+        assert spool is not None
+        keys = list(dict.fromkeys(key for key, _, _ in batch))
+        marks = ",".join("?" * len(keys))
+        found = {row[0]: row for row in db.execute(_LOOKUP_LINES.format(marks), keys)}
+        absent = [key for key in keys if key not in found]
+        seen: set[bytes] = set()
+        if absent:
+            marks = ",".join("?" * len(absent))
+            seen.update(k for (k,) in db.execute(_LOOKUP_MISSING.format(marks), absent))
+            db.executemany("INSERT OR IGNORE INTO missing VALUES (?)", [(k,) for k in absent])
+        counts, tokens, pending = self.counts, self.tokens, self.pending
+        for key, label, request in batch:
+            line = found.get(key)
+            if line is None:
+                status, fragment = self.missing_status, self.missing
+                if key in seen:
+                    self.anomalies.add("duplicate_requests", _id_of(key))
+                seen.add(key)
+            else:
+                _, seq, status, prompt, completion, total, pos, size = line
+                if used[seq]:
+                    self.anomalies.add("duplicate_requests", _id_of(key))
+                used[seq] = 1
+                tokens[0] += int(prompt)
+                tokens[1] += int(completion)
+                tokens[2] += int(total)
+                if pos != self.at:
+                    spool.seek(pos)
+                fragment = spool.read(size)
+                self.at = pos + size
+            counts[status] += 1
+            row = _row(label, fragment, request)
+            pending.append(row)
+            self.pending_bytes += len(row)
+            if self.pending_bytes >= _BATCH_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        self.out.write(b"".join(self.pending))
+        self.pending.clear()
+        self.pending_bytes = 0
+
+
+def _row(label: bytes, fragment: bytes, request: bytes | None) -> bytes:
+    """
+    Return one results line: the request's id, the finished members of its row, and its body if asked.
+
+    :param label: the custom_id as JSON.
+    :param fragment: the row's ``status``, ``response``, ``error`` and ``usage`` members as JSON.
+    :param request: the request body as JSON, or None to leave ``request`` out.
+    """
+    if request is None:
+        return b'{"custom_id":' + label + b"," + fragment + b"}\n"
+    return b'{"custom_id":' + label + b"," + fragment + b',"request":' + request + b"}\n"
+
+
+@contextlib.contextmanager
+def open_index() -> Iterator[ResultIndex]:
+    """Yield an empty index in a new temporary directory; the directory is removed on the way out."""
+    with tempfile.TemporaryDirectory(prefix="llmbatch-join-") as directory:
+        index = ResultIndex(directory)
+        try:
+            yield index
+        finally:
+            index.close()
