@@ -26,8 +26,6 @@ from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, Retrying, stop_after_attempt
-
 from airflow_provider_llmbatch.exceptions import (
     APIConnectionError,
     Effect,
@@ -187,68 +185,71 @@ class RetryPolicy:
         """Return a copy with another ``max_retries``, sharing the RNG and sleep functions."""
         return replace(self, max_retries=max_retries)
 
-    def _loop(
-        self, operation: str, log: Any, *, idempotent: bool, can_repeat: Callable[[], bool] | None
-    ) -> dict[str, Any]:
-        """Return tenacity's settings for one call: this policy's decision as its predicate and wait."""
-
-        def retryable(state: RetryCallState) -> bool:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            if not isinstance(exc, VendorAPIError) or (can_repeat is not None and not can_repeat()):
-                return False
-            decision = self.decide(exc, attempt=state.attempt_number, idempotent=idempotent)
-            return decision.action is not Action.RAISE
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            return self.wait_for(exc, state.attempt_number) if exc is not None else 0.0
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            wait_s = state.next_action.sleep if state.next_action is not None else 0.0
-            log.warning(
-                "%s failed (%s); retrying in %.1fs (retry %d of %d)",
-                operation,
-                exc,
-                wait_s,
-                state.attempt_number,
-                self.max_retries,
-            )
-
-        return {
-            "retry": retryable,
-            "wait": wait,
-            "stop": stop_after_attempt(self.max_retries + 1),
-            "before_sleep": before_sleep,
-            "reraise": True,
-        }
-
-    def retrying(
+    def attempts(
         self,
         operation: str,
         log: Any,
         *,
         idempotent: bool = True,
         can_repeat: Callable[[], bool] | None = None,
-    ) -> Retrying:
+    ) -> Attempts:
         """
-        Return the retry loop of one blocking call (``for attempt in ...: with attempt: ...``).
+        Return the attempts of one call: the loop of each face asks it, after a failure, what to do.
 
         :param operation: the call's name, for the log.
         :param log: where each retry is logged.
         :param idempotent: whether an attempt of unknown effect may be repeated as it is (a create or an
-            upload that can look its object up first counts as idempotent).
+            upload that looks its object up first counts as idempotent).
         :param can_repeat: whether another attempt is possible at all (a consumed stream is not).
         """
-        return Retrying(
-            sleep=self.sleep, **self._loop(operation, log, idempotent=idempotent, can_repeat=can_repeat)
-        )
+        return Attempts(self, operation, log, idempotent=idempotent, can_repeat=can_repeat)
 
-    def aretrying(self, operation: str, log: Any, *, idempotent: bool = True) -> AsyncRetrying:
-        """Return the retry loop of one async call, with the same decisions as :meth:`retrying`."""
-        return AsyncRetrying(
-            sleep=self.asleep, **self._loop(operation, log, idempotent=idempotent, can_repeat=None)
+
+class Attempts:
+    """
+    The attempts of one call, and the one decision after each failure: wait N seconds, or give up.
+
+    Both faces run the same few lines around it (``try`` the call; on a failure, ``failed`` gives the
+    wait or None; sleep, or re-raise), with ``time.sleep`` or ``asyncio.sleep``. It is a plain object
+    rather than a retry library's loop: a triggerer makes thousands of calls a minute, and each call's
+    loop state must be freed at once, not left in reference cycles for the garbage collector.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        operation: str,
+        log: Any,
+        *,
+        idempotent: bool,
+        can_repeat: Callable[[], bool] | None,
+    ) -> None:
+        self.policy = policy
+        self.operation = operation
+        self.log = log
+        self.idempotent = idempotent
+        self.can_repeat = can_repeat
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> float | None:
+        """Count a failed attempt; return the wait before the next one, or None to give up (re-raise)."""
+        self.failures += 1
+        if self.can_repeat is not None and not self.can_repeat():
+            return None
+        decision = self.policy.decide(exc, attempt=self.failures, idempotent=self.idempotent)
+        if decision.action is not Action.RETRY:
+            # RECOVER included: a call that may have taken effect and cannot look for what it made (it
+            # would say idempotent=True) must not be repeated blindly.
+            return None
+        self.log.warning(
+            "%s failed (%s); retrying in %.1fs (retry %d of %d)",
+            self.operation,
+            exc,
+            decision.wait,
+            self.failures,
+            self.policy.max_retries,
         )
+        return decision.wait
 
 
 NO_RETRY = RetryPolicy(max_retries=0)

@@ -10,8 +10,8 @@ Commands (one JSON object a line; each answers one JSON line on stdout):
 - ``{"op": "latency", "seconds": s}``, ``{"op": "fault", "rule": {...}}``, ``{"op": "clear"}``;
 - ``{"op": "finished"}``: when each batch was really completed (and forget them);
 - ``{"op": "stats", "vendor": v}``: the vendor's counters plus this process's CPU seconds;
-- ``{"op": "polls", "since": t0, "until": t1}``: batch polls that arrived in the window (times, and a
-  count per batch id), then forget them all;
+- ``{"op": "polls", "since": t0, "until": t1}``: batch polls that arrived in the window (all times, and
+  the times per batch id), then forget them all;
 - ``{"op": "quit"}``.
 """
 
@@ -130,10 +130,10 @@ def main() -> None:
         elif op == "polls":
             window = [(t, b) for t, b in POLLS if cmd["since"] <= t < cmd["until"]]
             reply["times"] = [t for t, _ in window]
-            counts: dict[str, int] = {}
-            for _, batch_id in window:
-                counts[batch_id] = counts.get(batch_id, 0) + 1
-            reply["per_batch"] = counts
+            per_batch: dict[str, list[float]] = {}
+            for t, batch_id in window:
+                per_batch.setdefault(batch_id, []).append(t)
+            reply["per_batch"] = per_batch
             POLLS.clear()
         elif op == "finished":
             reply["finished"] = dict(FINISHED)

@@ -58,14 +58,8 @@ def _schedule(impl: str, plan: dict[str, Any]) -> Callable[[float], float]:
     )
 
 
-def _expected_polls(delay: Callable[[float], float], started: float, since: float, until: float) -> float:
-    """Return how many polls the schedule calls for in ``[since, until)``: the integral of 1 / delay."""
-    step = 0.01
-    total, t = 0.0, since
-    while t < until:
-        total += step / delay(t - started)
-        t += step
-    return total
+SCHEDULE_STEP = 0.05
+"""Seconds between the samples of the schedule a round reports (delay by time waited)."""
 
 
 def _make(impl: str, batch_id: str, plan: dict[str, Any]) -> Any:
@@ -190,10 +184,12 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0) + 1
     del loop
     schedule = _schedule(impl, plan)
-    since, until = t0 + plan["samples"]["s0"], t0 + plan["samples"]["s1"]
-    expected = {b: _expected_polls(schedule, started[b], since, until) for b in ids}
     return {
-        "expected_polls": expected,
+        # The implementation's own scheduled delay, sampled by seconds waited: the parent judges each
+        # batch's polls against it.
+        "schedule": [schedule(i * SCHEDULE_STEP) for i in range(int((plan["end"] + 10) / SCHEDULE_STEP))],
+        "schedule_step": SCHEDULE_STEP,
+        "started": started,
         "impl": impl,
         "n": len(ids),
         "lags": lags,

@@ -180,7 +180,7 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
     finished: dict[str, float] = emu.call(op="finished")["finished"]
     polled = emu.call(op="polls", since=t0 + s0, until=t0 + s1)
     poll_times: list[float] = polled["times"]
-    fidelity = _fidelity(impl, polled["per_batch"], res["expected_polls"])
+    fidelity = _fidelity(impl, polled["per_batch"], res)
     emu.call(op="clear")
     polls = stats["s1"]["stats"]["operations"].get("get_batch", 0) - stats["s0"]["stats"]["operations"].get(
         "get_batch", 0
@@ -240,14 +240,32 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
     }
 
 
-def _fidelity(impl: str, polls: dict[str, int], expected: dict[str, float]) -> dict[str, float]:
+def _fidelity(impl: str, polls: dict[str, list[float]], res: dict[str, Any]) -> dict[str, float]:
     """
-    Schedule fidelity: the polls each batch received over the steady window, divided by the polls its
-    implementation's own schedule called for there. Ours should be 1 (never more: that spends the user's
-    quota; not much less: that is latency); a peer's figure is capped at 1, polling more is no credit.
+    Schedule fidelity of each batch: the polls it received between its first and last poll in the steady
+    window, divided by the polls its implementation's own schedule called for over that same span (the
+    schedule walked from the first poll: each poll starts its scheduled delay after the previous one).
+    Spanning exactly the polls seen keeps a count of a few polls from being quantised to +-1. Ours should be 1 (above spends the user's quota, below is latency); a peer's
+    figure is capped at 1 per batch: polling more than its schedule says is no credit.
     """
+    table, step = res["schedule"], res["schedule_step"]
     cap = float("inf") if impl.startswith("llmbatch") else 1.0
-    ratios = [min(polls.get(b, 0) / want, cap) for b, want in expected.items() if want > 0]
+
+    def delay(elapsed: float) -> float:
+        return float(table[min(max(int(elapsed / step), 0), len(table) - 1)])
+
+    ratios = []
+    for batch_id, times in polls.items():
+        if len(times) < 2 or batch_id not in res["started"]:
+            continue
+        first, last, started = min(times), max(times), res["started"][batch_id]
+        # The schedule walked from the first poll seen: each poll starts its delay after the previous.
+        wanted, at = 0.0, first
+        while at + delay(at - started) <= last:
+            at += delay(at - started)
+            wanted += 1
+        wanted += (last - at) / delay(at - started)
+        ratios.append(min((len(times) - 1) / wanted, cap))
     return {
         "fidelity_mean": statistics.fmean(ratios),
         "fidelity_min": min(ratios),

@@ -20,7 +20,7 @@ from airflow_provider_llmbatch.hooks import transport
 from airflow_provider_llmbatch.hooks._core import Core, M, Pager, Reply, Request
 from airflow_provider_llmbatch.hooks.settings import ConnSettings, settings_from_connection
 from airflow_provider_llmbatch.models import Page
-from airflow_provider_llmbatch.retry import NO_RETRY, RetryPolicy
+from airflow_provider_llmbatch.retry import NO_RETRY, RetryPolicy, classify
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 T = TypeVar("T")
@@ -146,37 +146,33 @@ class HookBase(BaseHook):
         """
         policy = self.retry_policy if retry else NO_RETRY
         idempotent = request.idempotent or recover is not None
-        failed: VendorAPIError | None = None
-        lookup_failed = False
-
-        def repeatable() -> bool:
-            return not lookup_failed and (can_repeat is None or can_repeat())
-
-        for attempt in policy.retrying(
-            request.operation, self.log, idempotent=idempotent, can_repeat=repeatable
-        ):
-            with attempt:
-                repeat = attempt.retry_state.attempt_number > 1
-                if repeat and recover is not None:
-                    try:
-                        found = recover()
-                    except VendorAPIError:
-                        # Whether the failed attempt took effect stays unknown: never repeat it blindly.
-                        # What failed is the call itself, so its own error is the one to raise.
-                        lookup_failed = True
-                        assert failed is not None
-                        raise failed from None
-                    if found is not None:
-                        self.log.info("%s: found what the failed attempt made", request.operation)
-                        return found
+        attempts = policy.attempts(request.operation, self.log, idempotent=idempotent, can_repeat=can_repeat)
+        failure: VendorAPIError | None = None  # the last attempt's, when another follows
+        while True:
+            # Only a failure of unknown effect can have made something; one surely not sent is repeated.
+            if failure is not None and recover is not None and classify(failure) == "unknown":
                 try:
-                    return once()
-                except VendorAPIError as exc:
-                    if repeat and on_repeat is not None and isinstance(exc, on_repeat[0]):
-                        return on_repeat[1]()
-                    failed = exc
+                    found = recover()
+                except VendorAPIError as lookup:
+                    # Whether the call took effect stays unknown, so it is not repeated blindly; the error
+                    # raised is the call's own, not the look-up's.
+                    self.log.warning(
+                        "%s: the look-up for what it made failed (%s)", request.operation, lookup
+                    )
+                    raise failure from None
+                if found is not None:
+                    self.log.info("%s: found what the failed attempt made", request.operation)
+                    return found
+            try:
+                return once()
+            except VendorAPIError as exc:
+                if failure is not None and on_repeat is not None and isinstance(exc, on_repeat[0]):
+                    return on_repeat[1]()
+                wait = attempts.failed(exc)
+                if wait is None:
                     raise
-        raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
+                failure = exc
+            policy.sleep(wait)
 
     def _call(self, request: Request, model: type[M], *, retry: bool = True) -> M:
         core = self._core()
@@ -226,10 +222,15 @@ class HookBase(BaseHook):
     async def _acall(self, request: Request, model: type[M], *, retry: bool = True) -> M:
         core, shared = await self._ashared()
         policy = self.retry_policy if retry else NO_RETRY
-        async for attempt in policy.aretrying(request.operation, self.log):
-            with attempt:
+        attempts = policy.attempts(request.operation, self.log)
+        while True:
+            try:
                 return core.parse(request, await transport.asend(shared, core, request), model)
-        raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
+            except VendorAPIError as exc:
+                wait = attempts.failed(exc)
+                if wait is None:
+                    raise
+            await policy.asleep(wait)
 
     async def aclose(self) -> None:
         """Release the shared async session (it closes when its last user releases it) and the sync client."""

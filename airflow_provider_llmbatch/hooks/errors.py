@@ -254,6 +254,8 @@ TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[APIConnectionError], Eff
     (TimeoutError, APITimeoutError, "unknown"),
     (aiohttp.ClientPayloadError, APIConnectionError, "unknown"),
     (aiohttp.ServerDisconnectedError, APIConnectionError, "unknown"),
+    # The connection dropped while the request was being written (httpx: WriteError, a NetworkError).
+    (aiohttp.ClientConnectionResetError, APIConnectionError, "unknown"),
     (aiohttp.ClientOSError, APIConnectionError, "unknown"),
     (aiohttp.ClientResponseError, APIConnectionError, "unknown"),
     # Anything else (a request that could not be built, an invalid URL): repeating will not help.

@@ -29,7 +29,7 @@ DEFAULT_MAX_RETRIES = 5
 MAX_TIMEOUT = 24 * 3600.0
 """The longest ``timeout`` accepted: a day per call is already far past any vendor's patience."""
 MAX_RETRIES = 100
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 100
 """Connections one client opens at most per origin, on either face: the polls it can have in flight."""
 
 USER_AGENT = f"airflow-provider-llmbatch/{__version__}"

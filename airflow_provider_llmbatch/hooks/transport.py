@@ -18,6 +18,7 @@ loop CPU per poll, aiohttp about 0.3 ms (see the README's "How it fits together"
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import threading
 import time
@@ -250,13 +251,13 @@ class SharedSession:
 
     :param session: the aiohttp session (no credentials: the key travels per request).
     :param proxy: the environment's proxy for the origin (without credentials), or None.
-    :param proxy_auth: the proxy's credentials, if its URL carried them.
+    :param proxy_headers: ``Proxy-Authorization`` with the proxy's credentials, if its URL carried them.
     :param slots: one per connection; a caller holding one never waits for a connection inside aiohttp.
     """
 
     session: aiohttp.ClientSession
     proxy: str | None
-    proxy_auth: aiohttp.BasicAuth | None
+    proxy_headers: Mapping[str, str] | None
     slots: asyncio.Semaphore
 
 
@@ -273,6 +274,8 @@ _LOCK = threading.Lock()  # loops of different threads may touch the registry at
 
 
 async def _new_session(origin: str) -> SharedSession:
+    # Read before the session exists: a proxy that is refused must not leave a session unclosed.
+    proxy, proxy_headers = _split_credentials(proxy_for(origin))
     # The TLS context reads CA files from disk: built in a worker thread, off the loop.
     context = await asyncio.to_thread(ssl_context)
     session = aiohttp.ClientSession(
@@ -282,19 +285,20 @@ async def _new_session(origin: str) -> SharedSession:
         # hop per request and ignores ALL_PROXY.
         trust_env=False,
     )
-    proxy, auth = _split_credentials(proxy_for(origin))
-    return SharedSession(session, proxy, auth, asyncio.Semaphore(MAX_CONNECTIONS))
+    return SharedSession(session, proxy, proxy_headers, asyncio.Semaphore(MAX_CONNECTIONS))
 
 
-def _split_credentials(proxy: str | None) -> tuple[str | None, aiohttp.BasicAuth | None]:
-    """Return a proxy URL without its ``user:password@`` and those credentials (aiohttp wants them apart)."""
+def _split_credentials(proxy: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """Return a proxy URL without its ``user:password@``, and those credentials as proxy headers."""
     if proxy is None:
         return None, None
     parts = urlsplit(proxy)
     if parts.username is None:
         return proxy, None
-    auth = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), auth
+    # As a header, the way httpx sends them: aiohttp's proxy_auth/BasicAuth are deprecated (gone in 4.0).
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    header = {"Proxy-Authorization": f"Basic {base64.b64encode(credentials).decode('ascii')}"}
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), header
 
 
 async def acquire(origin: str) -> SharedSession:
@@ -352,15 +356,20 @@ def shared_sessions(loop: asyncio.AbstractEventLoop | None = None) -> dict[str, 
 async def asend(shared: SharedSession, core: Core, request: Request) -> Reply:
     """Make one call on the async face and return its answer read whole, or raise the typed error."""
     settings = core.settings
+    url = request.url(settings)
+    headers = settings.request_headers(request.headers())
+    if shared.proxy_headers and url.startswith("http:"):
+        # aiohttp sends proxy_headers with the CONNECT of a tunnel only; plain HTTP talks to the proxy.
+        headers.update(shared.proxy_headers)
     try:
         async with shared.session.request(
             request.method,
-            request.url(settings),
+            url,
             params={**settings.params, **request.params} or None,
-            headers=settings.request_headers(request.headers()),
+            headers=headers,
             data=request.body,
             proxy=shared.proxy,
-            proxy_auth=shared.proxy_auth,
+            proxy_headers=shared.proxy_headers,
             timeout=aiohttp.ClientTimeout(total=settings.timeout),
             allow_redirects=False,
         ) as response:

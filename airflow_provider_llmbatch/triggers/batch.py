@@ -132,13 +132,16 @@ class BatchTrigger(BaseTrigger):
 
     async def _poll(self, poller: Poller) -> Step:
         """Read the batch once and return the state machine's next step."""
+        sent_at: float | None = None
         try:
             # Timed from when it holds a connection: queueing for one never shortens the next wait.
             async with await self.hook.aslots():
                 sent_at = clock()
                 result: Batch | Exception = await self.hook.aget_batch(self.batch_id, retry=False)
         except Exception as exc:
-            sent_at, result = clock(), exc
+            # A failed poll was sent when it held its slot (as on the worker); one that never got a slot
+            # (the connection look-up failed) is timed from its failure.
+            sent_at, result = (clock() if sent_at is None else sent_at), exc
         step = poller.after(result, sent_at=sent_at, now=clock())
         # Nothing of the answer outlives the poll: kept through the wait, a thousand waiters' parsed batches
         # (or a failure's traceback, which holds this frame) end up in the collector's oldest generation.
