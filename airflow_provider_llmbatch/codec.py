@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -205,3 +206,33 @@ def read_request(raw: bytes, with_body: bool) -> tuple[str, dict[str, Any] | Non
         return None
     body = data.get("body") if with_body else None
     return str(data["custom_id"]), body if isinstance(body, dict) else None
+
+
+def inexact(value: Any, where: str) -> tuple[str, str] | None:
+    """
+    Return where (a dotted path from ``where``) and what the first value is that JSON cannot carry as it is.
+
+    JSON carries text, whole and finite numbers, booleans, null, lists (and tuples) and objects with text
+    keys. Anything else would reach the model changed: bytes as base64, a ``Decimal`` or a ``datetime`` as
+    text, a set as a list, NaN as null, a number key as text. None when every value is exact.
+    """
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if item is None or isinstance(item, str | int):  # bool is an int
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return path, f"{item!r}, which is not a JSON number"
+            continue
+        if isinstance(item, Mapping):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return path, f"the key {key!r} ({type(key).__name__}); JSON keys are text"
+                stack.append((child, f"{path}.{key}"))
+            continue
+        if isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+            continue
+        return path, f"a {type(item).__name__}, which JSON cannot carry as it is; convert it first"
+    return None

@@ -116,7 +116,7 @@ def _body_for(record: Mapping[str, Any], kind: str, system: str | None) -> dict[
     if kind in ("chat", "test"):
         messages = record.get("messages")
         if messages is None:
-            if "prompt" not in record:
+            if record.get("prompt") is None:
                 return "prompt or messages"
             messages = [{"role": "user", "content": record["prompt"]}]
         if system is not None and not any(
@@ -132,7 +132,7 @@ def _body_for(record: Mapping[str, Any], kind: str, system: str | None) -> dict[
             body["instructions"] = system
         return body
     key = "input" if kind == "embeddings" else "prompt"
-    if key not in record:
+    if record.get(key) is None:
         return key
     return {key: record[key]}
 
@@ -244,6 +244,10 @@ def _request_for(
         body = {**(params or {}), **built, **own}
     if model is not None and body.setdefault("model", model) != model:
         checker.problem(where, "body.model", f"{model!r} (the model argument)", show(body["model"]))
+    changed = codec.inexact(body, "body")
+    if changed is not None:
+        checker.problem(where, changed[0], "a value JSON carries as it is", changed[1])
+        return None
     return {
         "custom_id": custom_id,
         "method": record.get("method", "POST"),

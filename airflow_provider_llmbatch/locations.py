@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,13 +62,55 @@ def as_path(location: Location) -> Path | ObjectStoragePath:
     return object_path(location)
 
 
-def object_path(location: Location) -> ObjectStoragePath:
-    """Return a location as an ``ObjectStoragePath``: a path or URI is converted, one is returned as it is."""
-    if not isinstance(location, str | os.PathLike):
-        return location
-    from airflow.sdk import ObjectStoragePath
+FILESYSTEM_EXTRAS: dict[str, str] = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+"""URI scheme -> the extra of this package that installs its filesystem."""
 
-    return ObjectStoragePath(os.fsdecode(location))
+
+def object_path(location: Location) -> ObjectStoragePath:
+    """
+    Return a location as an ``ObjectStoragePath``: a path or URI is converted, one is returned as it is.
+
+    :raises InvalidInputError: when no filesystem is installed for the URI's scheme, naming what to install.
+    """
+    if isinstance(location, str | os.PathLike):
+        from airflow.sdk import ObjectStoragePath
+
+        location = ObjectStoragePath(os.fsdecode(location))
+    try:
+        location.fs  # noqa: B018 - resolves the filesystem now, not deep inside the first read
+    except (ValueError, ImportError) as exc:
+        scheme = str(location).partition("://")[0]
+        extra = FILESYSTEM_EXTRAS.get(scheme)
+        hint = (
+            f"pip install 'airflow-provider-llmbatch[{extra}]'"
+            if extra
+            else f"the Airflow provider that registers the {scheme}:// filesystem"
+        )
+        raise InvalidInputError(
+            f"{label(location)}: no filesystem for {scheme}:// is installed ({exc}); install it with {hint}"
+            if extra
+            else f"{label(location)}: no filesystem for {scheme}:// is installed ({exc}); install {hint}"
+        ) from None
+    return location
+
+
+def regular_file(path: str | os.PathLike[str]) -> Path:
+    """
+    Return a local path after checking that it names a regular file.
+
+    :raises InvalidInputError: for a missing file, a folder, a device (``/dev/zero``), a FIFO or a socket,
+        which would never end or never start.
+    """
+    local = Path(os.fsdecode(path))
+    try:
+        mode = local.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidInputError(f"{local}: no such file") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{local}: cannot read it ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidInputError(f"{local}: not a regular file (a folder, a device, a FIFO or a socket)")
+    return local
 
 
 def local_path(location: Location) -> Path | None:
@@ -99,7 +142,7 @@ def open_read(source: Source) -> Iterator[IO[bytes]]:
     location = cast("Location", source)
     local = local_path(location)
     handle: IO[bytes] = (
-        open(local, "rb")  # noqa: SIM115 - closed below
+        open(regular_file(local), "rb")  # noqa: SIM115 - closed below
         if local is not None
         else object_path(location).open("rb")  # type: ignore[no-untyped-call]
     )

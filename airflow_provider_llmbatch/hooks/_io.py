@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import IO, Any, NoReturn, Protocol, cast
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.locations import regular_file
 
 CHUNK_SIZE = 256 * 1024
 """Bytes read per upload chunk: large enough to keep thread hops rare, small enough to keep memory flat."""
@@ -56,7 +57,7 @@ class UploadSource:
     def prepare(self) -> None:
         """Find the size (None if unknown) and, for a file object, the position to rewind to."""
         if self.kind == "path":
-            self.size = os.path.getsize(cast("os.PathLike[str]", self.source))
+            self.size = os.path.getsize(regular_file(cast("os.PathLike[str]", self.source)))
         elif self.kind == "storage":
             try:
                 self.size = int(cast("Any", self.source).stat().st_size)
