@@ -10,7 +10,7 @@ from starlette.routing import Mount, Route
 
 from airflow_provider_llmbatch.emulator import dialects
 from airflow_provider_llmbatch.emulator.app import Runtime
-from airflow_provider_llmbatch.emulator.faults import FaultRule
+from airflow_provider_llmbatch.emulator.faults import MAX_SECONDS, FaultRule, check_number
 from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 
 ADMIN_PREFIX = "/_emulator"
@@ -71,10 +71,13 @@ def admin_mount(rt: Runtime) -> Mount:
 
     async def latency(request: Request) -> Response:
         data = await _json(request)
-        seconds = data.get("seconds") if isinstance(data, dict) else None
-        if not isinstance(seconds, int | float) or seconds < 0:
-            return _problem("expected {'seconds': <number >= 0>}")
-        rt.faults.latency = float(seconds)
+        try:
+            seconds = check_number(
+                "seconds", data.get("seconds") if isinstance(data, dict) else None, high=MAX_SECONDS
+            )
+        except ValueError as exc:
+            return _problem(f"expected {{'seconds': <number>}}: {exc}")
+        rt.faults.latency = seconds
         return JSONResponse({"latency": rt.faults.latency})
 
     async def rate_limits(request: Request) -> Response:
@@ -87,10 +90,14 @@ def admin_mount(rt: Runtime) -> Mount:
 
     async def clock(request: Request) -> Response:
         data = await _json(request)
-        seconds = data.get("advance") if isinstance(data, dict) else None
-        if not isinstance(seconds, int | float) or seconds < 0:
-            return _problem("expected {'advance': <seconds >= 0>}")
-        rt.clock.advance(float(seconds))
+        try:
+            # A clock step is data, not a wait: any finite step forward is fine.
+            seconds = check_number(
+                "advance", data.get("advance") if isinstance(data, dict) else None, high=1e9
+            )
+        except ValueError as exc:
+            return _problem(f"expected {{'advance': <seconds>}}: {exc}")
+        rt.clock.advance(seconds)
         return JSONResponse({"offset": rt.clock.offset, "now": rt.clock()})
 
     async def batches(request: Request) -> Response:

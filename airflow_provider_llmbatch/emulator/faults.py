@@ -53,6 +53,17 @@ RATE_BUCKETS: Mapping[str, str] = {
 }
 
 
+MAX_SECONDS = 3600.0
+"""The longest delay, latency or clock step the emulator takes: longer only ever hangs a test."""
+
+
+def check_number(name: str, value: Any, *, high: float) -> float:
+    """Return ``value`` as a float from 0 to ``high``; raise ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+        raise ValueError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class FaultRule:
     """
@@ -88,14 +99,18 @@ class FaultRule:
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"kind must be one of {sorted(FAULT_KINDS)}, got {self.kind!r}")
+        if self.vendor is not None and not isinstance(self.vendor, str):
+            raise ValueError(f"vendor must be a vendor name or None, got {self.vendor!r}")
         if self.operation is not None and self.operation not in OPERATIONS:
             raise ValueError(f"operation must be one of {sorted(OPERATIONS)} or None, got {self.operation!r}")
-        if self.probability is not None and not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability must be within [0, 1], got {self.probability}")
-        if self.times is not None and self.times < 0:
-            raise ValueError(f"times must be >= 0 or None, got {self.times}")
-        if self.after_bytes is not None and self.after_bytes < 0:
-            raise ValueError(f"after_bytes must be >= 0 or None, got {self.after_bytes}")
+        if self.probability is not None:
+            check_number("probability", self.probability, high=1.0)
+        for name in ("times", "after_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a whole number >= 0 or None, got {value!r}")
+        check_number("delay", self.delay, high=MAX_SECONDS)
+        check_number("retry_after", self.retry_after, high=MAX_SECONDS)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FaultRule:

@@ -22,7 +22,13 @@ from airflow_provider_llmbatch.emulator import dialects
 from airflow_provider_llmbatch.emulator.admin import admin_mount
 from airflow_provider_llmbatch.emulator.app import TRANSPORT_SCOPE_KEY, Runtime, VendorAPI
 from airflow_provider_llmbatch.emulator.config import DEFAULT_API_KEY, Clock, EmulatorConfig, OffsetClock
-from airflow_provider_llmbatch.emulator.faults import FaultRule, FaultSet, RateLimiter
+from airflow_provider_llmbatch.emulator.faults import (
+    MAX_SECONDS,
+    FaultRule,
+    FaultSet,
+    RateLimiter,
+    check_number,
+)
 from airflow_provider_llmbatch.emulator.state import Store
 from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 from airflow_provider_llmbatch.vendors import VendorSpec
@@ -209,9 +215,7 @@ class Emulator:
 
     def set_latency(self, seconds: float) -> None:
         """Delay every vendor response by ``seconds``."""
-        if seconds < 0:
-            raise ValueError("latency must be >= 0")
-        self.runtime.faults.latency = float(seconds)
+        self.runtime.faults.latency = check_number("latency", seconds, high=MAX_SECONDS)
 
     def set_rate_limits(self, enabled: bool) -> None:
         """Enforce (or stop enforcing) the vendors' documented per-minute limits."""
