@@ -229,6 +229,15 @@ class Batch(LenientModel):
     metadata: Annotated[dict[str, str] | None, BeforeValidator(_str_map)] = None
     errors: Annotated[list[BatchError], BeforeValidator(_batch_errors)] = []
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_counts(cls, data: Any) -> Any:
+        """Read counts a vendor puts at the top level (Zhipu: ``total``, ``completed``, ``failed``)."""
+        if not isinstance(data, Mapping) or isinstance(data.get("request_counts"), Mapping):
+            return data
+        flat = {k: data[k] for k in ("total", "completed", "failed") if k in data}
+        return {**data, "request_counts": flat} if flat else data
+
     @property
     def state(self) -> BatchStatus | None:
         """Return the status as an enum member, or None for a status nobody documented."""

@@ -38,39 +38,47 @@ OUTCOME_ERRORS: Mapping[BatchStatus, type[BatchOutcomeError] | None] = MappingPr
 _MAX_LISTED_ERRORS = 20
 
 
-def _count(counts: Mapping[str, Any], key: str) -> int:
+def _count(counts: Mapping[str, Any], key: str) -> int | None:
     value = counts.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return 0
+        return None
     return max(int(value), 0)
 
 
-def request_counts(summary: Mapping[str, Any]) -> tuple[int, int, int]:
+def request_counts(summary: Mapping[str, Any]) -> tuple[int, int, int] | None:
     """
-    Return ``(completed, failed, total)`` of a batch summary; null or missing counts read as 0.
+    Return ``(completed, failed, total)`` of a batch summary, or None when the counts are unknown.
 
-    A total smaller than ``completed + failed`` (or missing) is raised to their sum.
+    Unknown is never zero: counts are known when ``failed`` is a number and so is ``total`` or
+    ``completed``. A missing one of those two is derived; a total smaller than ``completed + failed`` is
+    raised to their sum.
     """
     raw = summary.get("request_counts")
     counts: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
-    completed, failed = _count(counts, "completed"), _count(counts, "failed")
-    total = max(_count(counts, "total"), completed + failed)
-    return completed, failed, total
-
-
-def failed_fraction(summary: Mapping[str, Any]) -> float:
-    """Return the share of a batch's requests that failed (0.0 for a batch without requests)."""
-    _, failed, total = request_counts(summary)
-    return failed / total if total else 0.0
+    completed, failed, total = (_count(counts, k) for k in ("completed", "failed", "total"))
+    if failed is None or (completed is None and total is None):
+        return None
+    if completed is None:
+        completed = max((total or 0) - failed, 0)
+    return completed, failed, max(total or 0, completed + failed)
 
 
 def describe(summary: Mapping[str, Any]) -> str:
     """Return one line naming the batch, its status and its counts, for logs and messages."""
-    completed, failed, total = request_counts(summary)
-    return (
-        f"batch {summary.get('batch_id') or '?'} is {summary.get('status') or '?'}: "
-        f"{completed} completed, {failed} failed of {total} requests"
+    counts = request_counts(summary)
+    shown = (
+        "request counts unknown"
+        if counts is None
+        else f"{counts[0]} completed, {counts[1]} failed of {counts[2]} requests"
     )
+    return f"batch {summary.get('batch_id') or '?'} is {summary.get('status') or '?'}: {shown}"
+
+
+def check_fraction(value: Any) -> float:
+    """Return a ``max_failed_fraction`` argument as a float, or raise :class:`InvalidInputError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise InvalidInputError(f"max_failed_fraction must be from 0.0 to 1.0, got {value!r}")
+    return float(value)
 
 
 def _vendor_errors(summary: Mapping[str, Any]) -> list[str]:
@@ -88,6 +96,25 @@ def _message(headline: str, summary: Mapping[str, Any]) -> str:
     return f"{headline}\nvendor errors:\n{listing}"
 
 
+def _judge_unknown_counts(summary: Mapping[str, Any], line: str, max_failed_fraction: float) -> None:
+    """Judge a completed batch without counts from what is known: its result files."""
+    batch_id, status = str(summary.get("batch_id") or ""), str(summary.get("status") or "")
+    output, errors = summary.get("output_file_id"), summary.get("error_file_id")
+    if output:
+        # Some requests produced output; how many failed shows only in the files: the fetch judges.
+        log.warning("%s; the share of failed requests is judged when the results are fetched", line)
+        return
+    if errors and max_failed_fraction >= 1.0:
+        log.warning("%s; no output file, only an error file, and every request may fail", line)
+        return
+    what = "only an error file: every request failed" if errors else "neither an output nor an error file"
+    headline = f"{line}; {what}"
+    log.error("%s", headline)
+    raise TooManyFailedRequestsError(
+        _message(headline, summary), batch_id=batch_id, status=status, summary=summary
+    )
+
+
 def judge(summary: Mapping[str, Any], *, max_failed_fraction: float = 0.0) -> None:
     """
     Raise unless a finished batch counts as success; return None when it does.
@@ -100,10 +127,7 @@ def judge(summary: Mapping[str, Any], *, max_failed_fraction: float = 0.0) -> No
     :raises TooManyFailedRequestsError: it completed, but ``failed / total > max_failed_fraction``.
     :raises BatchOutcomeError: the status is not terminal, or nobody documented it.
     """
-    if not 0.0 <= max_failed_fraction <= 1.0:
-        raise InvalidInputError(
-            f"max_failed_fraction must be between 0.0 and 1.0, got {max_failed_fraction!r}"
-        )
+    check_fraction(max_failed_fraction)
     batch_id = str(summary.get("batch_id") or "")
     status = str(summary.get("status") or "")
     line = describe(summary)
@@ -123,7 +147,12 @@ def judge(summary: Mapping[str, Any], *, max_failed_fraction: float = 0.0) -> No
     if error is not None:
         log.error("%s", line)
         raise error(_message(line, summary), batch_id=batch_id, status=status, summary=summary)
-    fraction = failed_fraction(summary)
+    counts = request_counts(summary)
+    if counts is None:
+        _judge_unknown_counts(summary, line, max_failed_fraction)
+        return
+    _completed, failed, total = counts
+    fraction = failed / total if total else 0.0
     if fraction > max_failed_fraction:
         headline = f"{line}; {fraction:.2%} failed, more than the {max_failed_fraction:.2%} allowed"
         log.error("%s", headline)

@@ -335,22 +335,26 @@ class Poller:
 
     def _log_progress(self, status: str, now: float) -> None:
         assert self.summary is not None
-        completed, failed, total = request_counts(self.summary)
-        seen = (status, completed, failed, total)
+        counts = request_counts(self.summary)
+        seen = (status, counts)
         if seen == self._last_logged[0] and now - self._last_logged[1] < QUIET_LOG_SECONDS:
             return
         self._last_logged = (seen, now)
-        rate, eta = self._estimate(now, completed + failed, total)
-        self.log.info(
-            "Batch %s: status %s, %d completed, %d failed of %d; rate %s; ETA %s",
-            self.batch_id,
-            status,
-            completed,
-            failed,
-            total,
-            "n/a" if rate is None else f"{rate:.1f} requests/min",
-            "n/a" if eta is None else format_duration(eta),
-        )
+        if counts is None:
+            self.log.info("Batch %s: status %s, request counts unknown", self.batch_id, status)
+        else:
+            completed, failed, total = counts
+            rate, eta = self._estimate(now, completed + failed, total)
+            self.log.info(
+                "Batch %s: status %s, %d completed, %d failed of %d; rate %s; ETA %s",
+                self.batch_id,
+                status,
+                completed,
+                failed,
+                total,
+                "n/a" if rate is None else f"{rate:.1f} requests/min",
+                "n/a" if eta is None else format_duration(eta),
+            )
         if status not in _KNOWN_STATUSES:
             self.log.warning(
                 "Batch %s has status %r, which no vendor documents; polling on until the deadline",

@@ -22,8 +22,8 @@ from airflow_provider_llmbatch.exceptions import (
     VendorAPIError,
 )
 from airflow_provider_llmbatch.hooks.batch import BatchHook
-from airflow_provider_llmbatch.models import CANCELLABLE_STATUSES, Batch
-from airflow_provider_llmbatch.outcomes import judge
+from airflow_provider_llmbatch.models import Batch, BatchStatus
+from airflow_provider_llmbatch.outcomes import check_fraction, judge
 from airflow_provider_llmbatch.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
@@ -98,9 +98,6 @@ class WaitSettings:
         max_consecutive_errors: int = 10,
     ) -> WaitSettings:
         """Return the settings after checking each argument; raise :class:`InvalidInputError` naming it."""
-        fraction = max_failed_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
-            raise InvalidInputError(f"max_failed_fraction must be from 0.0 to 1.0, got {fraction!r}")
         errors = max_consecutive_errors
         if isinstance(errors, bool) or not isinstance(errors, int) or errors < 1:
             raise InvalidInputError(f"max_consecutive_errors must be a whole number >= 1, got {errors!r}")
@@ -108,7 +105,7 @@ class WaitSettings:
             poll_interval=check_seconds("poll_interval", poll_interval),
             max_poll_interval=check_seconds("max_poll_interval", max_poll_interval),
             timeout=check_seconds("timeout", timeout),
-            max_failed_fraction=float(fraction),
+            max_failed_fraction=check_fraction(max_failed_fraction),
             cancel_on_timeout=bool(cancel_on_timeout),
             cancel_on_kill=bool(cancel_on_kill),
             max_consecutive_errors=errors,
@@ -206,9 +203,10 @@ def poll_until_done(
 
 
 def cancel_if_running(hook: BatchHook, batch_id: str, log: Any) -> Batch:
-    """Cancel a batch unless it has already ended; return it as it is after that."""
+    """Cancel a batch unless it has already ended (or is cancelling); return it as it is after that."""
     batch = hook.get_batch(batch_id)
-    if batch.state not in CANCELLABLE_STATUSES:
+    # A status no vendor documents is not an end: it gets the cancel, as the trigger's deadline gives it.
+    if batch.is_terminal or batch.state is BatchStatus.CANCELLING:
         log.info("Batch %s is %s; nothing to cancel", batch_id, batch.status)
         return batch
     batch = hook.cancel_batch(batch_id)

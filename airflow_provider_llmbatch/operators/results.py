@@ -19,6 +19,7 @@ from airflow_provider_llmbatch.exceptions import (
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.operators.reattach import default_task_path
+from airflow_provider_llmbatch.outcomes import check_fraction, judge, request_counts
 from airflow_provider_llmbatch.results import JoinReport, join_results
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class FetchBatchResultsOperator(BaseOperator):
     :param delete_remote_files: delete the batch's input, output and error files at the vendor once the
         results are landed. (default: False)
     :param include_request: add each request's body to its row as ``request``. (default: False)
+    :param max_failed_fraction: the share of failed rows allowed when the batch itself did not report its
+        request counts (the sensor could not judge it; the rows are judged here, as the sensor would
+        have, after they are landed). (default: 0.0)
     """
 
     template_fields: Sequence[str] = ("batch_id", "conn_id", "input_file", "destination")
@@ -70,6 +74,7 @@ class FetchBatchResultsOperator(BaseOperator):
         destination: str | None = None,
         delete_remote_files: bool = False,
         include_request: bool = False,
+        max_failed_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         outlets = list(kwargs.pop("outlets", None) or [])
@@ -83,6 +88,7 @@ class FetchBatchResultsOperator(BaseOperator):
         self.destination = destination
         self.delete_remote_files = delete_remote_files
         self.include_request = include_request
+        self.max_failed_fraction = check_fraction(max_failed_fraction)
 
     def _rendered(self, name: str) -> str | None:
         """Return a templated argument after rendering: a stripped string, or None when unset or empty."""
@@ -153,6 +159,12 @@ class FetchBatchResultsOperator(BaseOperator):
         self._emit_asset_event(context, manifest)
         if self.delete_remote_files:
             self._delete_remote_files(hook, batch)
+        summary = batch.summary()
+        if request_counts(summary) is None:
+            # The batch did not say how many requests failed: the landed rows do, judged as the sensor would.
+            total, ok = report.counts.get("total", 0), report.counts.get("succeeded", 0)
+            counts = {"total": total, "completed": ok, "failed": total - ok}
+            judge({**summary, "request_counts": counts}, max_failed_fraction=self.max_failed_fraction)
         return manifest
 
     def _download_input(self, hook: BatchHook, batch: Batch, tmp: Path) -> str:
