@@ -249,3 +249,18 @@ def test_result_lines(line: dict[str, Any], succeeded: bool, code: str | None) -
     result = ResultLine.model_validate(line)
     assert result.succeeded is succeeded
     assert result.error_code == code
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"total": 5, "completed": 3, "failed": 1}, (5, 3, 1)),  # Zhipu: the counts flat at the top level
+        ({"request_counts": {"total": 5, "completed": 4, "failed": 0}}, (5, 4, 0)),
+        ({"request_counts": {"total": 5, "completed": 4, "failed": 0}, "total": 9}, (5, 4, 0)),
+        ({}, (None, None, None)),
+    ],
+)
+def test_batch_reads_nested_and_flat_counts(raw, expected):
+    batch = Batch.model_validate({"id": "b", "status": "in_progress", **raw})
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == expected

@@ -18,7 +18,6 @@ from airflow_provider_llmbatch.models import TERMINAL_STATUSES, Batch, BatchStat
 from airflow_provider_llmbatch.outcomes import (
     OUTCOME_ERRORS,
     describe,
-    failed_fraction,
     judge,
     request_counts,
 )
@@ -85,23 +84,67 @@ def test_all_succeeded_passes_with_zero_tolerance():
     judge(summary("completed", 10, 10, 0))
 
 
-@pytest.mark.parametrize("counts", [(0, 0, 0), (None, None, None), (0, None, None)])
-def test_completed_with_no_requests_passes(counts):
-    judge(summary("completed", *counts))
+def test_completed_with_zero_requests_passes():
+    judge(summary("completed", 0, 0, 0))
 
 
-def test_missing_request_counts_read_as_zero():
-    s = {"batch_id": "b", "status": "completed"}
-    assert request_counts(s) == (0, 0, 0)
-    judge(s)
+UNKNOWN_COUNTS: list[Any] = [
+    None,
+    {},
+    {"total": None, "completed": None, "failed": None},
+    {"total": 10, "completed": None, "failed": None},
+    {"total": None, "completed": 3, "failed": None},
+    {"total": "many", "completed": True, "failed": float("nan")},
+]
 
 
-def test_failed_fraction_uses_the_larger_of_total_and_done():
-    assert failed_fraction(summary("completed", 10, 8, 2)) == pytest.approx(0.2)
-    # A total smaller than done (vendors lag) is raised to done.
-    assert failed_fraction(summary("completed", 2, 2, 2)) == pytest.approx(0.5)
-    assert failed_fraction(summary("completed", None, 1, 3)) == pytest.approx(0.75)
-    assert failed_fraction(summary("completed", 0, 0, 0)) == 0.0
+@pytest.mark.parametrize("counts", UNKNOWN_COUNTS)
+def test_unknown_counts_are_never_zero(counts):
+    s = {"batch_id": "b", "status": "completed", "request_counts": counts}
+    assert request_counts(s) is None
+    assert "request counts unknown" in describe(s)
+
+
+# (output file, error file, max_failed_fraction) -> expected, when a completed batch has no counts
+UNKNOWN_TABLE = [
+    ("file-out", None, 0.0, None),  # output exists: the fetch judges the rows
+    ("file-out", "file-err", 0.0, None),
+    (None, "file-err", 0.0, TooManyFailedRequestsError),  # only errors: every request failed
+    (None, "file-err", 0.99, TooManyFailedRequestsError),
+    (None, "file-err", 1.0, None),
+    (None, None, 1.0, TooManyFailedRequestsError),  # nothing at all came back
+]
+
+
+@pytest.mark.parametrize("counts", UNKNOWN_COUNTS)
+@pytest.mark.parametrize(("output", "errors", "fraction", "expected"), UNKNOWN_TABLE)
+def test_completed_without_counts_is_judged_from_its_files(counts, output, errors, fraction, expected):
+    s = {
+        "batch_id": "b",
+        "status": "completed",
+        "request_counts": counts,
+        "output_file_id": output,
+        "error_file_id": errors,
+    }
+    if expected is None:
+        judge(s, max_failed_fraction=fraction)
+    else:
+        with pytest.raises(expected, match="request counts unknown"):
+            judge(s, max_failed_fraction=fraction)
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ((10, 8, 2), (8, 2, 10)),
+        ((2, 2, 2), (2, 2, 4)),  # a total smaller than done (vendors lag) is raised to done
+        ((None, 1, 3), (1, 3, 4)),
+        ((10, None, 3), (7, 3, 10)),  # completed derived from total and failed
+        ((0, 0, 0), (0, 0, 0)),
+    ],
+)
+def test_known_counts(counts, expected):
+    assert request_counts(summary("completed", *counts)) == expected
 
 
 def test_every_failed_request_fails_at_zero_tolerance():
@@ -129,7 +172,7 @@ def test_failed_batch_lists_vendor_validation_errors():
     assert "line 7: missing_field: no custom_id [custom_id]" in text
 
 
-@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan"), float("inf"), True, "0.5", None])
 def test_bad_fraction_is_an_input_error(fraction):
     with pytest.raises(InvalidInputError):
         judge(summary("completed"), max_failed_fraction=fraction)
