@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -64,3 +71,120 @@ def make_batch(connect: Callable[..., str], tmp_path: Path) -> Callable[..., str
             return hook.create_batch(input_file_id=uploaded.id, metadata=metadata).id
 
     return _make
+
+
+# -- the loop guard: catch blocking calls on an event loop's thread ----------------------------------
+
+BLOCKING_EVENTS = frozenset(
+    {
+        "open",
+        "os.listdir",
+        "os.scandir",
+        "socket.connect",
+        "socket.sendto",
+        "socket.sendmsg",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyaddr",
+        "socket.getnameinfo",
+        "os.system",
+    }
+)
+"""
+The audit events that mean a blocking call, as CPython 3.11 raises them (checked one by one).
+
+``open`` comes from ``open()``, ``io.open``, ``os.open`` and ``pathlib``; the socket events carry the
+socket, so a connect or send counts only on a blocking one (``gettimeout() != 0.0``: asyncio's own sockets
+are non-blocking); name look-ups count always (the loop's ``getaddrinfo`` runs in its executor). CPython
+3.11 raises no event for ``send``/``sendall``/``recv``/``accept``, ``select`` or ``time.sleep``: a sync
+HTTP client on the loop is caught at its ``socket.connect``, not at each read.
+"""
+
+_SOCKET_IO = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg"})
+_FS_EVENTS = frozenset({"open", "os.listdir", "os.scandir"})
+
+
+class BlockingCallError(AssertionError):
+    """Raise when a blocking call ran on a watched event loop's thread."""
+
+
+class LoopGuard:
+    """
+    Record every blocking call made on a watched thread while an asyncio event loop runs on it.
+
+    One audit hook per process (``sys.addaudithook`` cannot be undone), switched on by :meth:`watch`.
+    Reads of the import system (a module imported for the first time) are left out: a triggerer has its
+    modules loaded long before a trigger runs.
+    """
+
+    _installed: LoopGuard | None = None
+
+    def __init__(self) -> None:
+        self._threads: dict[int, list[str]] = {}
+        self._busy = threading.local()
+
+    @classmethod
+    def installed(cls) -> LoopGuard:
+        """Return the process's guard, installing its audit hook on first use."""
+        if cls._installed is None:
+            cls._installed = cls()
+            sys.addaudithook(cls._installed._audit)
+        return cls._installed
+
+    @contextmanager
+    def watch(self) -> Iterator[list[str]]:
+        """Watch this thread; yield the calls caught and raise :class:`BlockingCallError` naming them."""
+        ident = threading.get_ident()
+        caught: list[str] = []
+        self._threads[ident] = caught
+        try:
+            yield caught
+        finally:
+            del self._threads[ident]
+        if caught:
+            raise BlockingCallError(
+                f"{len(caught)} blocking call(s) on the event loop's thread:\n" + "\n".join(caught)
+            )
+
+    def _audit(self, event: str, args: tuple[Any, ...]) -> None:
+        if event not in BLOCKING_EVENTS or not self._threads:
+            return
+        caught = self._threads.get(threading.get_ident())
+        if caught is None or asyncio._get_running_loop() is None or getattr(self._busy, "on", False):
+            return
+        self._busy.on = True  # what follows raises audit events of its own (sys._getframe)
+        try:
+            if event in _SOCKET_IO and args[0].gettimeout() == 0.0:
+                return
+            frame = sys._getframe(1)
+            if event in _FS_EVENTS and _importing(frame):
+                return
+            # No source lines: reading them would open files, here of all places.
+            stack = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=8, lookup_lines=False)
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack)
+            caught.append(f"{event}{_shown(event, args)} at {where}")
+        finally:
+            self._busy.on = False
+
+
+def _importing(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _shown(event: str, args: tuple[Any, ...]) -> str:
+    return f"({args[1]!r})" if event in _SOCKET_IO else repr(tuple(args[:2]))
+
+
+@pytest.fixture
+def loop_guard() -> LoopGuard:
+    """
+    Catch blocking calls on the event loop: ``with loop_guard.watch(): ...`` around the code under test.
+
+    Run in a coroutine, or around ``asyncio.run``: only calls made while a loop runs on the watching
+    thread count, so set-up in worker threads (``asyncio.to_thread``) or before the loop starts is free.
+    """
+    return LoopGuard.installed()

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import json
+import pickle
 from typing import Any
 
+import aiohttp
 import httpx
 import pydantic
 import pytest
+import yarl
+from aiohttp.client_reqrep import ConnectionKey
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.exceptions import (
@@ -31,6 +36,7 @@ from airflow_provider_llmbatch.hooks.errors import (
     transport_error,
 )
 from airflow_provider_llmbatch.models import Batch
+from airflow_provider_llmbatch.retry import classify
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 KEY = "sk-test-0123456789abcdefSECRET"
@@ -260,22 +266,104 @@ def test_retry_after_is_carried(status: int, headers: dict[str, str], expected: 
     assert exc.retry_after == expected
 
 
+def _request_info() -> aiohttp.RequestInfo:
+    url = yarl.URL("http://vendor.test/v1/batches/b1")
+    return aiohttp.RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+
+
+def _connector_error(cls: type[aiohttp.ClientConnectorError], os_error: OSError) -> BaseException:
+    key = ConnectionKey("vendor.test", 443, True, True, None, None, None, "vendor.test")
+    return cls(key, os_error)  # type: ignore[arg-type]
+
+
+# What each face's library raises -> (class, effect): the effect decides whether a create may be repeated.
+TRANSPORT: list[tuple[str, BaseException, type[APIConnectionError], str | None]] = [
+    ("httpx connect", httpx.ConnectError("refused"), APIConnectionError, "not_sent"),
+    ("httpx connect timeout", httpx.ConnectTimeout("slow"), APITimeoutError, "not_sent"),
+    ("httpx pool timeout", httpx.PoolTimeout("busy"), APITimeoutError, "not_sent"),
+    ("httpx proxy", httpx.ProxyError("407"), APIConnectionError, "not_sent"),
+    ("httpx read timeout", httpx.ReadTimeout("slow"), APITimeoutError, "unknown"),
+    ("httpx write timeout", httpx.WriteTimeout("slow"), APITimeoutError, "unknown"),
+    ("httpx read", httpx.ReadError("reset"), APIConnectionError, "unknown"),
+    ("httpx write", httpx.WriteError("reset"), APIConnectionError, "unknown"),
+    ("httpx peer closed", httpx.RemoteProtocolError("peer closed"), APIConnectionError, "unknown"),
+    ("httpx unsupported protocol", httpx.UnsupportedProtocol("ftp"), APIConnectionError, None),
+    ("httpx local protocol", httpx.LocalProtocolError("bad header"), APIConnectionError, None),
+    ("httpx decoding", httpx.DecodingError("bad gzip"), APIConnectionError, None),
+    (
+        "aiohttp connect",
+        _connector_error(aiohttp.ClientConnectorError, OSError(111, "refused")),
+        APIConnectionError,
+        "not_sent",
+    ),
+    (
+        "aiohttp dns",
+        _connector_error(aiohttp.ClientConnectorDNSError, OSError(-2, "unknown")),
+        APIConnectionError,
+        "not_sent",
+    ),
+    (
+        "aiohttp proxy connect",
+        _connector_error(aiohttp.ClientProxyConnectionError, OSError(111, "x")),
+        APIConnectionError,
+        "not_sent",
+    ),
+    ("aiohttp connect timeout", aiohttp.ConnectionTimeoutError("slow"), APITimeoutError, "not_sent"),
+    ("aiohttp read timeout", aiohttp.SocketTimeoutError("slow"), APITimeoutError, "unknown"),
+    ("asyncio timeout (total)", TimeoutError(), APITimeoutError, "unknown"),
+    ("aiohttp disconnected", aiohttp.ServerDisconnectedError(), APIConnectionError, "unknown"),
+    ("aiohttp short body", aiohttp.ClientPayloadError("not complete"), APIConnectionError, "unknown"),
+    (
+        "aiohttp reset while writing",
+        aiohttp.ClientConnectionResetError("Connection lost"),
+        APIConnectionError,
+        "unknown",
+    ),
+    ("aiohttp os error", aiohttp.ClientOSError(104, "reset"), APIConnectionError, "unknown"),
+    ("aiohttp bad answer", aiohttp.ClientResponseError(_request_info(), ()), APIConnectionError, "unknown"),
+    ("aiohttp invalid url", aiohttp.InvalidURL("http://"), APIConnectionError, None),
+    ("anything else", RuntimeError("?"), APIConnectionError, None),
+]
+
+
 @pytest.mark.parametrize(
-    ("error", "cls"),
-    [
-        (httpx.ConnectError("refused"), APIConnectionError),
-        (httpx.ReadTimeout("timed out"), APITimeoutError),
-        (httpx.ConnectTimeout("timed out"), APITimeoutError),
-        (httpx.RemoteProtocolError("peer closed"), APIConnectionError),
-    ],
+    ("error", "cls", "effect"), [t[1:] for t in TRANSPORT], ids=[t[0] for t in TRANSPORT]
 )
-def test_transport_errors(error: httpx.TransportError, cls: type[APIConnectionError]) -> None:
+def test_transport_errors_of_both_faces(
+    error: BaseException, cls: type[APIConnectionError], effect: str | None
+) -> None:
     exc = transport_error(error, vendor=REGISTRY["moonshot"], conn_id="c", operation="get_batch", secret=KEY)
     assert type(exc) is cls
+    assert (exc.effect, classify(exc)) == (effect, effect)
     assert exc.status_code is None
-    assert type(error).__name__ in str(exc)
+    assert str(exc).startswith(f"{cls.__name__}: {type(error).__name__}: ")
     assert "vendor=moonshot" in str(exc)
     assert "conn_id=c" in str(exc)
+    revived = pickle.loads(pickle.dumps(exc))
+    assert (type(revived), revived.effect, str(revived)) == (cls, effect, str(exc))
+
+
+def test_transport_error_text_never_holds_the_key() -> None:
+    error = httpx.ConnectError(f"refused for Bearer {KEY} and {KEY!r}")
+    exc = transport_error(error, vendor=REGISTRY["openai"], conn_id="c", operation="get_batch", secret=KEY)
+    assert KEY not in str(exc)
+    assert "***" in str(exc)
+
+
+def test_reason_phrase_echoing_the_key_is_redacted() -> None:
+    exc = error_from_response(
+        REGISTRY["openai"],
+        status=401,
+        reason=f"Bad key {KEY}",
+        headers=httpx.Headers({"x-request-id": f"rid-{KEY}"}),
+        content=b"not json",
+        conn_id="c",
+        operation="get_batch",
+        secret=KEY,
+    )
+    assert isinstance(exc, AuthenticationError)
+    assert KEY not in str(exc)
+    assert KEY not in repr(exc)
 
 
 def test_validation_summary_never_contains_the_input() -> None:

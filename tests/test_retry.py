@@ -20,37 +20,18 @@ from airflow_provider_llmbatch.exceptions import (
     RateLimitError,
     ServerError,
     VendorAPIError,
+    WrongObjectError,
 )
-from airflow_provider_llmbatch.retry import Action, RetryPolicy, classify, parse_retry_after
-
-
-def _transport(cls: type[APIConnectionError], cause: BaseException | None) -> APIConnectionError:
-    try:
-        try:
-            if cause is not None:
-                raise cause
-            raise cls("short body")
-        except BaseException as exc:
-            if cause is None:
-                raise
-            raise cls(str(exc)) from exc
-    except APIConnectionError as err:
-        return err
-
+from airflow_provider_llmbatch.retry import NO_RETRY, Action, RetryPolicy, classify, parse_retry_after
 
 CASES: list[tuple[str, VendorAPIError, str | None]] = [
-    ("connect error", _transport(APIConnectionError, httpx.ConnectError("refused")), "not_sent"),
-    ("connect timeout", _transport(APITimeoutError, httpx.ConnectTimeout("slow")), "not_sent"),
-    ("pool timeout", _transport(APITimeoutError, httpx.PoolTimeout("busy")), "not_sent"),
-    ("proxy error", _transport(APIConnectionError, httpx.ProxyError("proxy")), "not_sent"),
-    ("read timeout", _transport(APITimeoutError, httpx.ReadTimeout("slow")), "unknown"),
-    ("write timeout", _transport(APITimeoutError, httpx.WriteTimeout("slow")), "unknown"),
-    ("reset mid-response", _transport(APIConnectionError, httpx.RemoteProtocolError("reset")), "unknown"),
-    ("read error", _transport(APIConnectionError, httpx.ReadError("broken")), "unknown"),
-    ("write error", _transport(APIConnectionError, httpx.WriteError("broken")), "unknown"),
-    ("short body (no cause)", _transport(APIConnectionError, None), "unknown"),
-    ("unsupported protocol", _transport(APIConnectionError, httpx.UnsupportedProtocol("ftp")), None),
-    ("local protocol error", _transport(APIConnectionError, httpx.LocalProtocolError("bad")), None),
+    # Transport failures carry their effect from hooks/errors.py's table (tested in test_errors.py).
+    ("connect error", APIConnectionError("refused", effect="not_sent"), "not_sent"),
+    ("connect timeout", APITimeoutError("slow", effect="not_sent"), "not_sent"),
+    ("read timeout", APITimeoutError("slow", effect="unknown"), "unknown"),
+    ("reset mid-response", APIConnectionError("reset", effect="unknown"), "unknown"),
+    ("short body (default effect)", APIConnectionError("short body"), "unknown"),
+    ("invalid request (no effect)", APIConnectionError("bad url", effect=None), None),
     ("429 rate limit", RateLimitError("slow down", status_code=429), "not_sent"),
     ("429 quota exceeded", QuotaExceededError("pay up", status_code=429), None),
     ("500", ServerError("boom", status_code=500), "unknown"),
@@ -61,6 +42,8 @@ CASES: list[tuple[str, VendorAPIError, str | None]] = [
     ("404", NotFoundError("gone", status_code=404), None),
     ("409", ConflictError("state", status_code=409), None),
     ("malformed 200", MalformedResponseError("not json", status_code=200), None),
+    ("answer about another object", WrongObjectError("b2, not b1", status_code=200), "unknown"),
+    ("not a vendor error", ValueError("bug"), None),  # type: ignore[list-item]
 ]
 
 
@@ -177,3 +160,61 @@ def test_with_max_retries_keeps_rng_and_sleeps() -> None:
 def test_policy_rejects_negative_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=">= 0"):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+# -- the attempts of one call: what both faces' loops ask after each failure ---------------------------------
+
+
+class Log:
+    """Collect warnings as the hook's logger would format them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def warning(self, message: str, *args: object) -> None:
+        self.lines.append(message % args)
+
+
+def test_attempts_wait_then_give_up_with_one_line_per_retry() -> None:
+    log = Log()
+    attempts = RetryPolicy(max_retries=2, rng=_FixedRng()).attempts("get_batch", log)
+    assert attempts.failed(ServerError("boom", status_code=500)) == 0.5
+    assert attempts.failed(RateLimitError("slow", status_code=429, retry_after=7.0)) == 7.0
+    assert attempts.failed(ServerError("boom", status_code=500)) is None
+    assert attempts.failures == 3
+    assert log.lines == [
+        "get_batch failed (ServerError: boom (http_status=500)); retrying in 0.5s (retry 1 of 2)",
+        "get_batch failed (RateLimitError: slow (http_status=429)); retrying in 7.0s (retry 2 of 2)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exc", "idempotent", "retried"),
+    [
+        (ServerError("boom", status_code=500), True, True),
+        (ServerError("boom", status_code=500), False, False),  # may have acted, cannot look: never blind
+        (APIConnectionError("refused", effect="not_sent"), False, True),
+        (RateLimitError("slow", status_code=429), False, True),
+        (AuthenticationError("key", status_code=401), True, False),
+    ],
+    ids=["unknown-idempotent", "unknown-create", "not-sent-create", "429-create", "401"],
+)
+def test_attempts_never_repeat_blindly(exc: VendorAPIError, idempotent: bool, retried: bool) -> None:
+    log = Log()
+    attempts = RetryPolicy(max_retries=3, rng=_FixedRng()).attempts(
+        "create_batch", log, idempotent=idempotent
+    )
+    assert (attempts.failed(exc) is not None) is retried
+    assert len(log.lines) == int(retried)
+
+
+def test_attempts_stop_when_the_call_cannot_be_repeated() -> None:
+    readable = [True]
+    attempts = RetryPolicy(max_retries=3).attempts("upload_file", Log(), can_repeat=lambda: readable[0])
+    assert attempts.failed(ServerError("boom")) is not None
+    readable[0] = False
+    assert attempts.failed(ServerError("boom")) is None
+
+
+def test_no_retry_is_one_attempt() -> None:
+    assert NO_RETRY.attempts("get_batch", Log()).failed(ServerError("boom")) is None

@@ -1,4 +1,4 @@
-"""Fixtures for hook tests: env-var connections and hooks wired to ``httpx.MockTransport`` handlers."""
+"""Fixtures for hook tests: env-var connections, sync hooks on scripted transports, loopback servers."""
 
 from __future__ import annotations
 
@@ -11,12 +11,24 @@ from typing import Any
 import httpx
 import pytest
 from hookmock import MOCK_BASE, MOCK_KEY, Script
+from loopback import Handler, Vendor
 
-from airflow_provider_llmbatch.hooks import _pool
+from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.retry import RetryPolicy
+from airflow_provider_llmbatch.vendors import REGISTRY
 
 _ids = itertools.count()
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the machine's proxies out of the picture: both faces read them (tests set their own)."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
 
 
 @pytest.fixture
@@ -51,7 +63,7 @@ def connect(monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
         extra: dict[str, Any] | None = None,
     ) -> str:
         conn_id = f"hooktest_{next(_ids)}"
-        value: dict[str, Any] = {"conn_type": f"llmbatch_{vendor}", "host": host, "password": password}
+        value: dict[str, Any] = {"conn_type": REGISTRY[vendor].conn_type, "host": host, "password": password}
         if extra:
             value["extra"] = extra
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(value))
@@ -61,26 +73,72 @@ def connect(monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
 
 
 @pytest.fixture
-def mock_hook(
-    connect: Callable[..., str], script: Script, policy: RetryPolicy, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., BatchHook]]:
-    """Build hooks whose sync client and shared async clients answer from ``script``."""
-    monkeypatch.setattr(
-        _pool,
-        "_new_client",
-        lambda timeout: httpx.AsyncClient(transport=httpx.MockTransport(script.ahandler)),
-    )
-    # The scripted transport answers every call, the small JSON ones included.
-    monkeypatch.setattr(_pool, "_new_lean", lambda origin, timeout: None)
-    hooks: list[BatchHook] = []
+def hooks() -> Iterator[Callable[[BatchHook], BatchHook]]:
+    """Register a hook to be closed after the test; returns it."""
+    made: list[BatchHook] = []
 
-    def _make(vendor: str = "openai", **kw: Any) -> BatchHook:
-        hook = BatchHook(connect(vendor, **kw), retry_policy=policy)
-        hook._sync_core()
-        hook._client = httpx.Client(transport=httpx.MockTransport(script.handler))
-        hooks.append(hook)
+    def keep(hook: BatchHook) -> BatchHook:
+        made.append(hook)
         return hook
 
-    yield _make
-    for hook in hooks:
+    yield keep
+    for hook in made:
         hook.close()
+
+
+@pytest.fixture
+def transport_hook(
+    connect: Callable[..., str], policy: RetryPolicy, hooks: Callable[[BatchHook], BatchHook]
+) -> Callable[..., BatchHook]:
+    """Build sync hooks whose client sends through ``transport`` (retries on the no-sleep policy)."""
+
+    def make(transport: httpx.BaseTransport, vendor: str = "openai", **kw: Any) -> BatchHook:
+        hook = hooks(BatchHook(connect(vendor, **kw), retry_policy=policy))
+        hook._core()
+        hook._client = httpx.Client(transport=transport)
+        return hook
+
+    return make
+
+
+@pytest.fixture
+def mock_hook(script: Script, transport_hook: Callable[..., BatchHook]) -> Callable[..., BatchHook]:
+    """Build sync hooks whose client answers from ``script``."""
+
+    def make(vendor: str = "openai", **kw: Any) -> BatchHook:
+        return transport_hook(httpx.MockTransport(script.handler), vendor, **kw)
+
+    return make
+
+
+@pytest.fixture
+def emulator_hook(
+    emulator: Emulator, connect: Callable[..., str], hooks: Callable[[BatchHook], BatchHook]
+) -> Callable[..., BatchHook]:
+    """Build hooks on a connection to the emulator's ``vendor``; keyword arguments go to the hook."""
+
+    def make(
+        vendor: str, *, password: str | None = None, extra: dict[str, Any] | None = None, **kw: Any
+    ) -> BatchHook:
+        conn_id = connect(
+            vendor, host=emulator.base_url(vendor), password=password or emulator.api_key, extra=extra
+        )
+        return hooks(BatchHook(conn_id, **kw))
+
+    return make
+
+
+@pytest.fixture
+def vendor_server() -> Iterator[Callable[..., Vendor]]:
+    """Start scripted loopback vendors (see :class:`loopback.Vendor`); stopped after the test."""
+    started: list[Vendor] = []
+
+    def start(handler: Handler, **kw: Any) -> Vendor:
+        server = Vendor(handler, **kw)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

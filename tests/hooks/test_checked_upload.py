@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,22 +83,12 @@ class Recorder(httpx.BaseTransport):
 
 
 @pytest.fixture
-def recorder_hook(
-    connect: Callable[..., str], policy: RetryPolicy
-) -> Iterator[Callable[..., tuple[BatchHook, Recorder]]]:
-    hooks: list[BatchHook] = []
-
+def recorder_hook(transport_hook: Callable[..., BatchHook]) -> Callable[..., tuple[BatchHook, Recorder]]:
     def make(vendor: str = "openai", answers: list[int] | None = None) -> tuple[BatchHook, Recorder]:
         recorder = Recorder(answers)
-        hook = BatchHook(connect(vendor), retry_policy=policy)
-        hook._sync_core()
-        hook._client = httpx.Client(transport=recorder)
-        hooks.append(hook)
-        return hook, recorder
+        return transport_hook(recorder, vendor), recorder
 
-    yield make
-    for hook in hooks:
-        hook.close()
+    return make
 
 
 def _sha_threads() -> list[threading.Thread]:
@@ -342,23 +332,6 @@ def test_checked_upload_memory_stays_flat(
 
 
 # -- against the emulator --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def emulator_hook(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., BatchHook]]:
-    hooks: list[BatchHook] = []
-
-    def make(vendor: str, **kwargs: Any) -> BatchHook:
-        conn_id = f"checked_{vendor}"
-        for key, value in emulator.airflow_conn_env(vendor, conn_id).items():
-            monkeypatch.setenv(key, value)
-        hook = BatchHook(conn_id, **kwargs)
-        hooks.append(hook)
-        return hook
-
-    yield make
-    for hook in hooks:
-        hook.close()
 
 
 def _fragments(emulator: Emulator, vendor: str) -> list[Path]:

@@ -1,175 +1,90 @@
-"""Table tests of the I/O-free hook core: connection settings, request building, paging, multipart framing."""
+"""Table tests of the I/O-free hook core: request building, answers read, paging, finding lost creations."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
 import pytest
 
-from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.exceptions import InvalidInputError, MalformedResponseError, WrongObjectError
 from airflow_provider_llmbatch.hooks._core import (
-    IDEMPOTENCY_KEY,
+    UPLOAD_LOOKBACK_SECONDS,
     Core,
     Pager,
-    multipart_layout,
-    settings_from_connection,
-    source_name,
+    Reply,
+    find_newest,
+    pick_upload,
 )
-from airflow_provider_llmbatch.hooks._io import LineSplitter
-from airflow_provider_llmbatch.models import Batch, Page
+from airflow_provider_llmbatch.hooks._io import multipart_layout, source_name
+from airflow_provider_llmbatch.hooks.arguments import (
+    IDEMPOTENCY_KEY,
+    IDEMPOTENCY_KEY_LENGTH,
+    check_create_args,
+    check_user_metadata,
+)
+from airflow_provider_llmbatch.hooks.settings import settings_from_connection
+from airflow_provider_llmbatch.models import Batch, FileObject, Page, RequestCounts
 from airflow_provider_llmbatch.vendors import REGISTRY, ListSpec, VendorSpec
 
 KEY = "sk-core-test-key-0123456789"
 VENDORS = list(REGISTRY.values())
 
 
-def _settings(vendor: VendorSpec, **extra: Any) -> Any:
-    return settings_from_connection(
-        "c1", conn_type=vendor.conn_type, host="http://127.0.0.1:9/x", password=KEY, extra=extra
-    )
-
-
 def _core(vendor: VendorSpec) -> Core:
-    return Core(_settings(vendor))
-
-
-# -- connection settings ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("host", "port", "extra", "expected"),
-    [
-        ("https://api.example.com/v1/", None, {}, "https://api.example.com/v1"),
-        ("api.example.com/v1", None, {}, "https://api.example.com/v1"),
-        ("api.example.com", 8443, {}, "https://api.example.com:8443"),
-        ("http://127.0.0.1:8000/openai/v1", 9999, {}, "http://127.0.0.1:8000/openai/v1"),
-        ("", None, {}, "https://dashscope.aliyuncs.com/compatible-mode/v1"),
-        (None, None, {"region": "ap-singapore"}, "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"),
-        ("  ", None, {"region": "cn-beijing"}, "https://dashscope.aliyuncs.com/compatible-mode/v1"),
-    ],
-)
-def test_base_url(host: str | None, port: int | None, extra: dict[str, Any], expected: str) -> None:
-    settings = settings_from_connection(
-        "c1", conn_type="llmbatch_dashscope", host=host, password=KEY, extra=extra, port=port
-    )
-    assert settings.base_url == expected
-
-
-@pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
-def test_every_region_of_every_vendor(vendor: VendorSpec) -> None:
-    for region, url in vendor.base_urls.items():
-        settings = settings_from_connection(
-            "c1", conn_type=vendor.conn_type, host="", password=KEY, extra={"region": region}
-        )
-        assert settings.base_url == url.rstrip("/")
-        assert settings.vendor is vendor
-
-
-def test_unknown_region_names_the_choices() -> None:
-    with pytest.raises(InvalidInputError, match="cn, intl"):
+    return Core(
         settings_from_connection(
-            "c1", conn_type="llmbatch_zhipu", host="", password=KEY, extra={"region": "eu"}
+            "c1", conn_type=vendor.conn_type, host="http://127.0.0.1:9/x", password=KEY, extra={}
         )
-
-
-@pytest.mark.parametrize("password", [None, ""])
-def test_missing_key_names_the_connection(password: str | None) -> None:
-    with pytest.raises(InvalidInputError, match="'my_conn' has no API key"):
-        settings_from_connection("my_conn", conn_type="llmbatch_openai", host="", password=password, extra={})
-
-
-def test_foreign_connection_type() -> None:
-    with pytest.raises(InvalidInputError, match="llmbatch_zhipu"):
-        settings_from_connection("c1", conn_type="http", host="", password=KEY, extra={})
-
-
-@pytest.mark.parametrize(
-    ("extra", "override", "timeout", "retries"),
-    [
-        ({}, None, 60.0, 5),
-        ({"timeout": 5, "max_retries": 0}, None, 5.0, 0),
-        ({"timeout": "2.5", "max_retries": "3"}, None, 2.5, 3),
-        ({"timeout": 5}, 9.0, 9.0, 5),
-        ({"timeout": "", "max_retries": None}, None, 60.0, 5),
-    ],
-)
-def test_timeout_and_retries(
-    extra: dict[str, Any], override: float | None, timeout: float, retries: int
-) -> None:
-    settings = settings_from_connection(
-        "c1", conn_type="llmbatch_openai", host="", password=KEY, extra=extra, timeout=override
     )
-    assert (settings.timeout, settings.max_retries) == (timeout, retries)
-
-
-@pytest.mark.parametrize(
-    "extra", [{"timeout": "soon"}, {"timeout": 0}, {"max_retries": -1}, {"max_retries": "x"}]
-)
-def test_bad_numbers_are_input_errors(extra: dict[str, Any]) -> None:
-    with pytest.raises(InvalidInputError, match="'c1'"):
-        settings_from_connection("c1", conn_type="llmbatch_openai", host="", password=KEY, extra=extra)
-
-
-def test_vendor_header_fields_and_the_key_stay_out_of_repr() -> None:
-    settings = settings_from_connection(
-        "c1",
-        conn_type="llmbatch_openai",
-        host="",
-        password=KEY,
-        extra={"organization": "org-1", "project": "", "unrelated": "x"},
-    )
-    assert settings.headers == {"OpenAI-Organization": "org-1"}
-    headers = settings.request_headers()
-    assert headers["Authorization"] == f"Bearer {KEY}"
-    assert headers["OpenAI-Organization"] == "org-1"
-    assert KEY not in repr(settings)
-    ds = settings_from_connection(
-        "c1", conn_type="llmbatch_dashscope", host="", password=KEY, extra={"workspace": "ws-9"}
-    )
-    assert ds.request_headers()["X-DashScope-WorkSpace"] == "ws-9"
-
-
-def test_origin_is_the_pool_key() -> None:
-    settings = settings_from_connection(
-        "c1", conn_type="llmbatch_openai", host="http://127.0.0.1:8000/openai/v1", password=KEY, extra={}
-    )
-    assert settings.origin == "http://127.0.0.1:8000"
 
 
 # -- create_batch -----------------------------------------------------------------------------------
 
 
-def _body(request: Any) -> dict[str, Any]:
-    return dict(json.loads(request.body))
+def _refusal(call: Callable[[], Any]) -> tuple[Any, str | None]:
+    try:
+        return call(), None
+    except InvalidInputError as exc:
+        return None, str(exc)
+
+
+def create(vendor: VendorSpec, **kw: Any) -> tuple[dict[str, Any], str]:
+    """Build a create request; return its body and key. The operators' pre-check refuses the same."""
+    input_file_id = kw.pop("input_file_id", "f")
+    args: dict[str, Any] = {"endpoint": None, "completion_window": None, "metadata": None, "extra": None}
+    args.update(kw)
+    built, refused = _refusal(lambda: _core(vendor).create_batch(input_file_id=input_file_id, **args))
+    assert _refusal(lambda: check_create_args(vendor, **args))[1] == refused
+    if refused is not None:
+        raise InvalidInputError(refused)
+    request, key = built
+    assert (request.method, request.path, request.idempotent) == ("POST", "/batches", False)
+    return dict(json.loads(request.body)), key
 
 
 @pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
 def test_create_defaults_from_the_spec(vendor: VendorSpec) -> None:
-    request, key = _core(vendor).create_batch(
-        input_file_id="file-1", endpoint=None, completion_window=None, metadata=None, extra=None
-    )
-    body = _body(request)
-    assert (request.method, request.path, request.idempotent) == ("POST", "/batches", False)
+    body, key = create(vendor, input_file_id="file-1")
+    assert body["input_file_id"] == "file-1"
     assert body["endpoint"] == vendor.default_endpoint
     assert body["completion_window"] == vendor.completion_window.default
     assert "completion_window" in body  # sent as null where the vendor ignores it
-    assert key is not None
     assert body["metadata"] == {IDEMPOTENCY_KEY: key}
 
 
+def test_every_create_gets_a_fresh_key() -> None:
+    keys = {create(REGISTRY["openai"])[1] for _ in range(20)}
+    assert len(keys) == 20
+    assert all(len(k) == IDEMPOTENCY_KEY_LENGTH and int(k, 16) >= 0 for k in keys)
+
+
 def test_ignored_window_is_null_unless_given() -> None:
-    core = _core(REGISTRY["zhipu"])
-    request, _ = core.create_batch(
-        input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra=None
-    )
-    assert _body(request)["completion_window"] is None
-    request, _ = core.create_batch(
-        input_file_id="f", endpoint=None, completion_window="72h", metadata=None, extra=None
-    )
-    assert _body(request)["completion_window"] == "72h"
+    assert create(REGISTRY["zhipu"])[0]["completion_window"] is None
+    assert create(REGISTRY["zhipu"], completion_window="72h")[0]["completion_window"] == "72h"
 
 
 @pytest.mark.parametrize(
@@ -188,117 +103,206 @@ def test_ignored_window_is_null_unless_given() -> None:
     ],
 )
 def test_completion_window_is_checked(vendor: str, window: str, ok: bool) -> None:
-    core = _core(REGISTRY[vendor])
     if ok:
-        request, _ = core.create_batch(
-            input_file_id="f", endpoint=None, completion_window=window, metadata=None, extra=None
-        )
-        assert _body(request)["completion_window"] == window
+        assert create(REGISTRY[vendor], completion_window=window)[0]["completion_window"] == window
     else:
         with pytest.raises(InvalidInputError, match="completion_window"):
-            core.create_batch(
-                input_file_id="f", endpoint=None, completion_window=window, metadata=None, extra=None
-            )
+            create(REGISTRY[vendor], completion_window=window)
 
 
 @pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
 def test_unknown_endpoint_names_the_allowed(vendor: VendorSpec) -> None:
     with pytest.raises(InvalidInputError, match=vendor.default_endpoint):
-        _core(vendor).create_batch(
-            input_file_id="f", endpoint="/v9/nope", completion_window=None, metadata=None, extra=None
-        )
+        create(vendor, endpoint="/v9/nope")
 
 
 @pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
-def test_metadata_limits(vendor: VendorSpec) -> None:
-    core, limits = _core(vendor), vendor.limits
-
-    def create(metadata: dict[str, str]) -> Any:
-        return core.create_batch(
-            input_file_id="f", endpoint=None, completion_window=None, metadata=metadata, extra=None
-        )
-
-    full = {f"k{i}": "v" for i in range(limits.metadata_pairs)}
-    request, key = create(full)
-    # No room for the idempotency tag: the batch is created untagged (and never blindly re-created).
-    assert key is None
-    assert _body(request)["metadata"] == full
+def test_metadata_limits_count_the_key_in(vendor: VendorSpec) -> None:
+    limits = vendor.limits
+    room = {f"k{i}": "v" for i in range(limits.metadata_pairs - 1)}
+    body, key = create(vendor, metadata=room)
+    assert body["metadata"] == {**room, IDEMPOTENCY_KEY: key}
     with pytest.raises(InvalidInputError, match="at most"):
-        create({**full, "one": "more"})
+        create(vendor, metadata={**room, "one": "more"})
     with pytest.raises(InvalidInputError, match="metadata key"):
-        create({"k" * (limits.metadata_key_chars + 1): "v"})
+        create(vendor, metadata={"k" * (limits.metadata_key_chars + 1): "v"})
     with pytest.raises(InvalidInputError, match="metadata value"):
-        create({"k": "v" * (limits.metadata_value_chars + 1)})
+        create(vendor, metadata={"k": "v" * (limits.metadata_value_chars + 1)})
     with pytest.raises(InvalidInputError, match="strings"):
-        create({"k": 1})  # type: ignore[dict-item]
-    request, key = create({IDEMPOTENCY_KEY: "mine"})
-    assert key == "mine"
+        create(vendor, metadata={"k": 1})
+
+
+@pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
+def test_the_idempotency_key_is_the_hooks_own(vendor: VendorSpec) -> None:
+    with pytest.raises(InvalidInputError, match=f"{IDEMPOTENCY_KEY!r} is set by the hook itself"):
+        _core(vendor).create_batch(
+            input_file_id="f",
+            endpoint=None,
+            completion_window=None,
+            metadata={IDEMPOTENCY_KEY: "mine"},
+            extra=None,
+        )
+    with pytest.raises(InvalidInputError, match="reserved for the provider"):
+        check_user_metadata({"owner": "me", "llmbatch_anything": "x"})
+    check_user_metadata({"owner": "me"})
+
+
+SAMPLES = {"boolean": False, "string": "x", "object": {"anchor": "created_at", "seconds": 3600}, "integer": 3}
 
 
 @pytest.mark.parametrize("vendor", VENDORS, ids=[v.name for v in VENDORS])
 def test_extra_fields_from_the_spec(vendor: VendorSpec) -> None:
-    core = _core(vendor)
-    with pytest.raises(
-        InvalidInputError,
-        match="allowed: " + (", ".join(f.name for f in vendor.extra_create_fields) or "none"),
-    ):
-        core.create_batch(
-            input_file_id="f", endpoint=None, completion_window=None, metadata=None, extra={"bogus": 1}
-        )
-    samples = {
-        "boolean": False,
-        "string": "x",
-        "object": {"anchor": "created_at", "seconds": 3600},
-        "integer": 3,
-    }
+    allowed = ", ".join(f.name for f in vendor.extra_create_fields) or "none"
+    with pytest.raises(InvalidInputError, match="allowed: " + allowed):
+        create(vendor, extra={"bogus": 1})
     for field in vendor.extra_create_fields:
-        request, _ = core.create_batch(
-            input_file_id="f",
-            endpoint=None,
-            completion_window=None,
-            metadata=None,
-            extra={field.name: samples[field.type]},
-        )
-        body = _body(request)
+        body, _ = create(vendor, extra={field.name: SAMPLES[field.type]})
         if field.in_metadata:
-            assert body["metadata"][field.name] == samples[field.type]
+            assert body["metadata"][field.name] == SAMPLES[field.type]
             assert field.name not in body
         else:
-            assert body[field.name] == samples[field.type]
-        wrong = 12345 if field.type != "integer" else "x"
+            assert body[field.name] == SAMPLES[field.type]
         with pytest.raises(InvalidInputError, match=field.name):
-            core.create_batch(
-                input_file_id="f",
-                endpoint=None,
-                completion_window=None,
-                metadata=None,
-                extra={field.name: wrong},
-            )
+            create(vendor, extra={field.name: 12345 if field.type != "integer" else "x"})
 
 
 def test_dashscope_ds_name_limit_applies_via_extra() -> None:
-    core = _core(REGISTRY["dashscope"])
     with pytest.raises(InvalidInputError, match="at most 100"):
-        core.create_batch(
-            input_file_id="f",
-            endpoint=None,
-            completion_window=None,
-            metadata=None,
-            extra={"ds_name": "n" * 101},
-        )
+        create(REGISTRY["dashscope"], extra={"ds_name": "n" * 101})
 
 
 @pytest.mark.parametrize("bad", ["", "  ", None])
 def test_ids_must_be_non_empty(bad: Any) -> None:
     core = _core(REGISTRY["openai"])
-    with pytest.raises(InvalidInputError):
-        core.get_batch(bad)
-    with pytest.raises(InvalidInputError):
+    for build in (core.get_batch, core.get_file, core.delete_file, core.cancel_batch, core.file_content):
+        with pytest.raises(InvalidInputError):
+            build(bad)
+    with pytest.raises(InvalidInputError, match="input_file_id"):
         core.create_batch(input_file_id=bad, endpoint=None, completion_window=None, metadata=None, extra=None)
 
 
 def test_ids_are_path_quoted() -> None:
     assert _core(REGISTRY["openai"]).get_file("a/b c").path == "/files/a%2Fb%20c"
+
+
+def test_what_may_be_repeated_and_what_each_answer_must_be_about() -> None:
+    core = _core(REGISTRY["openai"])
+    requests = {
+        "upload": core.upload(),
+        "get_file": core.get_file("f1"),
+        "delete": core.delete_file("f1"),
+        "content": core.file_content("f1"),
+        "get_batch": core.get_batch("b1"),
+        "cancel": core.cancel_batch("b1"),
+        "list": core.list_request("batches", {}),
+    }
+    assert {name for name, r in requests.items() if not r.idempotent} == {"upload"}
+    assert {name: r.object_id for name, r in requests.items() if r.object_id} == {
+        "get_file": "f1",
+        "get_batch": "b1",
+        "cancel": "b1",
+    }
+
+
+# -- answers: read leniently, refused when they are not what was asked ------------------------------------
+
+
+def _reply(data: Any, **headers: str) -> Reply:
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return Reply(200, headers, body)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        (b'{"id": "b1", "stat', MalformedResponseError, "the get_batch response is not JSON"),
+        (b"[" * 100_000, MalformedResponseError, "not JSON"),
+        ({"object": "batch"}, MalformedResponseError, "not a Batch: id: Field required"),
+        (["b1"], MalformedResponseError, "not a Batch"),
+        ({"id": "b2", "status": "completed"}, WrongObjectError, "asked for 'b1', the answer is about 'b2'"),
+    ],
+    ids=["truncated", "too-deep", "no-id", "a-list", "another-batch"],
+)
+def test_answers_that_are_not_the_batch_asked_for(data: Any, error: type[Exception], match: str) -> None:
+    core = _core(REGISTRY["openai"])
+    with pytest.raises(error, match=match) as info:
+        core.parse(core.get_batch("b1"), _reply(data, **{"x-request-id": "rid-7"}), Batch)
+    assert type(info.value) is error
+    assert (info.value.status_code, info.value.request_id) == (200, "rid-7")
+    assert info.value.operation == "get_batch"
+
+
+def test_lenient_fields_still_parse() -> None:
+    core = _core(REGISTRY["openai"])
+    data = {"id": "b1", "status": " Completed ", "request_counts": None, "metadata": {"a": 1}, "extra": [1]}
+    batch = core.parse(core.get_batch("b1"), _reply(data), Batch)
+    assert (batch.status, batch.request_counts, batch.metadata) == ("completed", RequestCounts(), {"a": "1"})
+
+
+@pytest.mark.parametrize(
+    ("data", "ids", "has_more"),
+    [
+        ({"data": [{"id": "f1"}, {"no": "id"}, "junk", {"id": "f2"}], "has_more": True}, ["f1", "f2"], True),
+        ({"data": None}, [], None),
+        ({"data": {"id": "f1"}, "has_more": "yes"}, [], None),
+        ({}, [], None),
+    ],
+    ids=["items-without-id-skipped", "data-null", "data-not-a-list", "empty-object"],
+)
+def test_pages_are_read_leniently(data: dict[str, Any], ids: list[str], has_more: bool | None) -> None:
+    core = _core(REGISTRY["openai"])
+    page = core.parse_page(core.list_request("files", {}), _reply(data), FileObject)
+    assert ([f.id for f in page.data], page.has_more) == (ids, has_more)
+
+
+def test_a_page_that_is_not_an_object_is_malformed() -> None:
+    core = _core(REGISTRY["openai"])
+    with pytest.raises(MalformedResponseError, match="the list_files response is not an object"):
+        core.parse_page(core.list_request("files", {}), _reply([{"id": "f1"}]), FileObject)
+
+
+# -- finding what a call of unknown effect made ------------------------------------------------------------
+
+STARTED = 1_800_000_000.0
+
+
+def _file(file_id: str, name: str = "in.jsonl", size: int = 10, created: float | None = STARTED) -> Any:
+    return FileObject(id=file_id, filename=name, bytes=size, created_at=created)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ([_file("f1")], "f1"),
+        ([_file("old", created=STARTED - UPLOAD_LOOKBACK_SECONDS - 1), _file("new")], "new"),
+        ([_file("a", created=STARTED + 1), _file("b", created=STARTED + 5), _file("c")], "b"),
+        ([_file("other-name", name="x.jsonl"), _file("other-size", size=11)], None),
+        ([_file("no-time", created=None)], None),
+        ([], None),
+    ],
+    ids=["same", "too-old", "newest", "name-or-size-differs", "no-created-at", "none"],
+)
+def test_pick_upload(files: list[FileObject], expected: str | None) -> None:
+    found = pick_upload(files, "in.jsonl", 10, STARTED)
+    assert (found.id if found else None) == expected
+
+
+def _batch(batch_id: str, created: int, **metadata: str) -> Batch:
+    return Batch(id=batch_id, status="validating", created_at=int(STARTED) + created, metadata=metadata)
+
+
+def test_find_newest_stops_at_the_first_page_with_a_match() -> None:
+    pages = iter(
+        [
+            [_batch("b0", 5), _batch("old", 1, k="v"), _batch("new", 2, k="v", x="y")],
+            [_batch("later-page", 9, k="v")],
+        ]
+    )
+    found = find_newest(pages, {"k": "v"}, max_scan=100)
+    assert found is not None
+    assert found.id == "new"
+    assert next(pages)[0].id == "later-page"  # never read
+    assert find_newest(iter([[_batch("b", 1, k="v")]] * 5), {"k": "nope"}, max_scan=3) is None
 
 
 # -- listing ----------------------------------------------------------------------------------------
@@ -357,7 +361,7 @@ FULL = ListSpec(params=frozenset({"after", "limit"}))
         (FULL, [_page([], has_more=True)], [], 1),
         (FULL, [_page(["a"], has_more=True, last_id=""), _page(["b"])], ["a", "b"], 2),
         (FULL, [_page(["a"])], ["a"], 1),
-        (ListSpec(params=frozenset(), has_more=False), [_page(["a", "b"], has_more=True)], ["a", "b"], 1),
+        (ListSpec(params=frozenset()), [_page(["a", "b"], has_more=True)], ["a", "b"], 1),
     ],
     ids=[
         "has-more",
@@ -386,7 +390,7 @@ def test_pager_always_ends(
         assert sent[1]["after"] in {"a", "b"}
 
 
-# -- multipart, names, lines ------------------------------------------------------------------------
+# -- multipart, names ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("filename", ["in.jsonl", 'we"ird\\name.jsonl', "名前.jsonl"])
@@ -394,7 +398,8 @@ def test_multipart_layout_parses_as_a_form(filename: str) -> None:
     layout = multipart_layout({"purpose": "batch"}, filename=filename, boundary="BOUNDARY")
     content = b'{"a":1}\n{"b":2}\n'
     body = layout.head + content + layout.tail
-    assert layout.content_length(len(content)) == len(body)
+    assert layout.headers(len(content))["Content-Length"] == str(len(body))
+    assert "Content-Length" not in layout.headers(None)  # an unknown size goes chunked
     message = BytesParser(policy=HTTP).parsebytes(
         f"Content-Type: {layout.content_type}\r\n\r\n".encode() + body
     )
@@ -410,20 +415,3 @@ def test_multipart_layout_parses_as_a_form(filename: str) -> None:
 )
 def test_source_name(source: Any, expected: str) -> None:
     assert source_name(source) == expected
-
-
-@pytest.mark.parametrize(
-    ("chunks", "lines"),
-    [
-        ([b"a\nb\n"], [b"a", b"b"]),
-        ([b"a", b"\nb", b"\n"], [b"a", b"b"]),
-        ([b"a\r\n\r\nb"], [b"a", b"b"]),
-        ([b"", b"x"], [b"x"]),
-        ([b"\n\n"], []),
-        ([b'{"k": 1}\n{"k"', b": 2}"], [b'{"k": 1}', b'{"k": 2}']),
-    ],
-)
-def test_line_splitter(chunks: list[bytes], lines: list[bytes]) -> None:
-    splitter = LineSplitter()
-    got = [line for chunk in chunks for line in splitter.feed(chunk)] + splitter.flush()
-    assert got == lines

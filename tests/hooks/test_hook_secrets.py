@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
+from hookmock import FACES, get_batch_on
+from loopback import Received, Vendor, response
 
 from airflow_provider_llmbatch.emulator import Emulator, FaultRule
 from airflow_provider_llmbatch.exceptions import (
@@ -23,7 +23,6 @@ from airflow_provider_llmbatch.exceptions import (
     ServerError,
     VendorAPIError,
 )
-from airflow_provider_llmbatch.hooks import _pool
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.retry import RetryPolicy
 from airflow_provider_llmbatch.vendors import REGISTRY
@@ -41,14 +40,6 @@ def debug_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-def _emulated_hook(emulator: Emulator, monkeypatch: pytest.MonkeyPatch, vendor: str, key: str) -> BatchHook:
-    conn_id = f"secret_{vendor}"
-    value = {"conn_type": REGISTRY[vendor].conn_type, "host": emulator.base_url(vendor), "password": key}
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(value))
-    hook = BatchHook(conn_id, retry_policy=RetryPolicy(max_retries=1, sleep=lambda s: None, asleep=_no_sleep))
-    return _stdlib_logging(hook)
-
-
 def _stdlib_logging(hook: BatchHook) -> BatchHook:
     # The hook logs through structlog, which filters debug lines out before any handler; route it to a
     # stdlib logger so caplog sees every line at DEBUG.
@@ -60,18 +51,7 @@ async def _no_sleep(seconds: float) -> None:
     return None
 
 
-def _call(hook: BatchHook, face: str, batch_id: str) -> None:
-    if face == "sync":
-        hook.get_batch(batch_id)
-        return
-
-    async def main() -> None:
-        try:
-            await hook.aget_batch(batch_id)
-        finally:
-            await hook.aclose()
-
-    asyncio.run(main())
+NO_SLEEP = RetryPolicy(max_retries=1, sleep=lambda s: None, asleep=_no_sleep)
 
 
 def _assert_clean(exc: BaseException, key: str, logs: pytest.LogCaptureFixture, out: str) -> None:
@@ -84,8 +64,6 @@ def _assert_clean(exc: BaseException, key: str, logs: pytest.LogCaptureFixture, 
     }
     for where, text in texts.items():
         assert key not in text, f"the API key leaked into the {where}"
-    # The capture works: the per-call debug line is there (method, path, status), without the key.
-    assert "get_batch GET /batches/" in logs.text
 
 
 PATHS: list[tuple[str, FaultRule | None, type[VendorAPIError]]] = [
@@ -99,7 +77,7 @@ PATHS: list[tuple[str, FaultRule | None, type[VendorAPIError]]] = [
 ]
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("vendor", list(REGISTRY))
 @pytest.mark.parametrize(("path", "fault", "expected"), PATHS, ids=[p[0] for p in PATHS])
 def test_error_paths_never_show_the_key(
@@ -109,69 +87,66 @@ def test_error_paths_never_show_the_key(
     vendor: str,
     face: str,
     emulator: Emulator,
-    monkeypatch: pytest.MonkeyPatch,
+    emulator_hook: Callable[..., BatchHook],
     debug_logs: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     key = SECRET if path == "401" else emulator.api_key
     if fault is not None:
         emulator.add_fault(FaultRule(fault.kind, vendor=vendor, operation="get_batch", times=None))
-    hook = _emulated_hook(emulator, monkeypatch, vendor, key)
+    hook = _stdlib_logging(emulator_hook(vendor, password=key, retry_policy=NO_SLEEP))
     with pytest.raises(expected) as info:
-        _call(hook, face, "batch_unknown")
-    hook.close()
+        get_batch_on(face, hook, "batch_unknown")
     captured = capfd.readouterr()
     _assert_clean(info.value, key, debug_logs, captured.out + captured.err)
-    assert info.value.vendor == vendor
-    assert info.value.operation == "get_batch"
+    assert (info.value.vendor, info.value.operation) == (vendor, "get_batch")
+    # The capture works: the lines that were due are there (without the key).
+    if face == "sync":
+        assert "send_request_headers.started" in debug_logs.text  # httpcore traces every request
+    if expected in (RateLimitError, ServerError, APIConnectionError):
+        assert "get_batch failed (" in debug_logs.text
 
 
-def _echoing(kind: str) -> Callable[[httpx.Request], httpx.Response]:
-    def handler(request: httpx.Request) -> httpx.Response:
+def _echoing(kind: str) -> Callable[[Received], bytes]:
+    def answer(request: Received) -> bytes:
         sent = request.headers["authorization"]
         if kind == "html":
             page = f"<html><body><h1>400</h1><pre>{'x' * 130}Authorization: {sent}</pre></body></html>"
-            return httpx.Response(400, text=page, headers={"content-type": "text/html"})
+            return response(400, page.encode(), "Content-Type: text/html", reason="Bad Request")
         body = {"error": {"message": f"Incorrect API key provided: {sent}", "code": "invalid_api_key"}}
-        return httpx.Response(401, json=body)
+        return response(401, json.dumps(body).encode(), reason="Unauthorized")
 
-    return handler
+    return answer
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize(("kind", "expected"), [("html", BadRequestError), ("json", AuthenticationError)])
 def test_pages_echoing_the_key_are_redacted(
     kind: str,
     expected: type[VendorAPIError],
     face: str,
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., str],
+    hooks: Callable[[BatchHook], BatchHook],
+    vendor_server: Callable[..., Vendor],
     debug_logs: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    handler = _echoing(kind)
-    monkeypatch.setattr(
-        _pool, "_new_client", lambda timeout: httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    )
-    monkeypatch.setattr(_pool, "_new_lean", lambda origin, timeout: None)
-    conn = {"conn_type": "llmbatch_openai", "host": "http://vendor.test/v1", "password": SECRET}
-    monkeypatch.setenv("AIRFLOW_CONN_ECHO", json.dumps(conn))
-    hook = _stdlib_logging(BatchHook("echo"))
-    hook._sync_core()
-    hook._client = httpx.Client(transport=httpx.MockTransport(handler))
+    server = vendor_server(_echoing(kind))
+    hook = _stdlib_logging(hooks(BatchHook(connect(host=server.origin + "/v1", password=SECRET))))
     with pytest.raises(expected) as info:
-        _call(hook, face, "b1")
-    hook.close()
+        get_batch_on(face, hook, "b1")
     captured = capfd.readouterr()
     _assert_clean(info.value, SECRET, debug_logs, captured.out + captured.err)
     assert "***" in info.value.vendor_message
     assert not any(part in str(info.value) for part in (SECRET[:10], SECRET[-10:]))
+    assert [r.headers["authorization"] for r in server.requests] == [f"Bearer {SECRET}"]  # it was sent
 
 
 def test_hook_repr_and_settings_hold_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     conn = {"conn_type": "llmbatch_zhipu", "host": "http://vendor.test/v4", "password": SECRET}
     monkeypatch.setenv("AIRFLOW_CONN_REPR", json.dumps(conn))
     hook = BatchHook("repr")
-    core: Any = hook._sync_core()
+    core: Any = hook._core()
     assert SECRET not in repr(hook)
     assert SECRET not in repr(core.settings)
     assert SECRET not in repr(hook.retry_policy)
