@@ -67,6 +67,8 @@ def parse_timestamp(value: Any) -> datetime | None:
     """Return an aware UTC datetime from seconds or milliseconds since the epoch (number or digits)."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, str):
         text = value.strip()
         if not text:

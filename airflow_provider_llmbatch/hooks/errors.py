@@ -246,6 +246,7 @@ TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[APIConnectionError], Eff
     (httpx.ConnectError, APIConnectionError, "not_sent"),
     (httpx.ProxyError, APIConnectionError, "not_sent"),
     (aiohttp.ConnectionTimeoutError, APITimeoutError, "not_sent"),
+    (aiohttp.ClientHttpProxyError, APIConnectionError, "not_sent"),  # the proxy refused the tunnel
     (aiohttp.ClientConnectorError, APIConnectionError, "not_sent"),
     # After (part of) the request was sent: the vendor may have acted on it.
     (httpx.TimeoutException, APITimeoutError, "unknown"),

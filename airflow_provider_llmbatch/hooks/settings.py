@@ -114,6 +114,8 @@ def _base_url(
 ) -> tuple[str, dict[str, str]]:
     if host is not None and not isinstance(host, str):
         raise _refuse(conn_id, "host (Base URL)", "a URL", type(host).__name__)
+    if region not in (None, "") and (not isinstance(region, str) or region not in vendor.base_urls):
+        raise _refuse(conn_id, "extra 'region'", f"one of {', '.join(vendor.base_urls)}", repr(region))
     if host and host.strip():
         base_url = host.strip()
         # urlsplit drops tabs and newlines silently and httpx refuses other controls with an untyped
@@ -125,14 +127,13 @@ def _base_url(
         if "://" not in base_url:
             base_url = f"https://{base_url}"
     elif region not in (None, ""):
-        if not isinstance(region, str) or region not in vendor.base_urls:
-            raise _refuse(conn_id, "extra 'region'", f"one of {', '.join(vendor.base_urls)}", repr(region))
         base_url = vendor.base_urls[region]
     else:
         base_url = vendor.default_base_url
     try:
         parts = urlsplit(base_url)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        if parts.port == 0:
+            raise ValueError("Port out of range 1-65535")
     except ValueError as exc:
         raise _refuse(conn_id, "host (Base URL)", "a valid http(s) URL", str(exc)) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
