@@ -234,5 +234,5 @@ def inexact(value: Any, where: str) -> tuple[str, str] | None:
         if isinstance(item, list | tuple):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
             continue
-        return path, f"a value of type {type(item).__name__}, which JSON cannot carry as it is; convert it first"
+        return path, f"a value of type {type(item).__name__}, which JSON cannot carry; convert it first"
     return None

@@ -86,6 +86,23 @@ def test_hook_class_matches_the_connection_type(info, spec):
     assert hook_class.default_conn_name
 
 
+def test_hook_classes_are_named_after_the_registry(info):
+    from airflow_provider_llmbatch.hooks import batch as hooks
+
+    names = {c["connection-type"]: c["hook-class-name"] for c in info["connection-types"]}
+    assert names == {
+        REGISTRY["zhipu"].conn_type: "airflow_provider_llmbatch.hooks.batch.ZhipuBatchHook",
+        REGISTRY["moonshot"].conn_type: "airflow_provider_llmbatch.hooks.batch.MoonshotBatchHook",
+        REGISTRY["dashscope"].conn_type: "airflow_provider_llmbatch.hooks.batch.DashscopeBatchHook",
+        REGISTRY["openai"].conn_type: "airflow_provider_llmbatch.hooks.batch.OpenaiBatchHook",
+    }
+    for conn_type, path in names.items():
+        hook_class = getattr(hooks, path.rpartition(".")[2])
+        assert hook_class is hooks.VENDOR_HOOKS[conn_type]
+        assert issubclass(hook_class, hooks.BatchHook)
+        assert hook_class.__module__ == "airflow_provider_llmbatch.hooks.batch"
+
+
 def test_listed_modules_and_classes_import(info):
     for section in ("operators", "sensors", "hooks", "triggers"):
         for group in info[section]:

@@ -14,6 +14,9 @@ from airflow_provider_llmbatch.vendors import VendorSpec
 
 CONN_ID = "llmbatch_test"
 
+STORES = ["state_store", "no_store"]
+"""With a task state store a first try checks the file as it uploads; without one it checks first."""
+
 
 class FakeTI:
     """Records XCom pushes in order; ``fail_on`` keys raise once, like a worker dying mid-push."""
@@ -43,7 +46,8 @@ class FakeTI:
 
     def xcom_pull(self, *, task_ids: str, key: str, map_indexes: int | None = None) -> Any:
         assert task_ids == self.task_id
-        assert map_indexes == (self.map_index if self.map_index >= 0 else None)
+        # Its own map index (-1, or None, for an unmapped task): never another instance's XCom.
+        assert map_indexes == self.map_index or (map_indexes is None and self.map_index < 0)
         values = [v for k, v in self.pushed if k == key]
         return values[-1] if values else None
 
@@ -97,6 +101,38 @@ def write_requests(path: Path, spec: VendorSpec, ids: list[str], *, endpoint: st
             }
             handle.write(json.dumps(line) + "\n")
     return path
+
+
+def create_op(**kwargs: Any) -> Any:
+    """Return a CreateBatchOperator of task ``create`` on connection ``llmbatch_test``."""
+    from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
+
+    kwargs.setdefault("task_id", "create")
+    kwargs.setdefault("conn_id", CONN_ID)
+    return CreateBatchOperator(**kwargs)
+
+
+def request_file(tmp_path: Path, vendor: str, ids: list[str] | None = None) -> Path:
+    """Write ``requests.jsonl`` for a vendor (default: three requests, the third one failing)."""
+    from airflow_provider_llmbatch.vendors import REGISTRY
+
+    return write_requests(tmp_path / "requests.jsonl", REGISTRY[vendor], ids or ["a", "b", "fail-c"])
+
+
+def state_store(kind: str) -> FakeStateStore | None:
+    """Return a fresh task state store for ``state_store``, none for ``no_store`` (older Airflow)."""
+    return FakeStateStore() if kind == "state_store" else None
+
+
+@pytest.fixture
+def no_separate_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the operator validates the request file in a pass of its own."""
+    from airflow_provider_llmbatch.operators import batch as batch_module
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the request file was validated in a separate pass")
+
+    monkeypatch.setattr(batch_module, "validate_request_file", forbidden)
 
 
 @pytest.fixture(scope="session")

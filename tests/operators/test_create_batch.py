@@ -1,3 +1,10 @@
+"""
+CreateBatchOperator: check and upload the request file (or build it), create the batch, push, wait.
+
+Nothing is uploaded before every argument and the file have passed; what a retried or cleared task finds
+of its earlier try is in ``test_reattach.py``.
+"""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,67 +17,51 @@ import pytest
 from airflow.sdk import conf
 from airflow.sdk.exceptions import TaskDeferred
 
+from airflow_provider_llmbatch import waiting
 from airflow_provider_llmbatch.exceptions import (
     BatchFailedError,
     InvalidInputError,
     InvalidRequestFileError,
 )
 from airflow_provider_llmbatch.hooks.batch import BatchHook
-from airflow_provider_llmbatch.operators import batch as batch_module
-from airflow_provider_llmbatch.operators.batch import (
+from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
+from airflow_provider_llmbatch.operators.reattach import (
     KEY_METADATA,
     STATE_KEY,
-    CancelBatchOperator,
-    CreateBatchOperator,
+    batch_key,
+    checked_upload_name,
 )
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
-from tests.operators.conftest import CONN_ID, FakeStateStore, FakeTI, make_context, write_requests
+from tests.operators.conftest import (
+    CONN_ID,
+    STORES,
+    FakeStateStore,
+    FakeTI,
+    make_context,
+    request_file,
+    state_store,
+    write_requests,
+)
+from tests.operators.conftest import create_op as _op
 
 VENDORS = list(REGISTRY)
 
 
-def _op(**kwargs: Any) -> CreateBatchOperator:
-    kwargs.setdefault("task_id", "create")
-    kwargs.setdefault("conn_id", CONN_ID)
-    return CreateBatchOperator(**kwargs)
-
-
-def _input(tmp_path: Path, vendor: str, ids: list[str] | None = None) -> Path:
-    return write_requests(tmp_path / "requests.jsonl", REGISTRY[vendor], ids or ["a", "b", "fail-c"])
-
-
-def _store(kind: str) -> FakeStateStore | None:
-    return FakeStateStore() if kind == "state_store" else None
-
-
-STORES = ["state_store", "no_store"]
-"""With a task state store a first try checks the file as it uploads; without one it checks first."""
-
-
-def _checked_name(ti: FakeTI) -> re.Pattern[str]:
-    tag = batch_module.task_tag(make_context(ti))
-    return re.compile(rf"llmbatch-{tag}-[0-9a-f]{{16}}\.jsonl")
-
-
-@pytest.fixture
-def no_separate_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the operator validates the request file in a pass of its own."""
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the request file was validated in a separate pass")
-
-    monkeypatch.setattr(batch_module, "validate_request_file", forbidden)
+def _is_checked_upload_name(name: str, ti: FakeTI) -> bool:
+    """Whether ``name`` is this task instance's name for a file checked as it uploads."""
+    tag = checked_upload_name(make_context(ti)).split("-")[1]
+    return re.fullmatch(rf"llmbatch-{tag}-[0-9a-f]{{16}}\.jsonl", name) is not None
 
 
 @pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendor: str, store: str) -> None:
     emu = connect(vendor)
-    path = _input(tmp_path, vendor)
+    path = request_file(tmp_path, vendor)
     ti = FakeTI()
 
-    result = _op(input_file=str(path), metadata={"team": "nlp"}).execute(make_context(ti, _store(store)))
+    result = _op(input_file=str(path), metadata={"team": "nlp"}).execute(make_context(ti, state_store(store)))
 
     assert [k for k, _ in ti.pushed] == [
         "input_file_id",
@@ -95,7 +86,7 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
     [file] = emu.files(vendor)
     if store == "state_store":
         # A first try checks the file as it uploads: the key is known only at the end, after the name.
-        assert _checked_name(ti).fullmatch(file["filename"])
+        assert _is_checked_upload_name(file["filename"], ti)
     else:
         assert file["filename"] == f"llmbatch-{result[KEY_METADATA]}.jsonl"
     assert file["bytes"] == path.stat().st_size
@@ -107,7 +98,7 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_first_try_checks_the_file_as_it_uploads(connect: Any, tmp_path: Path, vendor: str) -> None:
     emu = connect(vendor)
-    path = _input(tmp_path, vendor)
+    path = request_file(tmp_path, vendor)
     store = FakeStateStore()
     ti = FakeTI()
 
@@ -115,7 +106,7 @@ def test_first_try_checks_the_file_as_it_uploads(connect: Any, tmp_path: Path, v
 
     assert result["request_count"] == 3
     assert result["input_fingerprint"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert result[KEY_METADATA] == batch_module.batch_key(make_context(ti), result["input_fingerprint"])
+    assert result[KEY_METADATA] == batch_key(make_context(ti), result["input_fingerprint"])
     assert store.data[STATE_KEY] == {
         "key": result[KEY_METADATA],
         "input_file_id": result["input_file_id"],
@@ -127,21 +118,12 @@ def test_first_try_checks_the_file_as_it_uploads(connect: Any, tmp_path: Path, v
     assert emu.stats(vendor)["operations"]["upload"] == 1
 
 
-def test_checked_upload_names_are_unique_per_upload() -> None:
-    context = make_context(FakeTI())
-    names = {batch_module.checked_upload_name(context) for _ in range(50)}
-    assert len(names) == 50
-    assert all(_checked_name(FakeTI()).fullmatch(name) for name in names)
-    other = batch_module.checked_upload_name(make_context(FakeTI(map_index=1)))
-    assert not _checked_name(FakeTI()).fullmatch(other)
-
-
 @pytest.mark.parametrize("store", STORES)
 def test_object_storage_uri_input(connect: Any, tmp_path: Path, store: str) -> None:
     emu = connect("openai")
-    path = _input(tmp_path, "openai")
+    path = request_file(tmp_path, "openai")
 
-    result = _op(input_file=f"file://{path}").execute(make_context(FakeTI(), _store(store)))
+    result = _op(input_file=f"file://{path}").execute(make_context(FakeTI(), state_store(store)))
 
     assert result["input_uri"] == f"file://{path}"
     assert result["request_count"] == 3
@@ -179,7 +161,7 @@ def test_requests_are_built_into_a_kept_request_file(
     # Checked while it was written: uploaded as it is, never checked a second time.
     monkeypatch.setattr(BatchHook, "upload_file", upload)
     result = _op(requests=records, model="glm-4-flash", request_file_destination=str(destination)).execute(
-        make_context(FakeTI(), _store(store))
+        make_context(FakeTI(), state_store(store))
     )
 
     assert checks == [None]
@@ -236,7 +218,7 @@ def test_bad_request_file_uploads_nothing(connect: Any, tmp_path: Path, vendor: 
         + "\n"
     )
     ti = FakeTI()
-    state = _store(store)
+    state = state_store(store)
 
     with pytest.raises(InvalidRequestFileError, match="line 1") as info:
         _op(input_file=str(path)).execute(make_context(ti, state))
@@ -315,7 +297,8 @@ def test_bad_records_upload_nothing(connect: Any) -> None:
         ),
         ("openai", {"input_file": "x.jsonl", "metadata": {"n": 1}}, "strings to strings"),
         ("openai", {"input_file": "x.jsonl", "metadata": {KEY_METADATA: "x"}}, "reserved"),
-        ("openai", {"input_file": "x.jsonl", "metadata": {f"k{i}": "v" for i in range(16)}}, "at most 16"),
+        # Two pairs are the provider's (llmbatch_key, llmbatch_idem): 15 of the user's are one too many.
+        ("openai", {"input_file": "x.jsonl", "metadata": {f"k{i}": "v" for i in range(15)}}, "at most 16"),
         ("dashscope", {"input_file": "x.jsonl", "metadata": {"ds_name": "n" * 101}}, "at most 100"),
     ],
 )
@@ -328,9 +311,56 @@ def test_bad_arguments_upload_nothing(connect: Any, vendor: str, kwargs: dict[st
     assert emu.stats(vendor)["files_uploaded"] == 0
 
 
+RESERVED = ["llmbatch_key", "llmbatch_idem", "llmbatch_anything", "llmbatch_"]
+
+
+@pytest.mark.parametrize("source", ["input_file", "requests"])
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("key", RESERVED)
+def test_reserved_metadata_keys_are_refused_before_any_upload(
+    connect: Any, tmp_path: Path, key: str, store: str, source: str
+) -> None:
+    emu = connect("openai")
+    given: dict[str, Any] = (
+        {"input_file": str(request_file(tmp_path, "openai"))}
+        if source == "input_file"
+        else {"requests": [{"custom_id": "a", "prompt": "hi"}], "model": "m"}
+    )
+    ti = FakeTI()
+
+    with pytest.raises(
+        InvalidInputError, match=f"metadata key '{key}': keys starting with 'llmbatch_' are reserved"
+    ):
+        _op(metadata={"team": "nlp", key: "mine"}, **given).execute(make_context(ti, state_store(store)))
+
+    assert emu.stats("openai")["operations"] == {}  # not even a look-up: nothing was sent
+    assert ti.pushed == []
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_reserved_metadata_keys_are_refused_for_every_vendor(
+    connect: Any, tmp_path: Path, vendor: str
+) -> None:
+    emu = connect(vendor)
+    with pytest.raises(InvalidInputError, match="reserved"):
+        _op(input_file=str(request_file(tmp_path, vendor)), metadata={KEY_METADATA: "x" * 32}).execute(
+            make_context(FakeTI(), FakeStateStore())
+        )
+    assert emu.stats(vendor)["operations"] == {}
+
+
+def test_metadata_leaves_room_for_the_providers_keys(connect: Any, tmp_path: Path) -> None:
+    emu = connect("openai")
+    metadata = {f"k{i}": "v" for i in range(14)}
+    _op(input_file=str(request_file(tmp_path, "openai")), metadata=metadata).execute(make_context(FakeTI()))
+    [batch] = emu.batches("openai")
+    assert len(batch["metadata"]) == 16
+    assert batch["metadata"].items() >= metadata.items()
+
+
 def test_templated_values_are_validated_after_rendering(connect: Any, tmp_path: Path) -> None:
     emu = connect("moonshot")
-    path = _input(tmp_path, "moonshot")
+    path = request_file(tmp_path, "moonshot")
     # Validation must wait for rendering: constructing with template strings must not raise.
     op = _op(
         input_file="{{ params.path }}",
@@ -371,251 +401,12 @@ def test_template_fields_cover_user_arguments() -> None:
 
 def test_vendor_options_reach_the_batch(connect: Any, tmp_path: Path) -> None:
     emu = connect("dashscope")
-    path = _input(tmp_path, "dashscope")
+    path = request_file(tmp_path, "dashscope")
 
     _op(input_file=str(path), vendor_options={"ds_name": "nightly"}).execute(make_context(FakeTI()))
 
     [batch] = emu.batches("dashscope")
     assert batch["metadata"]["ds_name"] == "nightly"
-
-
-# -- retry safety -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("vendor", VENDORS)
-def test_crash_before_batch_id_push_reattaches(connect: Any, tmp_path: Path, vendor: str) -> None:
-    emu = connect(vendor)
-    path = _input(tmp_path, vendor)
-    ti = FakeTI(fail_on={"batch_id"})
-
-    with pytest.raises(RuntimeError, match="worker died"):
-        _op(input_file=str(path)).execute(make_context(ti))
-    [first] = emu.batches(vendor)
-
-    result = _op(input_file=str(path)).execute(make_context(ti))
-
-    assert result["reattached"] is True
-    assert result["batch_id"] == first["id"] == ti.xcom("batch_id")
-    assert result["input_file_id"] == first["input_file_id"]
-    stats = emu.stats(vendor)
-    assert (stats["batches_created"], stats["files_uploaded"], stats["batches"]) == (1, 1, 1)
-
-
-@pytest.mark.parametrize("store", STORES)
-def test_crash_between_upload_and_create_reuses_the_upload(
-    connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
-) -> None:
-    emu = connect("zhipu")
-    path = _input(tmp_path, "zhipu")
-    real_create = BatchHook.create_batch
-    calls = {"n": 0}
-
-    def create_once_dies(self: BatchHook, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("worker died before create")
-        return real_create(self, **kwargs)
-
-    monkeypatch.setattr(BatchHook, "create_batch", create_once_dies)
-    ti = FakeTI()
-    state = _store(store)
-    with pytest.raises(RuntimeError, match="before create"):
-        _op(input_file=str(path)).execute(make_context(ti, state))
-    uploaded = ti.xcom("input_file_id")
-
-    result = _op(input_file=str(path)).execute(make_context(ti, state))
-
-    assert result["input_file_id"] == uploaded
-    assert result["reattached"] is False
-    stats = emu.stats("zhipu")
-    assert (stats["files_uploaded"], stats["batches_created"]) == (1, 1)
-
-
-@pytest.mark.parametrize("store", STORES)
-@pytest.mark.parametrize("status", ["in_progress", "finalizing", "completed"])
-def test_retry_reattaches_to_running_or_completed_batch(
-    connect: Any, tmp_path: Path, status: str, store: str
-) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    state = _store(store)
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
-    emu.force_status("openai", first["batch_id"], status)
-
-    again = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
-
-    assert again["reattached"] is True
-    assert again["batch_id"] == first["batch_id"]
-    assert again["status"] == status
-    assert again["input_file_id"] == first["input_file_id"]
-    assert (emu.stats("openai")["batches_created"], emu.stats("openai")["files_uploaded"]) == (1, 1)
-
-
-def test_emptied_state_store_still_reattaches_and_drops_its_own_upload(connect: Any, tmp_path: Path) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), FakeStateStore()))
-
-    # A fresh store (its rows cleaned up) reads as a first try: the file is checked as it uploads,
-    # then the batch metadata finds the earlier batch and the new upload is deleted again.
-    store = FakeStateStore()
-    again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-
-    assert again["reattached"] is True
-    assert again["batch_id"] == first["batch_id"]
-    assert again["input_file_id"] == first["input_file_id"]
-    stats = emu.stats("openai")
-    assert (stats["batches_created"], stats["files_uploaded"], stats["files_deleted"]) == (1, 2, 1)
-    assert [f["id"] for f in emu.files("openai")] == [first["input_file_id"]]
-    assert store.data[STATE_KEY]["batch_id"] == first["batch_id"]
-
-
-@pytest.mark.parametrize("store", STORES)
-@pytest.mark.parametrize("status", ["failed", "expired", "cancelled", "cancelling"])
-def test_retry_after_a_dead_batch_creates_a_fresh_one(
-    connect: Any, tmp_path: Path, status: str, store: str
-) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    state = _store(store)
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
-    emu.force_status("openai", first["batch_id"], status)
-
-    again = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
-
-    assert again["reattached"] is False
-    assert again["batch_id"] != first["batch_id"]
-    assert again[KEY_METADATA] == first[KEY_METADATA]
-    assert emu.stats("openai")["batches_created"] == 2
-    # The upload is reused: only the batch failed.
-    assert again["input_file_id"] == first["input_file_id"]
-    assert emu.stats("openai")["files_uploaded"] == 1
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"run_id": "manual__other"},
-        {"task_id": "create_other"},
-        {"dag_id": "other_dag"},
-        {"map_index": 2},
-    ],
-)
-def test_another_task_instance_gets_its_own_batch(
-    connect: Any, tmp_path: Path, change: dict[str, Any]
-) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    first = _op(input_file=str(path)).execute(make_context(FakeTI()))
-
-    other = _op(input_file=str(path)).execute(make_context(FakeTI(**change)))
-
-    assert other["batch_id"] != first["batch_id"]
-    assert other["reattached"] is False
-    assert emu.stats("openai")["batches_created"] == 2
-    assert emu.stats("openai")["files_uploaded"] == 2
-
-
-@pytest.mark.parametrize("store", STORES)
-@pytest.mark.parametrize("status", ["validating", "failed"])
-def test_changed_input_gets_its_own_batch(connect: Any, tmp_path: Path, store: str, status: str) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai", ["a"])
-    state = _store(store)
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
-    emu.force_status("openai", first["batch_id"], status)
-    _input(tmp_path, "openai", ["b"])  # the same size, other content
-
-    second = _op(input_file=str(path)).execute(make_context(FakeTI(), state))
-
-    assert second["input_fingerprint"] != first["input_fingerprint"]
-    assert second["batch_id"] != first["batch_id"]
-    assert second["input_file_id"] != first["input_file_id"]
-    assert second["reattached"] is False
-    assert emu.stats("openai")["batches_created"] == 2
-    assert emu.stats("openai")["files_uploaded"] == 2
-    [batch] = [b for b in emu.batches("openai") if b["id"] == second["batch_id"]]
-    assert emu.file_path("openai", batch["input_file_id"]).read_bytes() == path.read_bytes()
-
-
-@pytest.mark.usefixtures("no_separate_validation")
-@pytest.mark.parametrize("store", STORES)
-def test_reattach_disabled_always_creates(connect: Any, tmp_path: Path, store: str) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    state = _store(store)
-    _op(input_file=str(path), reattach=False).execute(make_context(FakeTI(), state))
-    _op(input_file=str(path), reattach=False).execute(make_context(FakeTI(), state))
-
-    stats = emu.stats("openai")
-    assert stats["batches_created"] == 2
-    assert stats["files_uploaded"] == 2
-    # Nothing is looked up, so nothing needs the key before the upload: checked as it uploads.
-    assert stats["operations"].get("list_batches", 0) == stats["operations"].get("list_files", 0) == 0
-
-
-def test_task_state_store_is_used_first(
-    connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    store = FakeStateStore()
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-    assert store.data[STATE_KEY] == {
-        "key": first[KEY_METADATA],
-        "input_file_id": first["input_file_id"],
-        "fingerprint": first["input_fingerprint"],
-        "batch_id": first["batch_id"],
-    }
-
-    def no_listing(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the state store should have answered")
-
-    monkeypatch.setattr(BatchHook, "find_batch", no_listing)
-    again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-
-    assert again["reattached"] is True
-    assert again["batch_id"] == first["batch_id"]
-    assert emu.stats("openai")["operations"].get("list_batches", 0) == 1  # the first try's lookup only
-
-
-def test_state_store_for_other_input_is_ignored(connect: Any, tmp_path: Path) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    store = FakeStateStore()
-    store.data[STATE_KEY] = {"key": "not-this-one", "batch_id": "batch_other", "input_file_id": "file-other"}
-
-    result = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-
-    assert result["reattached"] is False
-    assert emu.stats("openai")["batches_created"] == 1
-
-
-def test_broken_state_store_falls_back_to_metadata_lookup(connect: Any, tmp_path: Path) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    store = FakeStateStore(broken=True)
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-
-    again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-
-    assert store.reads >= 2
-    assert again["batch_id"] == first["batch_id"]
-    assert emu.stats("openai")["batches_created"] == 1
-
-
-def test_state_store_pointing_at_a_vanished_batch(connect: Any, tmp_path: Path) -> None:
-    emu = connect("openai")
-    path = _input(tmp_path, "openai")
-    store = FakeStateStore()
-    first = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-    store.data[STATE_KEY]["batch_id"] = "batch_does_not_exist"
-
-    again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-
-    # Still found through the metadata key.
-    assert again["batch_id"] == first["batch_id"]
-    assert emu.stats("openai")["batches_created"] == 1
 
 
 # -- kill, wait ---------------------------------------------------------------------------------------
@@ -624,7 +415,7 @@ def test_state_store_pointing_at_a_vanished_batch(connect: Any, tmp_path: Path) 
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_on_kill_cancels_the_created_batch(connect: Any, tmp_path: Path, vendor: str) -> None:
     emu = connect(vendor)
-    op = _op(input_file=str(_input(tmp_path, vendor)))
+    op = _op(input_file=str(request_file(tmp_path, vendor)))
     result = op.execute(make_context(FakeTI()))
 
     op.on_kill()
@@ -635,7 +426,7 @@ def test_on_kill_cancels_the_created_batch(connect: Any, tmp_path: Path, vendor:
 
 def test_on_kill_respects_cancel_on_kill_and_finished_batches(connect: Any, tmp_path: Path) -> None:
     emu = connect("openai")
-    path = _input(tmp_path, "openai")
+    path = request_file(tmp_path, "openai")
     keep = _op(input_file=str(path), cancel_on_kill=False)
     kept = keep.execute(make_context(FakeTI()))
     keep.on_kill()
@@ -655,17 +446,16 @@ def test_wait_for_completion_on_the_worker(
     connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     emu = connect("zhipu")
-    from airflow_provider_llmbatch.sensors import batch as sensor_module
 
     def sleep_by_finishing(_: float) -> None:
         for batch in emu.batches("zhipu"):
             if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
                 emu.force_status("zhipu", batch["id"], "completed")
 
-    monkeypatch.setattr(sensor_module, "sleep", sleep_by_finishing)
+    monkeypatch.setattr(waiting, "sleep", sleep_by_finishing)
     ti = FakeTI()
     op = _op(
-        input_file=str(_input(tmp_path, "zhipu", ["a", "b", "fail-c"])),
+        input_file=str(request_file(tmp_path, "zhipu", ["a", "b", "fail-c"])),
         wait_for_completion=True,
         deferrable=False,
         poll_interval=0.01,
@@ -685,15 +475,14 @@ def test_wait_for_completion_judges_failures(
     connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     emu = connect("openai")
-    from airflow_provider_llmbatch.sensors import batch as sensor_module
 
     def sleep_by_failing(_: float) -> None:
         for batch in emu.batches("openai"):
             if batch["status"] == "validating":
                 emu.force_status("openai", batch["id"], "failed")
 
-    monkeypatch.setattr(sensor_module, "sleep", sleep_by_failing)
-    op = _op(input_file=str(_input(tmp_path, "openai")), wait_for_completion=True, deferrable=False)
+    monkeypatch.setattr(waiting, "sleep", sleep_by_failing)
+    op = _op(input_file=str(request_file(tmp_path, "openai")), wait_for_completion=True, deferrable=False)
 
     with pytest.raises(BatchFailedError):
         op.execute(make_context(FakeTI()))
@@ -703,7 +492,7 @@ def test_wait_for_completion_defers_with_the_result(connect: Any, tmp_path: Path
     connect("moonshot")
     ti = FakeTI()
     op = _op(
-        input_file=str(_input(tmp_path, "moonshot")),
+        input_file=str(request_file(tmp_path, "moonshot")),
         wait_for_completion=True,
         deferrable=True,
         poll_interval=5,
@@ -746,33 +535,3 @@ def test_wait_for_completion_defers_with_the_result(connect: Any, tmp_path: Path
         make_context(ti), event={"event": "terminal", "batch": summary, "message": "", "polls": 2}
     )
     assert resumed == result
-
-
-def test_cancel_operator(connect: Any, tmp_path: Path) -> None:
-    emu = connect("dashscope")
-    created = _op(input_file=str(_input(tmp_path, "dashscope"))).execute(make_context(FakeTI()))
-    ti = FakeTI(task_id="cancel")
-
-    summary = CancelBatchOperator(task_id="cancel", conn_id=CONN_ID, batch_id=created["batch_id"]).execute(
-        make_context(ti)
-    )
-
-    assert summary["status"] in ("cancelling", "cancelled")
-    assert ti.xcom("batch_id") == created["batch_id"]
-    emu.force_status("dashscope", created["batch_id"], "cancelled")
-    again = CancelBatchOperator(task_id="cancel", conn_id=CONN_ID, batch_id=created["batch_id"]).execute(
-        make_context(FakeTI())
-    )
-    assert again["status"] == "cancelled"
-    assert emu.stats("dashscope")["cancels"] == 1
-
-    with pytest.raises(InvalidInputError):
-        CancelBatchOperator(task_id="cancel", conn_id=CONN_ID, batch_id=" ").execute(make_context(FakeTI()))
-
-
-def test_identity_key_is_short_and_stable() -> None:
-    context = make_context(FakeTI())
-    key = batch_module.batch_key(context, "f" * 64)
-    assert key == batch_module.batch_key(make_context(FakeTI()), "f" * 64)
-    assert len(key) == 32
-    assert key != batch_module.batch_key(context, "e" * 64)

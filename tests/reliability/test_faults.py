@@ -10,7 +10,6 @@ fails with nothing left at the destination.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,27 +138,33 @@ def _expected_attempts(kind: str, persistent: bool, call: str) -> int:
     return MAX_RETRIES + 1 if persistent else 2
 
 
+ASYNC_CALLS = {"get_batch", "cancel_batch"}
+"""The async face has what a trigger needs only: a poll and a cancel."""
+
 CASES = [
-    pytest.param(call, kind, persistent, id=f"{call}-{kind}-{'outage' if persistent else 'once'}")
+    pytest.param(
+        call, kind, persistent, face, id=f"{call}-{kind}-{'outage' if persistent else 'once'}-{face}"
+    )
     for call in OPERATIONS
     for kind in KINDS
     for persistent in (False, True)
+    for face in FACES
     if not (persistent and kind not in OUTAGE_KINDS)
     # The vendor acting *after* the client gave up (slow, then act) is a race no client can close; the
     # lookup-before-repeat narrows it (tests/hooks) and the operator's llmbatch_key closes it across tries.
     and not (call in WRITES and kind == "slow")
+    and (face == "sync" or call in ASYNC_CALLS)
 ]
 
 
-@pytest.mark.parametrize("face_name", FACES)
 @pytest.mark.parametrize("vendor", VENDORS)
-@pytest.mark.parametrize(("call", "kind", "persistent"), CASES)
+@pytest.mark.parametrize(("call", "kind", "persistent", "face_name"), CASES)
 def test_fault_during_operation(
     call: str,
     kind: str,
     persistent: bool,
-    vendor: str,
     face_name: str,
+    vendor: str,
     emulator: Emulator,
     rel_conn: Callable[..., str],
     faces: Callable[..., Face],
@@ -184,13 +189,11 @@ def test_fault_during_operation(
         )
     )
 
-    started = time.monotonic()
     outcome: Any
     try:
         outcome = _invoke(face, call, setup, tmp_path)
     except VendorAPIError as exc:
         outcome = exc
-    elapsed = time.monotonic() - started
     emulator.clear_faults()
     after = emulator.stats(vendor)
     attempts = after["operations"].get(operation, 0) - before["operations"].get(operation, 0)
@@ -212,7 +215,6 @@ def test_fault_during_operation(
     assert len(waits.asked) <= MAX_RETRIES
     if kind == "429_retry_after" and waits.asked:
         assert waits.asked[0] == RETRY_AFTER  # the vendor's Retry-After, not the backoff
-    assert elapsed < (MAX_RETRIES + 2) * (TIMEOUT + 0.5) + 2.0
 
     if call in WRITES:
         # A write is looked up before any repeat exactly when its effect is unknown (not after a 429).
@@ -372,13 +374,11 @@ def test_after_bytes_is_checked_and_round_trips() -> None:
 
 
 @pytest.mark.parametrize("lookup_fault", ["503", "reset"])
-@pytest.mark.parametrize("face_name", FACES)
 @pytest.mark.parametrize("vendor", VENDORS)
 @pytest.mark.parametrize("call", sorted(WRITES))
 def test_the_lookup_itself_fails_after_a_lost_answer(
     call: str,
     vendor: str,
-    face_name: str,
     lookup_fault: str,
     emulator: Emulator,
     rel_conn: Callable[..., str],
@@ -389,7 +389,7 @@ def test_the_lookup_itself_fails_after_a_lost_answer(
     # The write took effect and its answer was lost; then the listing meant to find it fails too.
     with BatchHook(rel_conn(vendor, "setup_" + vendor)) as setup_hook:
         setup = _prepare(emulator, setup_hook, vendor, call, tmp_path)
-    face = faces(rel_conn(vendor), face_name, retry_policy=waits.policy())
+    face = faces(rel_conn(vendor), "sync", retry_policy=waits.policy())  # writes are the sync face's
     listing = "list_files" if call == "upload_file" else "list_batches"
     emulator.add_fault(FaultRule("reset_after", vendor=vendor, operation=OPERATIONS[call]))  # type: ignore[arg-type]
     emulator.add_fault(FaultRule(lookup_fault, vendor=vendor, operation=listing))  # type: ignore[arg-type]

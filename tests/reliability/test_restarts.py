@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk.module_loading import import_string
 from relkit import VENDORS, sha256, write_request_file
 
-from airflow_provider_llmbatch import results as results_module
+from airflow_provider_llmbatch import results_index
 from airflow_provider_llmbatch.emulator import Emulator, FaultRule
 from airflow_provider_llmbatch.exceptions import VendorAPIError
-from airflow_provider_llmbatch.hooks import _base as hook_base
-from airflow_provider_llmbatch.hooks import _pool
+from airflow_provider_llmbatch.hooks import base as hook_base
+from airflow_provider_llmbatch.hooks import transport
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import RequestFileCheck
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
@@ -39,6 +38,7 @@ from airflow_provider_llmbatch.triggers import batch as trigger_module
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
 from tests.operators.conftest import FakeStateStore, FakeTI, make_context
+from tests.pollkit import Clock, rebuild, run_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -75,13 +75,12 @@ def connect(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Callable[...
 
 
 @pytest.fixture
-def quick_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the trigger's waits and the hook's backoff in milliseconds."""
-
-    async def short(seconds: float) -> None:
-        await asyncio.sleep(min(seconds, 0.01))
-
-    monkeypatch.setattr(trigger_module, "sleep", short)
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The triggers' clock, moving only when they sleep: waits cost nothing and nothing is timed."""
+    fake = Clock()
+    monkeypatch.setattr(trigger_module, "clock", fake.clock)
+    monkeypatch.setattr(trigger_module, "sleep", fake.asleep)
+    return fake
 
 
 def _batch(vendor: str, tmp_path: Path, n: int = 6, metadata: dict[str, str] | None = None) -> str:
@@ -89,20 +88,6 @@ def _batch(vendor: str, tmp_path: Path, n: int = 6, metadata: dict[str, str] | N
     with BatchHook(CONN_ID) as hook:
         uploaded = hook.upload_file(source)
         return hook.create_batch(input_file_id=uploaded.id, metadata=metadata).id
-
-
-def _rebuild(trigger: BatchTrigger) -> BatchTrigger:
-    classpath, kwargs = trigger.serialize()
-    rebuilt = import_string(classpath)(**json.loads(json.dumps(kwargs)))
-    assert isinstance(rebuilt, BatchTrigger)
-    return rebuilt
-
-
-async def _run(trigger: BatchTrigger) -> list[dict[str, Any]]:
-    try:
-        return [event.payload async for event in trigger.run()]
-    finally:
-        await trigger.cleanup()
 
 
 def _stable(event: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +105,7 @@ def test_triggerer_dies_mid_wait_and_the_rebuilt_trigger_ends_the_same(
     outcome: str,
     emulator: Emulator,
     connect: Callable[..., str],
-    quick_sleep: None,
+    fake_time: Clock,
     tmp_path: Path,
 ) -> None:
     conn_id = connect(vendor)
@@ -130,27 +115,39 @@ def test_triggerer_dies_mid_wait_and_the_rebuilt_trigger_ends_the_same(
     trigger = BatchTrigger(conn_id, batch_id, poll_interval=0.01, max_poll_interval=0.02, deadline=deadline)
 
     async def first_life() -> None:
-        # Each life runs on its own event loop, as a new triggerer process would.
-        task = asyncio.create_task(_run(trigger))
-        polls_before = emulator.stats(vendor)["operations"].get("get_batch", 0)
-        while emulator.stats(vendor)["operations"].get("get_batch", 0) < polls_before + 3:
-            await asyncio.sleep(0.005)
+        # Each life runs on its own event loop, as a new triggerer process would. This one dies after
+        # its third poll, between two polls, as a triggerer usually finds its triggers.
+        polled = asyncio.Event()
+
+        async def park_after_three_polls(seconds: float) -> None:
+            await fake_time.asleep(seconds)
+            if len(fake_time.sleeps) > 3:
+                polled.set()
+                await asyncio.Event().wait()
+
+        trigger_module.sleep = park_after_three_polls  # restored by the fake_time fixture
+        task = asyncio.create_task(run_to_end(trigger))
+        await polled.wait()
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
-        assert _pool.shared_clients() == {}
+        trigger_module.sleep = fake_time.asleep
+        assert transport.shared_sessions() == {}
 
     asyncio.run(first_life())
     # A restart is not a kill: the batch runs on, untouched.
+    assert emulator.stats(vendor)["operations"]["get_batch"] == 3
     assert emulator.batch(vendor, batch_id)["status"] == "in_progress"
     assert emulator.stats(vendor)["cancels"] == 0
 
     emulator.force_status(vendor, batch_id, outcome)
-    rebuilt = _rebuild(trigger)
+    rebuilt = rebuild(trigger)
     assert rebuilt.serialize() == trigger.serialize()
-    events = asyncio.run(_run(rebuilt))
+    events = asyncio.run(run_to_end(rebuilt))
     # The same batch read by a trigger that never died: the reference outcome.
-    reference = asyncio.run(_run(BatchTrigger(conn_id, batch_id, poll_interval=0.01, deadline=deadline)))
+    reference = asyncio.run(
+        run_to_end(BatchTrigger(conn_id, batch_id, poll_interval=0.01, deadline=deadline))
+    )
 
     assert len(events) == 1
     assert events[0]["event"] == "terminal"
@@ -205,9 +202,8 @@ def test_worker_dies_after_create_and_the_retry_reattaches(
     [batch] = emulator.batches(vendor)
     assert result["batch_id"] == batch["id"] == retry.xcom("batch_id")
     assert result["input_file_id"] == batch["input_file_id"] == retry.xcom("input_file_id")
-    # Killed while pushing the file id, the worker had not created anything yet: the retry creates
-    # (reusing the upload); killed later, it re-attaches.
-    assert result["reattached"] is (kill_at != "input_file_id")
+    # Every XCom is pushed once the batch exists: wherever the worker died, the retry re-attaches.
+    assert result["reattached"] is True
 
 
 def _stats_once_settled(emulator: Emulator, vendor: str, *, expect_upload: bool) -> dict[str, Any]:
@@ -448,7 +444,7 @@ def test_worker_dies_mid_join_leaves_no_partial_file(
     destination = out / "results.jsonl"
     destination.parent.mkdir()
     destination.write_text("the results of an earlier run\n")
-    real_row = results_module._row
+    real_row = results_index._row
     written = {"rows": 0}
 
     def row_then_die(*args: Any, **kwargs: Any) -> Any:
@@ -457,14 +453,14 @@ def test_worker_dies_mid_join_leaves_no_partial_file(
         written["rows"] += 1
         return real_row(*args, **kwargs)
 
-    monkeypatch.setattr(results_module, "_row", row_then_die)
+    monkeypatch.setattr(results_index, "_row", row_then_die)
     with pytest.raises(MemoryError):
         _fetch(batch_id, source, destination)
     # What was at the final URI is untouched; no temporary is left beside it.
     assert destination.read_text() == "the results of an earlier run\n"
     assert _leftovers(out) == []
 
-    monkeypatch.setattr(results_module, "_row", real_row)
+    monkeypatch.setattr(results_index, "_row", real_row)
     _fetch(batch_id, source, destination)
     assert sha256(destination) == clean_sha
 
@@ -474,13 +470,13 @@ FETCH_CHILD = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {root!r})
     from airflow.sdk.bases.operator import ExecutorSafeguard
-    from airflow_provider_llmbatch import results
+    from airflow_provider_llmbatch import results_index
     from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
     from tests.operators.conftest import FakeTI, make_context
 
     ExecutorSafeguard.test_mode = True
     if {die_in_join!r}:
-        real_row, rows = results._row, [0]
+        real_row, rows = results_index._row, [0]
 
         def row_then_sigkill(*args, **kwargs):
             rows[0] += 1
@@ -488,7 +484,7 @@ FETCH_CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_row(*args, **kwargs)
 
-        results._row = row_then_sigkill
+        results_index._row = row_then_sigkill
     print("fetching", flush=True)
     FetchBatchResultsOperator(
         task_id="fetch", conn_id={conn_id!r}, batch_id={batch_id!r}, input_file={source!r},
@@ -530,12 +526,11 @@ def test_worker_sigkilled_mid_fetch_then_retried(
     )
     try:
         if where == "download":
-            deadline = time.monotonic() + 60
-            while emulator.stats("openai")["operations"]["download"] == downloads:
-                assert child.poll() is None, "the worker ended before its download started"
-                assert time.monotonic() < deadline
+            # Killed once the first half of the body is in the worker's temporary file.
+            while not any(p.is_file() and p.stat().st_size for p in child_tmp.rglob("*.part")):
+                assert child.poll() is None, "the worker ended before its download was under way"
                 time.sleep(0.02)
-            time.sleep(0.1)  # the first half of the body is in the worker's temporary file
+            assert emulator.stats("openai")["operations"]["download"] > downloads
             child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
     finally:
