@@ -165,10 +165,16 @@ class ListSpec:
 
     :param params: the query parameters it accepts, pagination included.
     :param max_limit: the largest ``limit`` accepted (``None``: no ``limit`` parameter).
+    :param time_params: the filters that take a point in time.
+    :param time_format: how those are written (``strftime``).
+    :param time_zone: the UTC offset, in hours, those are read in.
     """
 
     params: frozenset[str]
     max_limit: int | None = 100
+    time_params: frozenset[str] = frozenset()
+    time_format: str = ""
+    time_zone: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -164,13 +164,22 @@ DASHSCOPE = VendorSpec(
             in_metadata=True,
         ),
     ),
+    # create_after/create_before: yyyyMMddHHmmss (doc); read in Beijing time, UTC+8 (guess: the docs give no
+    # zone, and the console shows Beijing time). A datetime is converted; a naive one is refused.
     batch_list=ListSpec(
         params=frozenset(
             {"after", "limit", "ds_name", "input_file_ids", "status", "create_after", "create_before"}
         ),
+        time_params=frozenset({"create_after", "create_before"}),
+        time_format="%Y%m%d%H%M%S",
+        time_zone=8.0,
     ),
     file_list=ListSpec(
-        params=frozenset({"after", "limit", "purpose", "create_after", "create_before"}), max_limit=2000
+        params=frozenset({"after", "limit", "purpose", "create_after", "create_before"}),
+        max_limit=2000,
+        time_params=frozenset({"create_after", "create_before"}),
+        time_format="%Y%m%d%H%M%S",
+        time_zone=8.0,
     ),
     errors=ErrorDialect(
         request_id_headers=("x-request-id", "x-dashscope-request-id"),

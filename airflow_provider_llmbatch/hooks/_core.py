@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -27,7 +28,7 @@ from airflow_provider_llmbatch.hooks import errors
 from airflow_provider_llmbatch.hooks.arguments import create_body
 from airflow_provider_llmbatch.hooks.settings import ConnSettings
 from airflow_provider_llmbatch.models import Batch, FileObject, Page
-from airflow_provider_llmbatch.vendors import ListSpec
+from airflow_provider_llmbatch.vendors import ListSpec, VendorSpec
 
 M = TypeVar("M", Batch, FileObject)
 
@@ -96,16 +97,19 @@ class Pager:
 
     :param spec: how the vendor's list endpoint pages.
     :param filters: query parameters besides ``after``/``limit``.
-    :param page_size: the requested page size (capped at the vendor's maximum).
+    :param page_size: the requested page size (checked against the vendor's maximum by the caller).
+    :param after: the cursor to start after, if any.
     """
 
-    def __init__(self, spec: ListSpec, filters: Mapping[str, str], page_size: int | None) -> None:
+    def __init__(
+        self, spec: ListSpec, filters: Mapping[str, str], page_size: int | None, after: str | None = None
+    ) -> None:
         self._spec = spec
         self._filters = dict(filters)
         self._limit = None
         if page_size is not None and spec.max_limit is not None and "limit" in spec.params:
             self._limit = min(page_size, spec.max_limit)
-        self._cursor: str | None = None
+        self._cursor: str | None = after
         self._seen: set[str] = set()
         self.done = False
         self.pages = 0
@@ -175,41 +179,57 @@ class Core:
         """Return the request of one list page (``kind``: ``files`` or ``batches``)."""
         return Request(f"list_{kind}", "GET", f"/{kind}", params=dict(params))
 
-    @staticmethod
-    def _filter_value(value: Any) -> str:
+    def _filter_value(self, spec: ListSpec, name: str, value: Any) -> str:
+        if name in spec.time_params:
+            return _time_filter(self.vendor, spec, name, value)
         if isinstance(value, bool):
             return str(value).lower()
         if isinstance(value, list | tuple | set | frozenset):
             return ",".join(str(v) for v in value)
         return str(value)
 
-    def _pager(self, spec: ListSpec, what: str, page_size: int | None, filters: Mapping[str, Any]) -> Pager:
-        if page_size is not None and (not isinstance(page_size, int) or page_size < 1):
-            raise InvalidInputError(f"page_size must be a positive integer, got {page_size!r}")
+    def _pager(
+        self, spec: ListSpec, what: str, page_size: int | None, filters: Mapping[str, Any], after: str | None
+    ) -> Pager:
+        name = self.vendor.display_name
+        if page_size is not None:
+            most = spec.max_limit if "limit" in spec.params else None
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+                raise InvalidInputError(f"page_size must be a positive integer, got {page_size!r}")
+            if most is not None and page_size > most:
+                raise InvalidInputError(
+                    f"page_size: {name} lists at most {most} {what}s a page, got {page_size}"
+                )
+        if after is not None and "after" not in spec.params:
+            raise InvalidInputError(f"after: the {name} {what} list has no cursor to start from")
         allowed = sorted(spec.params - {"after", "limit"})
         unknown = sorted(k for k in filters if k not in allowed)
         if unknown:
             raise InvalidInputError(
-                f"{self.vendor.display_name} {what} list does not accept filter(s) {', '.join(unknown)}; "
+                f"{name} {what} list does not accept filter(s) {', '.join(unknown)}; "
                 f"allowed: {', '.join(allowed) or 'none'}"
             )
-        params = {k: self._filter_value(v) for k, v in filters.items() if v is not None}
-        return Pager(spec, params, page_size)
+        params = {k: self._filter_value(spec, k, v) for k, v in filters.items() if v is not None}
+        return Pager(spec, params, page_size, after)
 
     def scan_page_size(self) -> int | None:
         """Return the page size for scans: large pages, few calls (DashScope allows 100 lists a minute)."""
         most = self.vendor.batch_list.max_limit
         return min(100, most) if most is not None else None
 
-    def batch_pager(self, page_size: int | None, filters: Mapping[str, Any]) -> Pager:
+    def batch_pager(
+        self, page_size: int | None, filters: Mapping[str, Any], after: str | None = None
+    ) -> Pager:
         """Return a pager over batches; unknown filters raise :class:`InvalidInputError`."""
-        return self._pager(self.vendor.batch_list, "batch", page_size, filters)
+        return self._pager(self.vendor.batch_list, "batch", page_size, filters, after)
 
-    def file_pager(self, page_size: int | None, purpose: str | None, filters: Mapping[str, Any]) -> Pager:
+    def file_pager(
+        self, page_size: int | None, purpose: str | None, filters: Mapping[str, Any], after: str | None = None
+    ) -> Pager:
         """Return a pager over files; ``purpose`` is sent where the vendor filters by it."""
         if purpose is not None and "purpose" in self.vendor.file_list.params:
             filters = {**filters, "purpose": purpose}
-        return self._pager(self.vendor.file_list, "file", page_size, filters)
+        return self._pager(self.vendor.file_list, "file", page_size, filters, after)
 
     def create_batch(
         self,
@@ -325,6 +345,27 @@ class Core:
                 request, reply, f"the {request.operation} page is malformed: {summary}"
             ) from None
         return page.model_copy(update={"data": valid})
+
+
+def _time_filter(vendor: VendorSpec, spec: ListSpec, name: str, value: Any) -> str:
+    """Return a point in time as the vendor's list filter writes it: an aware datetime, or checked text."""
+    zone = timezone(timedelta(hours=spec.time_zone))
+    example = datetime(2026, 1, 31, 8, 0, tzinfo=zone).strftime(spec.time_format)
+    expected = f"an aware datetime, or text like {example}"
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidInputError(
+                f"{name}: {vendor.display_name} reads it at UTC{spec.time_zone:+g}; give an aware datetime, "
+                f"got a naive one ({value.isoformat()})"
+            )
+        return value.astimezone(zone).strftime(spec.time_format)
+    if isinstance(value, str):
+        try:
+            datetime.strptime(value, spec.time_format)
+        except ValueError:
+            raise InvalidInputError(f"{name}: expected {expected}, got {value!r}") from None
+        return value
+    raise InvalidInputError(f"{name}: expected {expected}, got {type(value).__name__}")
 
 
 # -- finding what a call of unknown effect made ---------------------------------------------------------

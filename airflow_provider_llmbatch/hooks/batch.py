@@ -132,16 +132,23 @@ class BatchHook(HookBase):
         self._retrying(request, once, on_repeat=(NotFoundError, lambda: None))
 
     def list_files(
-        self, *, purpose: str | None = None, page_size: int | None = None, **filters: Any
+        self,
+        *,
+        purpose: str | None = None,
+        page_size: int | None = None,
+        after: str | None = None,
+        **filters: Any,
     ) -> Iterator[FileObject]:
         """
         Iterate over all files, page by page; ends even where the vendor pages badly.
 
         :param purpose: only files of this purpose (filtered locally where the vendor cannot).
-        :param page_size: items per page (capped at the vendor's maximum).
-        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``).
+        :param page_size: items per page (more than the vendor's maximum is refused).
+        :param after: start after this id (a cursor from an earlier listing).
+        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``); a
+            time filter such as DashScope's ``create_after`` takes an aware ``datetime`` or the vendor's text.
         """
-        pager = self._core().file_pager(page_size, purpose, filters)
+        pager = self._core().file_pager(page_size, purpose, filters, after)
         for items in self._pages("files", pager, FileObject):
             yield from (item for item in items if purpose is None or item.purpose in (None, purpose))
 
@@ -239,14 +246,18 @@ class BatchHook(HookBase):
             # It has ended (or a repeat met the first attempt's effect): what it is now is the answer.
             return self.get_batch(batch_id)
 
-    def list_batches(self, *, page_size: int | None = None, **filters: Any) -> Iterator[Batch]:
+    def list_batches(
+        self, *, page_size: int | None = None, after: str | None = None, **filters: Any
+    ) -> Iterator[Batch]:
         """
         Iterate over all batches, newest first as the vendor lists them; always terminates.
 
-        :param page_size: items per page (capped at the vendor's maximum).
-        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``).
+        :param page_size: items per page (more than the vendor's maximum is refused).
+        :param after: start after this id (a cursor from an earlier listing).
+        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``); a
+            time filter such as DashScope's ``create_after`` takes an aware ``datetime`` or the vendor's text.
         """
-        pager = self._core().batch_pager(page_size, filters)
+        pager = self._core().batch_pager(page_size, filters, after)
         for items in self._pages("batches", pager, Batch):
             yield from items
 
