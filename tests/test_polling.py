@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -198,6 +199,15 @@ def test_a_batch_still_running_is_polled_again(status):
 
 def test_an_answer_slower_than_the_delay_starts_the_next_poll_at_once():
     assert poller().after(batch(), sent_at=START, now=START + 60) == Wait(0.0)
+
+
+def test_waiters_started_together_are_spread_by_their_first_wait():
+    rng = random.Random(1)
+    firsts = [poller(rng=rng).after(batch(), sent_at=START, now=START).seconds for _ in range(500)]
+    assert 7.5 * (1 - JITTER) - 1e-6 <= min(firsts) < max(firsts) <= 7.5 * (1 + JITTER) + 1e-6
+    assert max(firsts) - min(firsts) > 7.5 * 2 * JITTER * 0.9
+    assert len({round(f, 6) for f in firsts}) > 400
+    assert sum(firsts) / len(firsts) == pytest.approx(7.5, rel=0.01)
 
 
 @pytest.mark.parametrize("error", TRANSIENT_ERRORS, ids=error_id)

@@ -361,7 +361,10 @@ def _time_filter(vendor: VendorSpec, spec: ListSpec, name: str, value: Any) -> s
         return value.astimezone(zone).strftime(spec.time_format)
     if isinstance(value, str):
         try:
-            datetime.strptime(value, spec.time_format)
+            # strptime takes "1" for "01": the length pins the form down.
+            datetime.strptime(value, spec.time_format)  # noqa: DTZ007 - checks the text's form only
+            if len(value) != len(example):
+                raise ValueError(value)
         except ValueError:
             raise InvalidInputError(f"{name}: expected {expected}, got {value!r}") from None
         return value

@@ -34,7 +34,7 @@ from airflow_provider_llmbatch.hooks import transport
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
-from tests.pollkit import run_to_end
+from tests.pollkit import count_sessions, run_to_end
 
 pytestmark = [pytest.mark.integration, pytest.mark.load]
 
@@ -151,14 +151,7 @@ def test_thousand_triggers_on_one_loop(
     httpx.post(f"{admin}/faults", json=rules).raise_for_status()
     httpx.post(f"{admin}/latency", json={"seconds": LATENCY}).raise_for_status()
     before_stats = httpx.get(f"{admin}/stats").json()
-    sessions: list[str] = []
-    new_session = transport._new_session
-
-    async def counting_new_session(origin: str) -> transport.SharedSession:
-        sessions.append(origin)
-        return await new_session(origin)
-
-    monkeypatch.setattr(transport, "_new_session", counting_new_session)
+    sessions = count_sessions(monkeypatch)
 
     # Watched from the moment the loop runs: every blocking call on its thread fails the test.
     with loop_guard.watch():

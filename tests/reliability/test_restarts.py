@@ -38,7 +38,7 @@ from airflow_provider_llmbatch.triggers import batch as trigger_module
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
 from tests.operators.conftest import FakeStateStore, FakeTI, make_context
-from tests.pollkit import Clock, rebuild, run_to_end
+from tests.pollkit import Clock, Parking, rebuild, run_to_end, waits_on
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +77,7 @@ def connect(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Callable[...
 @pytest.fixture
 def fake_time(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """The triggers' clock, moving only when they sleep: waits cost nothing and nothing is timed."""
-    fake = Clock()
-    monkeypatch.setattr(trigger_module, "clock", fake.clock)
-    monkeypatch.setattr(trigger_module, "sleep", fake.asleep)
-    return fake
+    return waits_on(Clock(), trigger_module, monkeypatch)
 
 
 def _batch(vendor: str, tmp_path: Path, n: int = 6, metadata: dict[str, str] | None = None) -> str:
@@ -115,23 +112,18 @@ def test_triggerer_dies_mid_wait_and_the_rebuilt_trigger_ends_the_same(
     trigger = BatchTrigger(conn_id, batch_id, poll_interval=0.01, max_poll_interval=0.02, deadline=deadline)
 
     async def first_life() -> None:
-        # Each life runs on its own event loop, as a new triggerer process would. This one dies after
-        # its third poll, between two polls, as a triggerer usually finds its triggers.
-        polled = asyncio.Event()
-
-        async def park_after_three_polls(seconds: float) -> None:
-            await fake_time.asleep(seconds)
-            if len(fake_time.sleeps) > 3:
-                polled.set()
-                await asyncio.Event().wait()
-
-        trigger_module.sleep = park_after_three_polls  # restored by the fake_time fixture
-        task = asyncio.create_task(run_to_end(trigger))
-        await polled.wait()
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
-        trigger_module.sleep = fake_time.asleep
+        # Each life runs on its own event loop, as a new triggerer process would; this one ends after
+        # its third poll.
+        parking = Parking(fake_time, polls=3)
+        trigger_module.sleep = parking.sleep
+        try:
+            task = asyncio.create_task(run_to_end(trigger))
+            await parking.parked.wait()
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        finally:
+            trigger_module.sleep = fake_time.asleep
         assert transport.shared_sessions() == {}
 
     asyncio.run(first_life())

@@ -70,7 +70,11 @@ DAGS = textwrap.dedent(
             metadata={"run": "{{ run_id }}"},
         )
         wait = BatchSensor(
-            task_id="wait_for_batch", conn_id=GOOD, batch_id=create.output["batch_id"], poll_interval=0.3
+            task_id="wait_for_batch",
+            conn_id=GOOD,
+            batch_id=create.output["batch_id"],
+            deferrable=True,
+            poll_interval=0.3,
         )
         fetch = FetchBatchResultsOperator(
             task_id="fetch_results", conn_id=GOOD, batch_id=create.output["batch_id"],
@@ -100,7 +104,9 @@ DAGS = textwrap.dedent(
 
     with DAG("secrets_wrong_key", schedule=None, start_date=START, catchup=False):
         CreateBatchOperator(task_id="create_batch", conn_id=BAD, requests=REQUESTS, model="gpt-4o-mini")
-        BatchSensor(task_id="wait_deferred", conn_id=BAD, batch_id="batch_123", poll_interval=0.3)
+        BatchSensor(
+            task_id="wait_deferred", conn_id=BAD, batch_id="batch_123", deferrable=True, poll_interval=0.3
+        )
         BatchSensor(
             task_id="wait_poke", conn_id=BAD, batch_id="batch_123", deferrable=False, poll_interval=0.3,
             timeout=5,

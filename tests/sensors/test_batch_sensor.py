@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -33,7 +32,7 @@ from airflow_provider_llmbatch.links.batch import BatchConsoleLink
 from airflow_provider_llmbatch.sensors.batch import BatchSensor
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
-from tests.pollkit import Clock
+from tests.pollkit import Clock, XComTI, waits_on
 
 pytestmark = pytest.mark.integration
 
@@ -41,32 +40,21 @@ VENDORS = list(REGISTRY)
 FAILURES = {"failed": BatchFailedError, "expired": BatchExpiredError, "cancelled": BatchCancelledError}
 
 
-class FakeTI:
-    def __init__(self) -> None:
-        self.xcoms: dict[str, Any] = {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        json.dumps(value)  # XCom values must serialize
-        self.xcoms[key] = value
-
-
 @pytest.fixture
 def worker_time(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(waiting, "clock", fake.clock)
-    monkeypatch.setattr(waiting, "sleep", fake.sleep)
-    return fake
+    """The worker-side wait's clock, moving only when it sleeps."""
+    return waits_on(Clock(), waiting, monkeypatch)
 
 
 @pytest.fixture
-def short_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep real time (the emulator's batches move on it) but never wait long."""
-    monkeypatch.setattr(waiting, "sleep", lambda s: time.sleep(min(s, 0.02)))
+def emulator_time(emulator: Any, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The worker's clock, and the emulator's moving with it: batches run their course, nobody waits."""
+    return waits_on(Clock(on_sleep=emulator.advance_clock), waiting, monkeypatch)
 
 
 @pytest.fixture
 def context() -> dict[str, Any]:
-    return {"ti": FakeTI()}
+    return {"ti": XComTI()}
 
 
 def sensor(**kwargs: Any) -> BatchSensor:
@@ -157,7 +145,8 @@ def test_defers_to_the_trigger(emulator, connect, make_batch, worker_time, conte
 
 @pytest.mark.parametrize(("status", "error"), [("completed", None), *FAILURES.items()])
 def test_execute_complete_judges_the_event(context, status, error):
-    summary = {"batch_id": "batch_x", "status": status, "request_counts": {"total": 2, "completed": 2}}
+    counts = {"total": 2, "completed": 2, "failed": 0}
+    summary = {"batch_id": "batch_x", "status": status, "request_counts": counts}
     event = {"event": "terminal", "batch": summary, "message": "", "polls": 2}
     if error is None:
         assert sensor().execute_complete(context, event) == summary
@@ -171,7 +160,7 @@ def test_execute_complete_judges_the_event(context, status, error):
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_poke_mode_completes(emulator, connect, make_batch, short_sleep, context, vendor):
+def test_poke_mode_completes(emulator, connect, make_batch, emulator_time, context, vendor):
     batch_id = make_batch(vendor)
     s = sensor(batch_id=batch_id, conn_id=connect(vendor), deferrable=False, poll_interval=0.05)
     result = s.execute(context)
@@ -190,7 +179,7 @@ def test_poke_mode_failures(emulator, connect, make_batch, worker_time, context,
         sensor(batch_id=batch_id, conn_id=connect(vendor), deferrable=False).execute(context)
 
 
-def test_poke_mode_failed_requests(emulator, connect, tmp_path, short_sleep, context):
+def test_poke_mode_failed_requests(emulator, connect, tmp_path, emulator_time, context):
     path = tmp_path / "mixed.jsonl"
     lines = [
         {

@@ -136,7 +136,7 @@ def test_airflow_serializer_round_trip():
 @pytest.mark.asyncio
 @pytest.mark.parametrize("vendor", VENDORS)
 @pytest.mark.parametrize("status", TERMINAL)
-async def test_every_terminal_status(emulator, connect, make_batch, fast_sleep, vendor, status):
+async def test_every_terminal_status(emulator, connect, make_batch, fake_time, vendor, status):
     batch_id = make_batch(vendor)
     emulator.force_status(vendor, batch_id, status)
     events = await run_to_end(BatchTrigger(connect(vendor), batch_id, poll_interval=0.05))
@@ -152,7 +152,7 @@ async def test_every_terminal_status(emulator, connect, make_batch, fast_sleep, 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("outcome", TERMINAL)
-async def test_natural_endings_by_metadata(emulator, connect, make_batch, fast_sleep, outcome):
+async def test_natural_endings_by_metadata(emulator, connect, make_batch, emulator_time, outcome):
     batch_id = make_batch("openai", metadata={"emulator_outcome": outcome})
     trigger = BatchTrigger(connect("openai"), batch_id, poll_interval=0.05, max_poll_interval=0.1)
     events = await run_to_end(trigger)
@@ -164,7 +164,7 @@ async def test_natural_endings_by_metadata(emulator, connect, make_batch, fast_s
 
 
 @pytest.mark.asyncio
-async def test_run_yields_once_and_returns(emulator, connect, make_batch, fast_sleep):
+async def test_run_yields_once_and_returns(emulator, connect, make_batch, fake_time):
     batch_id = make_batch("zhipu")
     emulator.force_status("zhipu", batch_id, "completed")
     trigger = BatchTrigger(connect("zhipu"), batch_id)
