@@ -362,7 +362,7 @@ def _time_filter(vendor: VendorSpec, spec: ListSpec, name: str, value: Any) -> s
     if isinstance(value, str):
         try:
             # strptime takes "1" for "01": the length pins the form down.
-            datetime.strptime(value, spec.time_format)  # noqa: DTZ007 - checks the text's form only
+            datetime.strptime(value, spec.time_format)
             if len(value) != len(example):
                 raise ValueError(value)
         except ValueError:
