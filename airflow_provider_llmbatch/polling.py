@@ -67,6 +67,9 @@ so a batch that ends right after a poll is still seen within ``max_poll_interval
 MAX_WAIT_SECONDS = 60 * 24 * 3600.0
 """The longest duration any wait argument may have (60 days; the longest vendor window is 14)."""
 
+MAX_RETRY_AFTER = 3600.0
+"""The longest ``Retry-After`` a wait honours between polls (a longer one waits ``max_poll_interval``)."""
+
 QUIET_LOG_SECONDS = 600.0
 """A poll that changes nothing (status, counts) is logged only if nothing was logged for this long."""
 
@@ -85,6 +88,15 @@ class RandomLike(Protocol):
     def random(self) -> float:
         """Return the next float in ``[0, 1)``."""
         ...
+
+
+def check_deadline(value: Any) -> float | None:
+    """Return a deadline (epoch seconds) or None; refuse what is not a finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInputError(f"deadline must be epoch seconds (a finite number) or None, got {value!r}")
+    return float(value)
 
 
 def check_seconds(
@@ -139,12 +151,14 @@ def error_delay(
     """
     Return the delay after ``consecutive_errors`` failed polls in a row: never sooner than scheduled.
 
-    Doubles from the scheduled delay up to ``max_poll_interval``; a vendor's ``Retry-After`` is honoured.
+    Doubles from the scheduled delay up to ``max_poll_interval``; a vendor's ``Retry-After`` is honoured
+    up to :data:`MAX_RETRY_AFTER` (or ``max_poll_interval``, if longer): a hostile value cannot park a wait.
     """
     backoff = min(
         scheduled * 2.0 ** min(max(consecutive_errors, 1) - 1, 30), max(max_poll_interval, scheduled)
     )
-    return max(backoff, retry_after or 0.0)
+    honoured = min(retry_after or 0.0, max(MAX_RETRY_AFTER, max_poll_interval))
+    return max(backoff, honoured)
 
 
 def spread(

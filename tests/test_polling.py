@@ -17,6 +17,7 @@ import pytest
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError, RateLimitError
 from airflow_provider_llmbatch.outcomes import describe
+from airflow_provider_llmbatch import polling
 from airflow_provider_llmbatch.polling import (
     JITTER,
     MAX_WAIT_SECONDS,
@@ -311,3 +312,18 @@ def test_progress_is_logged_when_it_changes_or_after_a_quiet_spell(monkeypatch, 
     assert "status in_progress, 0 completed, 0 failed of 4" in progress_lines[0]
     assert "status completed, 4 completed" in progress_lines[-1]
     assert "8.0 requests/min" in progress_lines[-1]  # 4 requests in the 30 s since the first poll
+
+
+@pytest.mark.parametrize("retry_after", [7200.0, 1e9, float("inf")])
+def test_a_hostile_retry_after_cannot_park_a_wait(retry_after: float) -> None:
+    assert polling.error_delay(10.0, 1, retry_after, 600.0) == polling.MAX_RETRY_AFTER
+    assert polling.error_delay(10.0, 1, retry_after, 7200.0) == 7200.0
+
+
+@pytest.mark.parametrize("deadline", [float("nan"), float("inf"), True, "1700000000"])
+def test_a_trigger_refuses_a_deadline_that_is_not_a_time(deadline: object) -> None:
+    from airflow_provider_llmbatch.exceptions import InvalidInputError
+    from airflow_provider_llmbatch.triggers.batch import BatchTrigger
+
+    with pytest.raises(InvalidInputError, match="deadline"):
+        BatchTrigger("c", "b", deadline=deadline)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from airflow_provider_llmbatch.polling import (
     Poller,
     Step,
     Wait,
+    check_deadline,
     check_seconds,
     format_duration,
 )
@@ -78,7 +79,7 @@ class BatchTrigger(BaseTrigger):
         self.batch_id = batch_id
         self.poll_interval = check_seconds("poll_interval", poll_interval)
         self.max_poll_interval = check_seconds("max_poll_interval", max_poll_interval)
-        self.deadline = None if deadline is None else float(deadline)
+        self.deadline = check_deadline(deadline)
         self.cancel_on_kill = bool(cancel_on_kill)
         self.cancel_on_timeout = bool(cancel_on_timeout)
         self.max_consecutive_errors = max(int(max_consecutive_errors), 1)
