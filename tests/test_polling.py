@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_llmbatch import polling
 from airflow_provider_llmbatch.exceptions import InvalidInputError, RateLimitError
 from airflow_provider_llmbatch.outcomes import describe
-from airflow_provider_llmbatch import polling
 from airflow_provider_llmbatch.polling import (
     JITTER,
     MAX_WAIT_SECONDS,
@@ -322,7 +322,6 @@ def test_a_hostile_retry_after_cannot_park_a_wait(retry_after: float) -> None:
 
 @pytest.mark.parametrize("deadline", [float("nan"), float("inf"), True, "1700000000"])
 def test_a_trigger_refuses_a_deadline_that_is_not_a_time(deadline: object) -> None:
-    from airflow_provider_llmbatch.exceptions import InvalidInputError
     from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 
     with pytest.raises(InvalidInputError, match="deadline"):
