@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_llmbatch.exceptions import MalformedResponseError, VendorAPIError
-from airflow_provider_llmbatch.hooks._core import ConnSettings, Core, Request
+from airflow_provider_llmbatch.hooks._core import ConnSettings, Core, Reply, Request
 from airflow_provider_llmbatch.hooks.errors import error_from_response, parse_error_body
 from airflow_provider_llmbatch.models import (
     Batch,
@@ -103,7 +103,7 @@ def test_any_batch_body_is_a_batch_or_malformed(data: dict[str, Any], vendor: st
     core = _core(vendor)
     outcome: Batch | MalformedResponseError
     try:
-        outcome = core.parse(REQUEST, 200, HEADERS, _encode(data), Batch)
+        outcome = core.parse(REQUEST, Reply(200, HEADERS, _encode(data)), Batch)
     except MalformedResponseError as exc:
         outcome = exc
     if isinstance(outcome, MalformedResponseError):
@@ -121,7 +121,7 @@ def test_any_batch_body_is_a_batch_or_malformed(data: dict[str, Any], vendor: st
 @given(data=_objects(FILE_FIELDS), vendor=st.sampled_from(VENDORS))
 def test_any_file_body_is_a_file_or_malformed(data: dict[str, Any], vendor: str) -> None:
     try:
-        item = _core(vendor).parse(REQUEST, 200, HEADERS, _encode(data), FileObject)
+        item = _core(vendor).parse(REQUEST, Reply(200, HEADERS, _encode(data)), FileObject)
     except MalformedResponseError:
         assert not _identity_ok(data, needs_status=False)
         return
@@ -146,7 +146,7 @@ def test_any_page_body_is_a_page_of_valid_items(
 ) -> None:
     if with_items:
         page = {**page, "data": items}
-    parsed = _core(vendor).parse_page(REQUEST, 200, HEADERS, _encode(page), model)
+    parsed = _core(vendor).parse_page(REQUEST, Reply(200, HEADERS, _encode(page)), model)
     raw_items = page.get("data") if isinstance(page.get("data"), list) else []
     expected = [i for i in raw_items if _identity_ok(i, needs_status=model is Batch)]
     assert len(parsed.data) == len(expected)
@@ -158,9 +158,9 @@ def test_any_page_body_is_a_page_of_valid_items(
 def test_any_bytes_are_a_model_or_malformed(content: bytes, vendor: str) -> None:
     core = _core(vendor)
     for parse in (
-        lambda: core.parse(REQUEST, 200, HEADERS, content, Batch),
-        lambda: core.parse(REQUEST, 200, HEADERS, content, FileObject),
-        lambda: core.parse_page(REQUEST, 200, HEADERS, content, Batch),
+        lambda: core.parse(REQUEST, Reply(200, HEADERS, content), Batch),
+        lambda: core.parse(REQUEST, Reply(200, HEADERS, content), FileObject),
+        lambda: core.parse_page(REQUEST, Reply(200, HEADERS, content), Batch),
     ):
         request_id: str | None = "req-1"
         try:
@@ -205,7 +205,7 @@ def test_huge_and_non_finite_numbers_read_as_unset() -> None:
         b'{"id":"b","status":"completed","created_at":1' + b"0" * 400 + b","
         b'"completed_at":NaN,"expires_at":Infinity,"request_counts":{"total":-Infinity,"completed":1e400}}'
     )
-    batch = _core("openai").parse(REQUEST, 200, HEADERS, text, Batch)
+    batch = _core("openai").parse(REQUEST, Reply(200, HEADERS, text), Batch)
     assert (batch.created_at, batch.completed_at, batch.expires_at) == (None, None, None)
     assert (batch.request_counts.total, batch.request_counts.completed) == (None, None)
 
@@ -214,7 +214,7 @@ def test_deep_success_body_is_malformed_not_a_crash() -> None:
     depth = 100_000
     content = b'{"id":"b","status":"completed","x":' + b"[" * depth + b"]" * depth + b"}"
     with pytest.raises(MalformedResponseError, match="not JSON"):
-        _core("zhipu").parse(REQUEST, 200, HEADERS, content, Batch)
+        _core("zhipu").parse(REQUEST, Reply(200, HEADERS, content), Batch)
 
 
 # -- error bodies -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ module covers their combinations.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -152,7 +153,9 @@ def vendor_files(
             lines: list[list[bytes]] = []
             for file_id in (batch.output_file_id, batch.error_file_id):
                 assert file_id
-                lines.append([raw for raw in hook.iter_file_lines(file_id) if raw.strip()])
+                content = io.BytesIO()
+                hook.download_file(file_id, content)
+                lines.append([raw.rstrip(b"\r") for raw in content.getvalue().split(b"\n") if raw.strip()])
             hook.close()
             files[vendor] = (requests, lines[0], lines[1])
     finally:
