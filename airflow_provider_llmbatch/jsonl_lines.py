@@ -11,9 +11,12 @@ come from the :class:`VendorSpec`.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import re
 import zlib
+from array import array
 from typing import Any
 
 from airflow_provider_llmbatch.codec import CODEC_ERRORS, UNSET, is_utf8, json_loads, loads, shape_decoder
@@ -37,6 +40,11 @@ _JSON_TYPES: dict[type, str] = {
     bool: "boolean",
     type(None): "null",
 }
+
+
+def id_key(custom_id: str) -> int:
+    """Return a 64-bit key of a custom id, stable across processes (for uniqueness over a large input)."""
+    return int.from_bytes(hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
 
 
 def resolve_vendor(vendor: VendorSpec | str) -> VendorSpec:
@@ -130,10 +138,19 @@ class RequestChecker:
     :param endpoint: the batch endpoint every line must name.
     :param file_name: the file's name, to check its extension (None skips the check).
     :param max_problems: how many problems to list; further ones are only counted.
+    :param whole_input: check an input that will be split into files: no per-file request or size
+        limit, and custom ids kept as 64-bit keys only (8 bytes each), unique over the whole input
+        (:meth:`duplicated_keys` names the repeated ones at the end).
     """
 
     def __init__(
-        self, spec: VendorSpec, endpoint: EndpointSpec, file_name: str | None, *, max_problems: int = 20
+        self,
+        spec: VendorSpec,
+        endpoint: EndpointSpec,
+        file_name: str | None,
+        *,
+        max_problems: int = 20,
+        whole_input: bool = False,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -152,6 +169,7 @@ class RequestChecker:
         self._model_line = 0
         self._model_mismatch_seen = False
         self._seen: dict[int, int] = {}
+        self._keys: array[int] | None = array("Q") if whole_input else None
         self._url = endpoint.path
         self._forbidden = spec.forbidden_body_keys
         self._shape, self._forbidden_names = shape_decoder(self._forbidden)
@@ -284,6 +302,9 @@ class RequestChecker:
         # A 96-bit key instead of the id: the string's 64-bit SipHash (cached by Python) and an
         # independent CRC-32 of its bytes. Cheaper than a cryptographic digest per line; a false
         # duplicate needs both to collide (about 1e-20 for 50,000 ids).
+        if self._keys is not None:
+            self._keys.append(id_key(custom_id))
+            return
         digest = hash(custom_id) << 32 | _crc32(custom_id.encode("utf-8", "surrogatepass"))
         if self.requests > self.max_requests:
             # Past the limit the file is rejected anyway: stop growing the table, keep checking against it.
@@ -322,20 +343,28 @@ class RequestChecker:
                 show(model),
             )
 
+    def duplicated_keys(self) -> set[int]:
+        """Return the 64-bit keys (:func:`id_key`) of the custom ids used more than once (``whole_input``)."""
+        if not self._keys:
+            return set()
+        ordered = sorted(self._keys)
+        return {a for a, b in itertools.pairwise(ordered) if a == b}
+
     def finish(self, total_bytes: int, source: str) -> None:
         """Add the file-level checks and raise :class:`InvalidRequestFileError` if anything is wrong."""
         if self.lineno == 0:
             self.file_problem("lines", "at least one request", "an empty file")
         elif self.requests == 0:
             self.file_problem("lines", "at least one request", "only blank lines")
-        if self.requests > self.max_requests:
+        # An input checked whole is split into files within the limits: no per-file limit applies to it.
+        if self._keys is None and self.requests > self.max_requests:
             self.file_problem(
                 "requests",
                 f"at most {self.max_requests} requests per file for {self.endpoint.path} "
                 "(split it with split_request_file)",
                 f"{self.requests}",
             )
-        if total_bytes > self.max_file_bytes:
+        if self._keys is None and total_bytes > self.max_file_bytes:
             self.file_problem(
                 "bytes",
                 f"at most {self.max_file_bytes} bytes ({human_bytes(self.max_file_bytes)}) "
