@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -96,6 +96,86 @@ def _message(headline: str, summary: Mapping[str, Any]) -> str:
     return f"{headline}\nvendor errors:\n{listing}"
 
 
+RESUBMITTABLE_STATUSES: frozenset[BatchStatus] = frozenset({BatchStatus.EXPIRED, BatchStatus.CANCELLED})
+"""Ends whose unrun requests a resubmission round can run again (a ``failed`` batch never ran any)."""
+
+
+def judge(summary: Mapping[str, Any], *, max_failed_fraction: float = 0.0) -> None:
+    """
+    Raise unless a finished batch counts as success; return None when it does.
+
+    :param summary: the batch as :meth:`Batch.summary` gives it (JSON primitives).
+    :param max_failed_fraction: the share of failed requests a completed batch may have (0.0 to 1.0).
+    :raises BatchFailedError: the batch ended ``failed``; the vendor's errors are in the message.
+    :raises BatchExpiredError: the batch ended ``expired``.
+    :raises BatchCancelledError: the batch ended ``cancelled``.
+    :raises TooManyFailedRequestsError: it completed, but ``failed / total > max_failed_fraction``.
+    :raises BatchOutcomeError: the status is not terminal, or nobody documented it.
+    """
+    judge_parts([summary], max_failed_fraction=max_failed_fraction)
+
+
+def judge_parts(
+    summaries: Sequence[Mapping[str, Any]], *, max_failed_fraction: float = 0.0, resubmitting: bool = False
+) -> None:
+    """
+    Raise unless the parts of one job, together, count as success (one part: :func:`judge`).
+
+    Each part must have ended; a part that ``failed`` fails the whole, naming it, and so does one that
+    expired or was cancelled unless ``resubmitting`` (a later round runs its unrun requests again).
+    ``max_failed_fraction`` is judged over the requests of all parts together.
+
+    :param summaries: each part's summary, in order.
+    :param max_failed_fraction: the share of failed requests the whole may have (0.0 to 1.0).
+    :param resubmitting: expired and cancelled parts are left to a resubmission round.
+    """
+    check_fraction(max_failed_fraction)
+    lines = [_part_line(summary, index, len(summaries)) for index, summary in enumerate(summaries)]
+    total = failed = 0
+    unknown = False
+    for summary, line in zip(summaries, lines, strict=True):
+        batch_id, status = str(summary.get("batch_id") or ""), str(summary.get("status") or "")
+        try:
+            state: BatchStatus | None = BatchStatus(status)
+        except ValueError:
+            state = None
+        if state is None or state not in OUTCOME_ERRORS:
+            headline = f"{line}; not a terminal status, so not a success"
+            log.error("%s", headline)
+            raise BatchOutcomeError(
+                _message(headline, summary), batch_id=batch_id, status=status, summary=summary
+            )
+        error = OUTCOME_ERRORS[state]
+        if error is not None and not (resubmitting and state in RESUBMITTABLE_STATUSES):
+            log.error("%s", line)
+            raise error(_message(line, summary), batch_id=batch_id, status=status, summary=summary)
+        counts = request_counts(summary)
+        if counts is None:
+            unknown = True
+            if state is BatchStatus.COMPLETED:
+                _judge_unknown_counts(summary, line, max_failed_fraction)
+            continue
+        failed, total = failed + counts[1], total + counts[2]
+    whole = lines[0] if len(lines) == 1 else f"{len(lines)} batches: {failed} failed of {total} requests"
+    fraction = failed / total if total else 0.0
+    if not unknown and fraction > max_failed_fraction:
+        headline = f"{whole}; {fraction:.2%} failed, more than the {max_failed_fraction:.2%} allowed"
+        log.error("%s", headline)
+        first = summaries[0]
+        raise TooManyFailedRequestsError(
+            _message(headline, first),
+            batch_id=str(first.get("batch_id") or ""),
+            status=str(first.get("status") or ""),
+            summary=first,
+        )
+    log.info("%s", whole)
+
+
+def _part_line(summary: Mapping[str, Any], index: int, parts: int) -> str:
+    line = describe(summary)
+    return line if parts == 1 else f"part {index + 1} of {parts}: {line}"
+
+
 def _judge_unknown_counts(summary: Mapping[str, Any], line: str, max_failed_fraction: float) -> None:
     """Judge a completed batch without counts from what is known: its result files."""
     batch_id, status = str(summary.get("batch_id") or ""), str(summary.get("status") or "")
@@ -113,50 +193,3 @@ def _judge_unknown_counts(summary: Mapping[str, Any], line: str, max_failed_frac
     raise TooManyFailedRequestsError(
         _message(headline, summary), batch_id=batch_id, status=status, summary=summary
     )
-
-
-def judge(summary: Mapping[str, Any], *, max_failed_fraction: float = 0.0) -> None:
-    """
-    Raise unless a finished batch counts as success; return None when it does.
-
-    :param summary: the batch as :meth:`Batch.summary` gives it (JSON primitives).
-    :param max_failed_fraction: the share of failed requests a completed batch may have (0.0 to 1.0).
-    :raises BatchFailedError: the batch ended ``failed``; the vendor's errors are in the message.
-    :raises BatchExpiredError: the batch ended ``expired``.
-    :raises BatchCancelledError: the batch ended ``cancelled``.
-    :raises TooManyFailedRequestsError: it completed, but ``failed / total > max_failed_fraction``.
-    :raises BatchOutcomeError: the status is not terminal, or nobody documented it.
-    """
-    check_fraction(max_failed_fraction)
-    batch_id = str(summary.get("batch_id") or "")
-    status = str(summary.get("status") or "")
-    line = describe(summary)
-    try:
-        state: BatchStatus | None = BatchStatus(status)
-    except ValueError:
-        state = None
-    if state is None or state not in OUTCOME_ERRORS:
-        log.error("%s; not a terminal status, so not a success", line)
-        raise BatchOutcomeError(
-            _message(f"{line}; not a terminal status, so not a success", summary),
-            batch_id=batch_id,
-            status=status,
-            summary=summary,
-        )
-    error = OUTCOME_ERRORS[state]
-    if error is not None:
-        log.error("%s", line)
-        raise error(_message(line, summary), batch_id=batch_id, status=status, summary=summary)
-    counts = request_counts(summary)
-    if counts is None:
-        _judge_unknown_counts(summary, line, max_failed_fraction)
-        return
-    _completed, failed, total = counts
-    fraction = failed / total if total else 0.0
-    if fraction > max_failed_fraction:
-        headline = f"{line}; {fraction:.2%} failed, more than the {max_failed_fraction:.2%} allowed"
-        log.error("%s", headline)
-        raise TooManyFailedRequestsError(
-            _message(headline, summary), batch_id=batch_id, status=status, summary=summary
-        )
-    log.info("%s", line)
