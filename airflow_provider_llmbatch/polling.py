@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError, VendorAPIError
-from airflow_provider_llmbatch.models import Batch, BatchStatus
+from airflow_provider_llmbatch.models import TERMINAL_STATUSES, Batch, BatchStatus
 from airflow_provider_llmbatch.outcomes import describe, request_counts
 from airflow_provider_llmbatch.retry import classify
 
@@ -80,6 +80,7 @@ EVENT_KINDS: frozenset[str] = frozenset({"terminal", "timeout", "error"})
 
 _SHORT_PHASES = frozenset({BatchStatus.FINALIZING.value, BatchStatus.CANCELLING.value})
 _KNOWN_STATUSES = frozenset(status.value for status in BatchStatus)
+_TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
 
 
 class RandomLike(Protocol):
@@ -94,9 +95,20 @@ def check_deadline(value: Any) -> float | None:
     """Return a deadline (epoch seconds) or None; refuse what is not a finite number of seconds."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    seconds = _as_float(value)
+    if seconds is None or not math.isfinite(seconds):
         raise InvalidInputError(f"deadline must be epoch seconds (a finite number) or None, got {value!r}")
-    return float(value)
+    return seconds
+
+
+def _as_float(value: Any) -> float | None:
+    """Return an int or float as a float (infinite beyond the float range), or None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int with more than about 308 digits
+        return math.inf if value > 0 else -math.inf
 
 
 def check_seconds(
@@ -111,11 +123,10 @@ def check_seconds(
     :param maximum: the largest value accepted.
     :raises InvalidInputError: naming the argument and what is allowed.
     """
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    seconds = _as_float(value.total_seconds() if isinstance(value, timedelta) else value)
     low = "0" if allow_zero else "more than 0"
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+    if seconds is None:
         raise InvalidInputError(f"{name} must be seconds (a number or a timedelta), got {value!r}")
-    seconds = float(seconds)
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds > maximum:
         raise InvalidInputError(f"{name} must be from {low} to {maximum:g} seconds, got {value!r}")
     return seconds
@@ -233,6 +244,8 @@ class Poller:
     :param max_consecutive_errors: transient errors in a row before the wait ends with ``error``.
     :param log: where progress and failures are logged.
     :param rng: the source of jitter (default: the ``random`` module).
+    :param progress: log each change of status and counts (a part of a job leaves that to
+        :class:`GroupProgress`).
     """
 
     def __init__(
@@ -247,6 +260,7 @@ class Poller:
         max_consecutive_errors: int,
         log: logging.Logger | Any,
         rng: RandomLike | None = None,
+        progress: bool = True,
     ) -> None:
         self.batch_id = batch_id
         self.started = started
@@ -257,6 +271,7 @@ class Poller:
         self.max_consecutive_errors = max(int(max_consecutive_errors), 1)
         self.log = log
         self.rng = rng
+        self.progress = progress
         self.polls = 0
         self.errors = 0
         self.summary: dict[str, Any] | None = None
@@ -276,7 +291,8 @@ class Poller:
         if isinstance(result, Batch):
             self.errors = 0
             self.summary = result.summary()
-            self._log_progress(result.status, now)
+            if self.progress:
+                self._log_progress(result.status, now)
             if result.is_terminal:
                 return Finish("terminal", describe(self.summary))
         elif isinstance(result, VendorAPIError) and classify(result) is not None:
@@ -334,6 +350,7 @@ class Poller:
             "event": step.kind,
             "batch_id": self.batch_id,
             "batch": self.summary,
+            "batches": [self.summary],
             "message": step.message,
             "polls": self.polls,
         }
@@ -388,3 +405,63 @@ class Poller:
         if per_second <= 0:
             return 0.0, None
         return per_second * 60.0, max(total - done, 0) / per_second
+
+
+class GroupProgress:
+    """
+    One progress line for the parts of a job: how many ended, and the requests of all of them.
+
+    :param pollers: the parts' state machines.
+    :param log: where the line goes.
+    """
+
+    def __init__(self, pollers: list[Poller], log: logging.Logger | Any) -> None:
+        self.pollers = pollers
+        self.log = log
+        self._last: tuple[tuple[Any, ...] | None, float] = (None, 0.0)
+
+    def update(self, now: float) -> None:
+        """Log the parts' progress when it changed (at least every :data:`QUIET_LOG_SECONDS`)."""
+        summaries = [p.summary for p in self.pollers]
+        ended = sum(1 for s in summaries if s is not None and s.get("status") in _TERMINAL)
+        known = [c for s in summaries if s is not None and (c := request_counts(s)) is not None]
+        completed, failed, total = (sum(c[i] for c in known) for i in range(3))
+        seen = (ended, completed, failed, total)
+        if seen == self._last[0] and now - self._last[1] < QUIET_LOG_SECONDS:
+            return
+        self._last = (seen, now)
+        unknown = len(summaries) - len(known)
+        self.log.info(
+            "%d of %d batches ended; %d completed, %d failed of %d requests%s",
+            ended,
+            len(summaries),
+            completed,
+            failed,
+            total,
+            f" ({unknown} batches without counts yet)" if unknown else "",
+        )
+
+
+def group_event(pollers: list[Poller], finals: list[Finish]) -> dict[str, Any]:
+    """
+    Return the one event of a wait for several parts: the worst end, every part's summary.
+
+    :param pollers: the parts' state machines, in order.
+    :param finals: each part's final step.
+    """
+    if len(pollers) == 1:
+        return pollers[0].event(finals[0])
+    kinds = [final.kind for final in finals]
+    kind: EventKind = "error" if "error" in kinds else "timeout" if "timeout" in kinds else "terminal"
+    reasons = [
+        f"batch {p.batch_id}: {f.message}" for p, f in zip(pollers, finals, strict=True) if f.kind == kind
+    ]
+    message = "; ".join(reasons) if kind != "terminal" else f"all {len(pollers)} batches ended"
+    return {
+        "event": kind,
+        "batch_id": pollers[0].batch_id,
+        "batch": pollers[0].summary,
+        "batches": [p.summary for p in pollers],
+        "message": message,
+        "polls": sum(p.polls for p in pollers),
+    }

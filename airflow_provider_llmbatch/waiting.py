@@ -10,7 +10,7 @@ judged summary, or the error the outcome table names. ``BatchSensor`` and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,16 +23,18 @@ from airflow_provider_llmbatch.exceptions import (
 )
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.models import Batch, BatchStatus
-from airflow_provider_llmbatch.outcomes import check_fraction, judge
+from airflow_provider_llmbatch.outcomes import check_fraction, judge_parts
 from airflow_provider_llmbatch.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     EVENT_KINDS,
     Cancel,
+    Finish,
+    GroupProgress,
     Poller,
-    Step,
     Wait,
     check_seconds,
+    group_event,
 )
 from airflow_provider_llmbatch.retry import classify
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
@@ -55,6 +57,9 @@ trigger's ``on_kill``, so nothing could cancel the batch; the trigger enforces t
 XCOM_SUMMARY = "batch_summary"
 """The XCom key the final batch summary is pushed under before it is judged."""
 
+XCOM_SUMMARIES = "batch_summaries"
+"""The XCom key the parts' final summaries are pushed under before they are judged."""
+
 # Seams for tests: the worker-side wait reads the clock and sleeps through these.
 clock: Callable[[], float] = time.time
 """Return the wall-clock time in epoch seconds."""
@@ -75,6 +80,7 @@ class WaitSettings:
     :param cancel_on_timeout: cancel the batch when the timeout passes.
     :param cancel_on_kill: cancel the batch when the task is killed.
     :param max_consecutive_errors: transient API errors in a row before failing.
+    :param resubmitting: expired or cancelled batches are left to a resubmission round, not failed.
     """
 
     poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -84,6 +90,7 @@ class WaitSettings:
     cancel_on_timeout: bool = True
     cancel_on_kill: bool = True
     max_consecutive_errors: int = 10
+    resubmitting: bool = False
 
     @classmethod
     def checked(
@@ -96,6 +103,7 @@ class WaitSettings:
         cancel_on_timeout: bool = True,
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = 10,
+        resubmitting: bool = False,
     ) -> WaitSettings:
         """Return the settings after checking each argument; raise :class:`InvalidInputError` naming it."""
         errors = max_consecutive_errors
@@ -109,13 +117,16 @@ class WaitSettings:
             cancel_on_timeout=bool(cancel_on_timeout),
             cancel_on_kill=bool(cancel_on_kill),
             max_consecutive_errors=errors,
+            resubmitting=bool(resubmitting),
         )
 
-    def trigger(self, conn_id: str, batch_id: str, deadline: float) -> BatchTrigger:
-        """Return the trigger that waits with these settings."""
+    def trigger(self, conn_id: str, batch_ids: Sequence[str], deadline: float) -> BatchTrigger:
+        """Return the trigger that waits for ``batch_ids`` with these settings."""
+        one = len(batch_ids) == 1
         return BatchTrigger(
             conn_id=conn_id,
-            batch_id=batch_id,
+            batch_id=batch_ids[0] if one else None,
+            batch_ids=None if one else list(batch_ids),
             poll_interval=self.poll_interval,
             max_poll_interval=self.max_poll_interval,
             deadline=deadline,
@@ -128,7 +139,7 @@ class WaitSettings:
 def wait_for_batch(
     context: Context,
     hook: BatchHook,
-    batch_id: str,
+    batch_ids: str | Sequence[str],
     settings: WaitSettings,
     *,
     deferrable: bool,
@@ -137,30 +148,35 @@ def wait_for_batch(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
-    Wait for ``batch_id`` to end; return its judged summary merged over ``extra``.
+    Wait for a batch, or every part of a job, to end; return the judged result merged over ``extra``.
 
-    Deferrable: a batch that has already ended is judged at once; otherwise the task defers to a
-    :class:`BatchTrigger` whose deadline is now + ``timeout`` and resumes in the task's
+    Deferrable: batches that have already ended are judged at once; otherwise the task defers to one
+    :class:`BatchTrigger` for all of them, whose deadline is now + ``timeout``, and resumes in the task's
     ``execute_complete`` (``extra`` travels with the deferral). Not deferrable: polls here, with the same
-    state machine.
+    state machine, each batch on its own schedule.
 
-    :raises BatchOutcomeError: the batch failed, expired, was cancelled, timed out, or too many
-        requests failed.
+    :raises BatchOutcomeError: a batch failed, expired, was cancelled, timed out, or too many requests
+        failed (over all the batches).
     """
+    ids = [batch_ids] if isinstance(batch_ids, str) else list(batch_ids)
     deadline = clock() + settings.timeout
     extra = dict(extra or {})
     if not deferrable:
-        return complete(context, poll_until_done(hook, batch_id, settings, deadline, log), settings, extra)
-    batch = _peek(hook, batch_id, log)
-    if batch is not None and batch.is_terminal:
-        return finish(context, batch.summary(), settings, extra)
-    log.info("Deferring until batch %s ends (timeout %.0fs)", batch_id, settings.timeout)
+        return complete(context, poll_until_done(hook, ids, settings, deadline, log), settings, extra)
+    ended = [_peek(hook, batch_id, log) for batch_id in ids]
+    if all(batch is not None and batch.is_terminal for batch in ended):
+        return finish(context, [batch.summary() for batch in ended if batch is not None], settings, extra)
+    log.info("Deferring until %s ends (timeout %.0fs)", _named(ids), settings.timeout)
     defer(
-        trigger=settings.trigger(hook.conn_id, batch_id, deadline),
+        trigger=settings.trigger(hook.conn_id, ids, deadline),
         method_name="execute_complete",
         kwargs={"extra": extra} if extra else None,
         timeout=timedelta(seconds=settings.timeout + DEFER_TIMEOUT_MARGIN),
     )
+
+
+def _named(ids: Sequence[str]) -> str:
+    return f"batch {ids[0]}" if len(ids) == 1 else f"all {len(ids)} batches"
 
 
 def _peek(hook: BatchHook, batch_id: str, log: Any) -> Batch | None:
@@ -175,31 +191,58 @@ def _peek(hook: BatchHook, batch_id: str, log: Any) -> Batch | None:
 
 
 def poll_until_done(
-    hook: BatchHook, batch_id: str, settings: WaitSettings, deadline: float, log: Any
+    hook: BatchHook, batch_ids: Sequence[str], settings: WaitSettings, deadline: float, log: Any
 ) -> dict[str, Any]:
-    """Poll ``batch_id`` on the worker until the state machine finishes; return the final event."""
-    poller = Poller(
-        batch_id,
-        started=clock(),
-        poll_interval=settings.poll_interval,
-        max_poll_interval=settings.max_poll_interval,
-        deadline=deadline,
-        cancel_on_timeout=settings.cancel_on_timeout,
-        max_consecutive_errors=settings.max_consecutive_errors,
-        log=log,
-    )
-    step: Step = Wait(0.0)
-    while isinstance(step, Wait):
-        sleep(step.seconds)
-        sent_at = clock()
+    """Poll the batches on the worker, each on its own schedule, until all have ended; return the event."""
+    started = clock()
+    pollers = [
+        Poller(
+            batch_id,
+            started=started,
+            poll_interval=settings.poll_interval,
+            max_poll_interval=settings.max_poll_interval,
+            deadline=deadline,
+            cancel_on_timeout=settings.cancel_on_timeout,
+            max_consecutive_errors=settings.max_consecutive_errors,
+            log=log,
+            progress=len(batch_ids) == 1,
+        )
+        for batch_id in batch_ids
+    ]
+    progress = GroupProgress(pollers, log) if len(pollers) > 1 else None
+    due = dict.fromkeys(range(len(pollers)), started)
+    ends: dict[int, Cancel | Finish] = {}
+    while len(ends) < len(pollers):
+        index = min(due, key=due.__getitem__)
+        sleep(max(due[index] - clock(), 0.0))
+        poller, sent_at = pollers[index], clock()
         try:
-            result: Batch | Exception = hook.get_batch(batch_id, retry=False)
+            result: Batch | Exception = hook.get_batch(poller.batch_id, retry=False)
         except Exception as exc:
             result = exc
         step = poller.after(result, sent_at=sent_at, now=clock())
-    if isinstance(step, Cancel):
-        step = poller.after_cancel(cancel(hook, batch_id, step.reason, log))
-    return poller.event(step)
+        if progress is not None:
+            progress.update(clock())
+        if isinstance(step, Wait):
+            due[index] = clock() + step.seconds
+            continue
+        ends[index] = step
+        del due[index]
+        if isinstance(step, Finish) and step.kind == "error":
+            break  # the others are stopped by it, and report it
+    stopped = next((end for end in ends.values() if isinstance(end, Finish) and end.kind == "error"), None)
+    finals = [
+        _settle(hook, poller, ends.get(index) or stopped, log)  # type: ignore[arg-type]
+        for index, poller in enumerate(pollers)
+    ]
+    return group_event(pollers, finals)
+
+
+def _settle(hook: BatchHook, poller: Poller, end: Cancel | Finish, log: Any) -> Finish:
+    """Return a batch's final step, cancelling it first when its deadline said so."""
+    if isinstance(end, Cancel):
+        return poller.after_cancel(cancel(hook, poller.batch_id, end.reason, log))
+    return end
 
 
 def cancel_if_running(hook: BatchHook, batch_id: str, log: Any) -> Batch:
@@ -244,14 +287,23 @@ def validate_event(event: Any) -> dict[str, Any]:
     batch = event.get("batch")
     if batch is not None and not isinstance(batch, Mapping):
         raise LLMBatchError(f"The batch trigger sent a {kind!r} event whose batch is not a mapping")
-    if kind == "terminal" and (batch is None or not batch.get("batch_id") or not batch.get("status")):
-        raise LLMBatchError("The batch trigger sent a 'terminal' event without the batch's id and status")
+    # An event of the release before parts has no "batches": its one batch is the list.
+    batches = event.get("batches", [batch])
+    if not isinstance(batches, list) or not all(b is None or isinstance(b, Mapping) for b in batches):
+        raise LLMBatchError(
+            f"The batch trigger sent a {kind!r} event whose batches are not a list of mappings"
+        )
+    if kind == "terminal" and (
+        not batches or any(b is None or not b.get("batch_id") or not b.get("status") for b in batches)
+    ):
+        raise LLMBatchError("The batch trigger sent a 'terminal' event without every batch's id and status")
     message = event.get("message")
     batch_id = event.get("batch_id") or (batch or {}).get("batch_id")
     return {
         "event": kind,
         "batch_id": str(batch_id or ""),
         "batch": dict(batch) if batch is not None else None,
+        "batches": [dict(b) if b is not None else None for b in batches],
         "message": message if isinstance(message, str) else "",
         "polls": event.get("polls"),
     }
@@ -284,16 +336,26 @@ def complete(
             status="timeout",
             summary=batch,
         )
-    assert batch is not None  # validate_event: a terminal event carries its batch
-    return finish(context, batch, settings, extra or {})
+    # validate_event: a terminal event carries every batch
+    return finish(context, [b for b in payload["batches"] if b is not None], settings, extra or {})
 
 
 def finish(
-    context: Context, summary: dict[str, Any], settings: WaitSettings, extra: Mapping[str, Any]
+    context: Context, summaries: list[dict[str, Any]], settings: WaitSettings, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Push the summary (XCom ``batch_summary``), judge it and return it merged over ``extra``."""
+    """
+    Push the summaries, judge them together and return the result merged over ``extra``.
+
+    One batch: its summary is pushed as ``batch_summary`` and returned over ``extra``. Parts: the list
+    is pushed as ``batch_summaries`` and returned as ``batches``, beside ``batch_ids``.
+    """
     ti = context.get("ti") if isinstance(context, Mapping) else None
+    one = len(summaries) == 1
     if ti is not None:
-        ti.xcom_push(key=XCOM_SUMMARY, value=summary)
-    judge(summary, max_failed_fraction=settings.max_failed_fraction)
-    return {**extra, **summary}
+        ti.xcom_push(key=XCOM_SUMMARY if one else XCOM_SUMMARIES, value=summaries[0] if one else summaries)
+    judge_parts(
+        summaries, max_failed_fraction=settings.max_failed_fraction, resubmitting=settings.resubmitting
+    )
+    if one:
+        return {**extra, **summaries[0]}
+    return {**extra, "batch_ids": [s["batch_id"] for s in summaries], "batches": summaries}

@@ -179,6 +179,7 @@ def test_a_terminal_batch_finishes(status):
         "event": "terminal",
         "batch_id": "batch_1",
         "batch": batch(status, completed=10).summary(),
+        "batches": [batch(status, completed=10).summary()],
         "message": step.message,
         "polls": 1,
     }

@@ -223,6 +223,8 @@ def test_on_average_polls_start_at_least_the_scheduled_delay_apart(scenario: Sce
             step = again.after(poll.result, sent_at=poll.start, now=poll.end)
             assert isinstance(step, Wait)
             starts.append(poll.end + step.seconds)
+        if scenario.deadline_in is not None and max(starts) >= scenario.deadline_in - EPS:
+            continue  # one of the two draws is cut by the deadline: the last look, not the schedule
         assert sum(starts) / 2 - poll.start >= poll.scheduled - EPS
 
 

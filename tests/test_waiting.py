@@ -168,8 +168,8 @@ def test_an_error_event_raises_an_api_error_naming_the_connection():
         ("terminal", "not a mapping"),
         ({"event": "done"}, "unknown event"),
         ({}, "unknown event"),
-        ({"event": "terminal", "batch": None}, "without the batch"),
-        ({"event": "terminal", "batch": {"status": "completed"}}, "without the batch"),
+        ({"event": "terminal", "batch": None}, "without every batch"),
+        ({"event": "terminal", "batch": {"status": "completed"}}, "without every batch"),
         ({"event": "terminal", "batch": ["x"]}, "not a mapping"),
     ],
 )
@@ -183,6 +183,7 @@ def test_validate_event_normalises():
         "event": "error",
         "batch_id": "",
         "batch": None,
+        "batches": [None],
         "message": "",
         "polls": None,
     }

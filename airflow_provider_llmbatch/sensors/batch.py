@@ -29,7 +29,8 @@ class BatchSensor(BaseSensorOperator):
     schedule, deadline and cancel-on-timeout; ``mode="reschedule"`` checks once per try and leaves
     timeouts to Airflow (the batch is then not cancelled).
 
-    :param batch_id: the vendor's batch id. (templated)
+    :param batch_id: the vendor's batch id, or the list of a split job's batch ids (its ``batch_ids``
+        XCom): all are waited for in one deferral and judged together. (templated)
     :param conn_id: the LLM batch connection; its type decides the vendor. (templated)
         (default: ``llmbatch_default``)
     :param deferrable: wait in the triggerer instead of a worker slot.
@@ -50,7 +51,7 @@ class BatchSensor(BaseSensorOperator):
     def __init__(
         self,
         *,
-        batch_id: str,
+        batch_id: str | list[str],
         conn_id: str = BatchHook.default_conn_name,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = DEFAULT_POLL_INTERVAL,
@@ -77,34 +78,41 @@ class BatchSensor(BaseSensorOperator):
         self.batch_id = batch_id
         self.conn_id = conn_id
         self.deferrable = deferrable
-        self._polling: str | None = None
+        self._polling: list[str] = []
 
     @cached_property
     def hook(self) -> BatchHook:
         """Return the hook of ``conn_id`` (after rendering)."""
         return BatchHook(self.conn_id)
 
-    def _rendered_batch_id(self) -> str:
-        if not isinstance(self.batch_id, str) or not self.batch_id.strip():
+    def _rendered_batch_ids(self) -> list[str]:
+        """Return the batch id, or the parts' ids (a list, e.g. the ``batch_ids`` XCom), after rendering."""
+        value = self.batch_id
+        ids = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(ids, list | tuple)
+            or not ids
+            or not all(isinstance(i, str) and i.strip() for i in ids)
+        ):
             raise InvalidInputError(
-                f"batch_id must be a non-empty string after rendering, got {self.batch_id!r}"
+                f"batch_id must be a non-empty string or a list of them after rendering, got {value!r}"
             )
-        return self.batch_id.strip()
+        return [i.strip() for i in ids]
 
     def execute(self, context: Context) -> Any:
-        """Wait for the batch: defer to the trigger, poll here, or (reschedule mode) check once."""
-        batch_id = self._rendered_batch_id()
+        """Wait for the batches: defer to the trigger, poll here, or (reschedule mode) check once."""
+        batch_ids = self._rendered_batch_ids()
         ti = context.get("ti") if isinstance(context, Mapping) else None
         if ti is not None:
-            ti.xcom_push(key=XCOM_BATCH_ID, value=batch_id)
+            ti.xcom_push(key=XCOM_BATCH_ID, value=batch_ids[0])
             ti.xcom_push(key=XCOM_CONN_TYPE, value=self.hook.vendor.conn_type)
         if not self.deferrable and self.reschedule:
             return super().execute(context)
-        self._polling = batch_id
+        self._polling = batch_ids
         return waiting.wait_for_batch(
             context,
             self.hook,
-            batch_id,
+            batch_ids,
             self.wait_settings,
             deferrable=self.deferrable,
             defer=self.defer,
@@ -114,20 +122,23 @@ class BatchSensor(BaseSensorOperator):
     def execute_complete(
         self, context: Context, event: Any = None, extra: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Resume after the trigger fired: judge the batch, return its summary."""
+        """Resume after the trigger fired: judge the batches, return the result."""
         return waiting.complete(context, event, self.wait_settings, extra, conn_id=self.conn_id)
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
-        """Check the batch once (``mode="reschedule"``); judge it once it has ended."""
-        batch = self.hook.get_batch(self._rendered_batch_id())
-        self.log.info("%s", describe(batch.summary()))
-        if not batch.is_terminal:
+        """Check the batches once (``mode="reschedule"``); judge them once all have ended."""
+        batches = [self.hook.get_batch(batch_id) for batch_id in self._rendered_batch_ids()]
+        for batch in batches:
+            self.log.info("%s", describe(batch.summary()))
+        if not all(batch.is_terminal for batch in batches):
             return False
+        summaries = [batch.summary() for batch in batches]
         return PokeReturnValue(
-            is_done=True, xcom_value=waiting.finish(context, batch.summary(), self.wait_settings, {})
+            is_done=True, xcom_value=waiting.finish(context, summaries, self.wait_settings, {})
         )
 
     def on_kill(self) -> None:
         """Cancel the batch being polled on the worker, if ``cancel_on_kill``."""
-        if self._polling and self.wait_settings.cancel_on_kill:
-            waiting.cancel(self.hook, self._polling, "the task was killed", self.log)
+        if self.wait_settings.cancel_on_kill:
+            for batch_id in self._polling:
+                waiting.cancel(self.hook, batch_id, "the task was killed", self.log)
