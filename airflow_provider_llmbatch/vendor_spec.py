@@ -101,6 +101,7 @@ class Limits:
     :param max_requests: requests (lines) in one file.
     :param max_file_bytes: bytes in one file.
     :param max_line_bytes: bytes in one line, where the vendor has such a limit.
+    :param max_batch_files: batch files (``purpose=batch``) an account may keep, where documented.
     :param metadata_pairs: key/value pairs in a batch's ``metadata``.
     :param metadata_key_chars: characters in a metadata key.
     :param metadata_value_chars: characters in a metadata value.
@@ -110,6 +111,7 @@ class Limits:
     max_requests: int
     max_file_bytes: int
     max_line_bytes: int | None = None
+    max_batch_files: int | None = None
     metadata_pairs: int = 16
     metadata_key_chars: int = 64
     metadata_value_chars: int = 512

@@ -63,7 +63,8 @@ ZHIPU = VendorSpec(
     ),
     # Deprecated upstream: ignored, may be null, echoed as "24h"; the vendor cancels after 7 days.
     completion_window=CompletionWindowRule(min_hours=0, max_hours=10_000, default=None, ignored=True),
-    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2),
+    # Doc: at most 1,000 stored batch files per account.
+    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2, max_batch_files=1000),
     extra_create_fields=(
         ExtraCreateField(
             name="auto_delete_input_file",
@@ -98,7 +99,8 @@ MOONSHOT = VendorSpec(
     endpoints=(EndpointSpec("/v1/chat/completions", "chat"),),
     completion_window=CompletionWindowRule(min_hours=12, max_hours=7 * 24, default="24h"),
     # The request limit is a guess (the other vendors' figure).
-    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2),
+    # Doc: 1,000 batch files per organisation.
+    limits=Limits(max_requests=50_000, max_file_bytes=100 * 1024**2, max_batch_files=1000),
     forbidden_body_keys=frozenset({"temperature", "top_p", "n", "presence_penalty", "frequency_penalty"}),
     batch_list=ListSpec(params=frozenset({"after", "limit"})),
     # No parameters, no has_more, `after` ignored: the pager must stop on its own.
@@ -150,6 +152,7 @@ DASHSCOPE = VendorSpec(
         max_requests=50_000,
         max_file_bytes=500 * 1024**2,
         max_line_bytes=6 * 1024**2,
+        max_batch_files=10_000,  # doc: 10,000 files (100 GB) stored
         metadata_value_chars_by_key={"ds_name": 100, "ds_description": 200},
     ),
     extra_create_fields=(

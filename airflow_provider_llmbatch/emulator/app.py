@@ -285,7 +285,7 @@ class VendorAPI:
                 message = f"expected at most {spec.limits.max_file_bytes} bytes, got {upload.size}"
                 raise ApiError("file_too_large", message, param="file")
             stored = sum(1 for f in store.list_files(self.name) if f.kind == "input")
-            most = self.dialect.max_stored_files
+            most = spec.limits.max_batch_files
             if most is not None and stored >= most:
                 message = f"at most {most} batch files may be stored; delete some"
                 raise ApiError("bad_request", message, param="file")

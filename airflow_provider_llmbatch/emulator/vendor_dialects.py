@@ -105,7 +105,6 @@ class EmulatorDialect:
     :param cancel_counts_unfinished_as_failed: whether a cancel counts unfinished requests as failed.
     :param error_file_id_prefix: the prefix of error file ids.
     :param validation_stage: where a malformed request file is rejected.
-    :param max_stored_files: batch request files kept per account, where documented.
     :param rate_limits_per_minute: operation -> requests per minute, where documented.
     :param create_field_defaults: what the vendor assumes for a vendor-only create field that is absent.
     """
@@ -123,7 +122,6 @@ class EmulatorDialect:
     cancel_counts_unfinished_as_failed: bool = False
     error_file_id_prefix: str = "file-err-"
     validation_stage: ValidationStage = "async"
-    max_stored_files: int | None = None
     rate_limits_per_minute: Mapping[str, int] = field(default_factory=_frozen)
     create_field_defaults: Mapping[str, object] = field(default_factory=_frozen)
 
@@ -140,7 +138,6 @@ ZHIPU = EmulatorDialect(
     completion_window_echo="24h",
     # A guess: a malformed file may already be refused at upload, with a business code.
     validation_stage="upload",
-    max_stored_files=1000,  # doc
     # Doc: the vendor deletes the input file once the batch is done unless told not to.
     create_field_defaults=MappingProxyType({"auto_delete_input_file": True}),
 )
@@ -154,7 +151,6 @@ MOONSHOT = EmulatorDialect(
     batch_has_errors=False,
     batch_has_expired_at=False,
     validation_stage="create",  # a guess: at create or later
-    max_stored_files=1000,  # doc: per organisation
 )
 
 DASHSCOPE = EmulatorDialect(
@@ -169,7 +165,6 @@ DASHSCOPE = EmulatorDialect(
     error_file_id_prefix="file-batch_output-",
     # Seen: create always answers 200 `validating`; the next read shows `failed` with the problems.
     validation_stage="async",
-    max_stored_files=10_000,  # doc
     rate_limits_per_minute=MappingProxyType({"create": 1000, "retrieve": 1000, "cancel": 1000, "list": 100}),
 )
 

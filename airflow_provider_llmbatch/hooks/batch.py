@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
-from airflow_provider_llmbatch.exceptions import ConflictError, NotFoundError
+from airflow_provider_llmbatch.exceptions import ConflictError, InvalidInputError, NotFoundError
 from airflow_provider_llmbatch.get_provider_info import hook_class_name
 from airflow_provider_llmbatch.hooks import transport
 from airflow_provider_llmbatch.hooks._core import RECOVERY_SCAN_LIMIT, find_newest, pick_upload
@@ -151,6 +151,23 @@ class BatchHook(HookBase):
         pager = self._core().file_pager(page_size, purpose, filters, after)
         for items in self._pages("files", pager, FileObject):
             yield from (item for item in items if purpose is None or item.purpose in (None, purpose))
+
+    def check_file_quota(self, needed: int) -> None:
+        """
+        Refuse, before any upload, ``needed`` more batch files than the vendor's per-account quota allows.
+
+        :raises InvalidInputError: with the count held, the quota and how to free space.
+        """
+        most = self.vendor.limits.max_batch_files
+        if most is None:
+            return
+        held = sum(1 for _ in self.list_files(purpose="batch"))
+        if held + needed > most:
+            raise InvalidInputError(
+                f"{self.vendor.display_name} keeps at most {most} batch files per account; this account "
+                f"holds {held} and this job needs {needed} more. Delete files you no longer need first, e.g. "
+                "with CleanupRemoteFilesOperator or BatchHook.delete_uploaded_files(older_than_days=...)"
+            )
 
     def download_file(self, file_id: str, destination: Source, *, expected_bytes: int | None = None) -> int:
         """

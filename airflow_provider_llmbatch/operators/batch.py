@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
@@ -16,13 +18,13 @@ from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.hooks.arguments import check_create_args, check_user_metadata
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import (
-    RequestFileCheck,
     build_request_file,
-    validate_request_file,
 )
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
+from airflow_provider_llmbatch.locations import object_path
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.operators import reattach
+from airflow_provider_llmbatch.parts import Part, SplitInput, split_checked
 from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL
 
 if TYPE_CHECKING:
@@ -34,7 +36,15 @@ XCOM_INPUT_FILE_ID = "input_file_id"
 XCOM_INPUT_FINGERPRINT = "input_fingerprint"
 XCOM_INPUT_URI = "input_uri"
 XCOM_CREATE_RESULT = "create_result"
-PUSHED = (XCOM_INPUT_FILE_ID, XCOM_BATCH_ID, XCOM_CONN_TYPE, XCOM_INPUT_FINGERPRINT, XCOM_INPUT_URI)
+XCOM_BATCH_IDS = "batch_ids"
+PUSHED = (
+    XCOM_INPUT_FILE_ID,
+    XCOM_BATCH_ID,
+    XCOM_BATCH_IDS,
+    XCOM_CONN_TYPE,
+    XCOM_INPUT_FINGERPRINT,
+    XCOM_INPUT_URI,
+)
 """XCom keys pushed once the batch is known (and the create result, before any wait)."""
 
 
@@ -71,6 +81,8 @@ class CreateBatchOperator(BaseOperator):
     :param cancel_on_kill: cancel the batch when the task is killed. (default: True)
     :param cancel_on_timeout: cancel the batch when the wait times out. (default: True)
     :param reattach: look for this task instance's earlier batch before creating one. (default: True)
+    :param max_batches: the most batches an input may be split into (over a vendor's per-file limits);
+        checked before anything is uploaded. (default: 10)
     """
 
     template_fields: Sequence[str] = (
@@ -113,6 +125,7 @@ class CreateBatchOperator(BaseOperator):
         cancel_on_kill: bool = True,
         cancel_on_timeout: bool = True,
         reattach: bool = True,
+        max_batches: int = 10,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -128,6 +141,9 @@ class CreateBatchOperator(BaseOperator):
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.reattach = reattach
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise InvalidInputError(f"max_batches must be a whole number >= 1, got {max_batches!r}")
+        self.max_batches = max_batches
         self.wait_settings = waiting.WaitSettings.checked(
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
@@ -136,7 +152,7 @@ class CreateBatchOperator(BaseOperator):
             cancel_on_timeout=cancel_on_timeout,
             cancel_on_kill=cancel_on_kill,
         )
-        self._batch_id: str | None = None
+        self._batch_ids: list[str] = []
 
     @cached_property
     def hook(self) -> BatchHook:
@@ -144,30 +160,17 @@ class CreateBatchOperator(BaseOperator):
         return BatchHook(self.conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Check the arguments; check and upload the file, or find this task's earlier batch; create; wait."""
+        """Check (and split) the input; re-attach, reuse or upload each part; create; wait if asked."""
         spec = self.hook.vendor
         self._check_arguments(spec)
         tracker = reattach.Tracker(context, self.hook, self.log, enabled=self.reattach)
-        uri, found = self._input(context, spec, tracker)
-        report = found.report
-        self.log.info(
-            "Request file %s (%s): %d requests, %d bytes", uri, found.file_id, report.lines, report.bytes
-        )
-        batch = found.batch or self._create(found)
-        self._batch_id = batch.id
-        tracker.record(found.key, found.report, found.file_id, batch.id)
-        result = {
-            "batch_id": batch.id,
-            "input_file_id": found.file_id,
-            "status": batch.status,
-            "endpoint": batch.endpoint or found.report.endpoint,
-            "request_count": found.report.lines,
-            "input_uri": uri,
-            "reattached": found.batch is not None,
-            "conn_type": spec.conn_type,
-            "input_fingerprint": found.report.sha256,
-            reattach.KEY_METADATA: found.key,
-        }
+        uri, source = self._request_file(context, spec)
+        with tempfile.TemporaryDirectory(prefix="llmbatch-parts-") as folder:
+            split = split_checked(source, spec, self.endpoint, folder=folder)
+            self._check_room(split, tracker)
+            made = [self._submit(context, tracker, split, part) for part in split.parts]
+        self._batch_ids = [batch.id for _, batch in made]
+        result = _result(spec, uri, split, made)
         for key in PUSHED:
             _push(context, key, result[key])
         if not self.wait_for_completion:
@@ -177,7 +180,7 @@ class CreateBatchOperator(BaseOperator):
         return waiting.wait_for_batch(
             context,
             self.hook,
-            batch.id,
+            self._batch_ids,
             self.wait_settings,
             deferrable=self.deferrable,
             defer=self.defer,
@@ -216,28 +219,45 @@ class CreateBatchOperator(BaseOperator):
             extra=options,
         )
 
-    def _input(
-        self, context: Context, spec: VendorSpec, tracker: reattach.Tracker
-    ) -> tuple[str, reattach.Found]:
-        """Return the request file's URI, and its checked upload or this task's earlier batch of it."""
-        if self.requests is not None:
-            path = self.request_file_destination or reattach.default_task_path("llmbatch-requests", context)
-            report = build_request_file(list(self.requests), path, spec, self.endpoint, model=self.model)
-            return _as_uri(path), tracker.reuse_or_upload(path, report)
-        source = self._source()
-        if tracker.first_try():
-            return _as_uri(self.input_file), tracker.upload_checked(
-                source, RequestFileCheck(spec, self.endpoint)
+    def _request_file(self, context: Context, spec: VendorSpec) -> tuple[str, Any]:
+        """Return the request file's URI (for the results join) and what to read it from."""
+        if self.requests is None:
+            return _as_uri(self.input_file), self._source()
+        path = self.request_file_destination or reattach.default_task_path("llmbatch-requests", context)
+        build_request_file(list(self.requests), path, spec, self.endpoint, model=self.model)
+        return _as_uri(path), path
+
+    def _check_room(self, split: SplitInput, tracker: reattach.Tracker) -> None:
+        """Refuse, before the first upload, more parts than ``max_batches`` or the vendor's file quota."""
+        count = len(split.parts)
+        if count > self.max_batches:
+            raise InvalidInputError(
+                f"the input needs {count} batches ({split.report.lines} requests, {split.report.bytes} "
+                f"bytes), more than max_batches={self.max_batches}; raise max_batches or send less"
             )
-        report = validate_request_file(source, spec, self.endpoint)
-        return _as_uri(self.input_file), tracker.reuse_or_upload(source, report)
+        if tracker.first_try():
+            # On a retry some parts are uploaded already; the vendor refuses an upload past its quota then.
+            self.hook.check_file_quota(count)
+        self.log.info("Input of %d requests in %d batch(es)", split.report.lines, count)
+
+    def _submit(
+        self, context: Context, tracker: reattach.Tracker, split: SplitInput, part: Part
+    ) -> tuple[reattach.Found, Batch]:
+        """Re-attach to, or upload and create, one part's batch; record it at once for a later try."""
+        report = dataclasses.replace(
+            split.report, source=str(part.path), lines=part.lines, bytes=part.bytes, sha256=part.sha256
+        )
+        key = reattach.batch_key(context, split.report.sha256, None if len(split.parts) == 1 else part.index)
+        found = tracker.reuse_or_upload(part.path, report, key)
+        batch = found.batch or self._create(found)
+        tracker.record(key, report, found.file_id, batch.id)
+        return found, batch
 
     def _source(self) -> Any:
         """Return the request file to read: a URI as an ``ObjectStoragePath``, a path as it is."""
         if isinstance(self.input_file, str) and "://" in self.input_file:
-            from airflow.sdk import ObjectStoragePath
-
-            return ObjectStoragePath(self.input_file)
+            # Resolved now: a filesystem that is not installed is named with what to install.
+            return object_path(self.input_file)
         return self.input_file
 
     def _create(self, found: reattach.Found) -> Batch:
@@ -267,8 +287,31 @@ class CreateBatchOperator(BaseOperator):
 
     def on_kill(self) -> None:
         """Cancel the batch this task instance created or re-attached to, if it still runs."""
-        if self._batch_id and self.wait_settings.cancel_on_kill:
-            waiting.cancel(self.hook, self._batch_id, "the task was killed", self.log)
+        if self.wait_settings.cancel_on_kill:
+            for batch_id in self._batch_ids:
+                waiting.cancel(self.hook, batch_id, "the task was killed", self.log)
+
+
+def _result(
+    spec: VendorSpec, uri: str, split: SplitInput, made: list[tuple[reattach.Found, Batch]]
+) -> dict[str, Any]:
+    """Return the small result of the create: the first part's fields, and every part's."""
+    (first, batch), report = made[0], split.report
+    return {
+        "batch_id": batch.id,
+        "batch_ids": [b.id for _, b in made],
+        "input_file_id": first.file_id,
+        "input_file_ids": [f.file_id for f, _ in made],
+        "status": batch.status,
+        "endpoint": batch.endpoint or report.endpoint,
+        "request_count": report.lines,
+        "request_counts": [f.report.lines for f, _ in made],
+        "input_uri": uri,
+        "reattached": all(f.batch is not None for f, _ in made),
+        "conn_type": spec.conn_type,
+        "input_fingerprint": report.sha256,
+        reattach.KEY_METADATA: first.key,
+    }
 
 
 def _push(context: Context, key: str, value: Any) -> None:

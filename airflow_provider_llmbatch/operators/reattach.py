@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmbatch.exceptions import LLMBatchError, NotFoundError, VendorAPIError
-from airflow_provider_llmbatch.jsonl import RequestFileCheck, RequestFileReport
+from airflow_provider_llmbatch.jsonl import RequestFileReport
 from airflow_provider_llmbatch.models import Batch, BatchStatus
 
 if TYPE_CHECKING:
@@ -36,9 +35,6 @@ KEY_METADATA = "llmbatch_key"
 
 STATE_KEY = "llmbatch_create"
 """The task state store key holding ``{"key", "input_file_id", "fingerprint", "batch_id"}`` across retries."""
-
-TAG_LENGTH = 16
-"""Hex characters of the task tag and of the nonce in the name of a file checked as it uploads."""
 
 REATTACHABLE_STATUSES: frozenset[BatchStatus] = frozenset(
     {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED}
@@ -71,56 +67,56 @@ def _hash(*parts: object, length: int) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:length]
 
 
-def batch_key(context: Context, input_fingerprint: str) -> str:
-    """Return the key naming this task instance's batch for this input (32 hex characters)."""
-    return _hash(*task_identity(context), input_fingerprint, length=KEY_LENGTH)
-
-
-def checked_upload_name(context: Context) -> str:
+def batch_key(context: Context, input_fingerprint: str, part: int | None = None) -> str:
     """
-    Return the name of a file checked as it uploads: ``llmbatch-<task tag>-<nonce>.jsonl``.
+    Return the key naming this task instance's batch for this input (32 hex characters).
 
-    Its key is known only once the whole file has passed, after the name is sent; the random nonce
-    makes the name unique, so the hook's look-up of an upload of unknown effect finds this upload only.
+    :param part: the part's index, when the input is split into several batches (a one-part input
+        keeps the key it always had).
     """
-    return (
-        f"llmbatch-{_hash(*task_identity(context), length=TAG_LENGTH)}-{uuid.uuid4().hex[:TAG_LENGTH]}.jsonl"
-    )
+    extra = () if part is None else (f"part-{part}",)
+    return _hash(*task_identity(context), input_fingerprint, *extra, length=KEY_LENGTH)
 
 
 class StateStore:
-    """The task state store where the running Airflow has one; every failure degrades to "absent"."""
+    """
+    The task state store where the running Airflow has one; every failure degrades to "absent".
+
+    It holds one record per batch key (``{"key", "input_file_id", "fingerprint", "batch_id"}``): one for a
+    one-part input, one per part of a split one.
+    """
 
     def __init__(self, context: Context, log: Any) -> None:
         self._store = context.get("task_state_store")
         self._log = log
-        self._value: dict[str, Any] | None = None
+        self._records: dict[str, dict[str, Any]] | None = None
         self._answered = False
 
     def get(self, key: str) -> dict[str, Any]:
         """Return what an earlier try stored for ``key`` (read once), or an empty dict."""
-        value = self._load()
-        return value if value.get("key") == key else {}
+        return dict(self._load().get(key, {}))
 
     def knows_no_earlier_try(self) -> bool:
         """Return whether the store answered and holds nothing from an earlier try (for any input)."""
         return not self._load() and self._answered
 
-    def set(self, value: dict[str, Any]) -> None:
-        """Store ``value`` for later tries."""
-        self._value = dict(value)
+    def set(self, record: dict[str, Any]) -> None:
+        """Store ``record`` (under its ``key``) for later tries."""
+        records = self._load()
+        records[record["key"]] = dict(record)
         if self._store is not None:
             try:
-                self._store.set(STATE_KEY, value)
+                stored: Any = {"records": records}
+                self._store.set(STATE_KEY, stored)
             except Exception as exc:
                 self._disable("write", exc)
 
-    def _load(self) -> dict[str, Any]:
-        if self._value is None:
-            self._value = self._read()
-        return self._value
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._records is None:
+            self._records = self._read()
+        return self._records
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self) -> dict[str, dict[str, Any]]:
         if self._store is None:
             return {}
         try:
@@ -131,8 +127,13 @@ class StateStore:
         self._answered = True
         if value is None:
             return {}
+        stored: Any = value
+        if isinstance(stored, Mapping) and isinstance(stored.get("records"), Mapping):
+            return {str(k): dict(v) for k, v in stored["records"].items() if isinstance(v, Mapping)}
+        if isinstance(stored, Mapping) and isinstance(stored.get("key"), str):
+            return {stored["key"]: dict(stored)}  # one record, as the release before parts wrote it
         # Something an earlier try wrote, even unreadable, means this is not the first try.
-        return dict(value) if isinstance(value, Mapping) else {"unreadable": repr(value)[:100]}
+        return {"unreadable": {"value": repr(value)[:100]}}
 
     def _disable(self, what: str, exc: Exception) -> None:
         # The batch metadata look-up still finds the batch; the state store only makes it cheaper.
@@ -173,35 +174,23 @@ class Tracker:
         self.log = log
         self.enabled = enabled
         self.state = StateStore(context, log)
+        self._first_try: bool | None = None
 
     def first_try(self) -> bool:
-        """Return whether no earlier try can exist: nothing to find before the upload."""
-        return not self.enabled or self.state.knows_no_earlier_try()
+        """Return whether no earlier try can exist (decided once, before this try records anything)."""
+        if self._first_try is None:
+            self._first_try = not self.enabled or self.state.knows_no_earlier_try()
+        return self._first_try
 
-    def upload_checked(self, source: Any, check: RequestFileCheck) -> Found:
-        """Check the file as it uploads (one pass); record the upload as soon as it returns."""
-        uploaded = self.hook.upload_file(source, filename=checked_upload_name(self.context), check=check)
-        report = check.report
-        assert report is not None  # upload_file returns only after the check passed
-        key = batch_key(self.context, report.sha256)
-        self.record(key, report, uploaded.id)
-        # The state store may have been emptied (a cleared run) while the batch this task paid for runs.
-        batch = self._earlier_batch(key)
-        if batch is None:
-            return Found(report, key, uploaded.id, None)
-        self._discard(uploaded.id)
-        return Found(report, key, batch.input_file_id or "", batch)
-
-    def reuse_or_upload(self, source: Any, report: RequestFileReport) -> Found:
+    def reuse_or_upload(self, source: Any, report: RequestFileReport, key: str) -> Found:
         """For a checked file: re-attach to the earlier batch, or reuse the earlier upload, or upload."""
-        key = batch_key(self.context, report.sha256)
-        batch = self._earlier_batch(key)
+        batch = None if self.first_try() else self._earlier_batch(key)
         if batch is not None:
             return Found(
                 report, key, batch.input_file_id or self.state.get(key).get("input_file_id") or "", batch
             )
         filename = f"llmbatch-{key}.jsonl"
-        file_id = self._earlier_upload(key, filename, report.bytes)
+        file_id = None if self.first_try() else self._earlier_upload(key, filename, report.bytes)
         if file_id is None:
             file_id = self.hook.upload_file(source, filename=filename).id
             self.record(key, report, file_id)
@@ -261,12 +250,3 @@ class Tracker:
             # A duplicate upload costs storage, not money; a failed look-up must not fail the task.
             self.log.warning("Could not look for an earlier upload (%s); uploading again", exc)
         return None
-
-    def _discard(self, file_id: str) -> None:
-        """Delete this try's own upload when an earlier batch (with its own input file) is re-attached to."""
-        try:
-            self.hook.delete_file(file_id)
-        except VendorAPIError as exc:
-            self.log.warning("Could not delete the unneeded upload %s (%s)", file_id, exc)
-        else:
-            self.log.info("Deleted upload %s: the earlier batch has its own input file", file_id)
