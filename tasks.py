@@ -3,7 +3,7 @@
 Set-up and everyday commands, with nothing but Python 3.11+ on the machine.
 
     python3 tasks.py demo   # run the example pipeline end to end against the bundled emulator
-    python3 tasks.py test   # lint, type-check and run the test suite
+    python3 tasks.py test   # lint, type-check and run the test suite (with the distributed end-to-end test)
     python3 tasks.py bench  # the benchmarks against the peer providers (bench/.venv), writes bench/RESULTS.md
 
 Each command creates ``.venv`` on first use and reinstalls only when ``pyproject.toml`` changes.
@@ -47,7 +47,8 @@ def run(*cmd: object, env: dict[str, str] | None = None) -> None:
 
 
 def test(args: list[str]) -> None:
-    ensure_env("test")
+    # e2e: the distributed end-to-end test's clients (Celery, PostgreSQL drivers, S3 on moto).
+    ensure_env("test,e2e")
     run(BIN / "ruff", "check", ".")
     run(BIN / "ruff", "format", "--check", ".")
     run(BIN / "mypy")

@@ -75,6 +75,8 @@ with DAG(
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # Safe to retry: a retried create re-attaches to the batch it already paid for, a fetch rewrites its file.
+    default_args={"retries": 3},
     tags=["llmbatch", "example", "pipeline", VENDOR],
     params={
         "records": Param(
@@ -82,6 +84,7 @@ with DAG(
             type="string",
             description="The reviews to classify: a JSONL path or URI with review_id, product, text.",
         ),
+        # With workers on several machines, every task must reach these: s3://... or gs://... then.
         "output_dir": Param(
             OUTPUT_DIR, type="string", description="Where requests, results and the summary are written."
         ),

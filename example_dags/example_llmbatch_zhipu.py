@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG
+from airflow.sdk import DAG, Param
 
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
 from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
@@ -13,6 +14,14 @@ from airflow_provider_llmbatch.sensors.batch import BatchSensor
 
 CONN_ID = "llmbatch_zhipu"
 POLL_INTERVAL = float(os.environ.get("LLMBATCH_EXAMPLE_POLL_INTERVAL", "60"))
+
+# Request and results files go under the `storage` param. One machine can keep them in a local folder; when
+# workers run on several machines, each task may run on another one: pass {"storage": "s3://bucket/prefix"}
+# (the provider's `s3` extra) or gs://... (`gcs`) when triggering, or change the default here.
+STORAGE = os.environ.get("LLMBATCH_OUTPUT_DIR") or str(
+    Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "llmbatch"
+)
+RUN_FILES = "{{ params.storage }}/{{ dag.dag_id }}/{{ run_id }}"
 
 SYSTEM = "Label the support ticket with one word: billing, delivery, account, bug or other."
 
@@ -29,6 +38,11 @@ with DAG(
     schedule=None,
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    # Safe to retry: a retried create re-attaches to the batch it already paid for, a fetch rewrites its file.
+    default_args={"retries": 3},
+    params={
+        "storage": Param(STORAGE, type="string", description="Folder or URI for request and results files.")
+    },
     tags=["llmbatch", "example", "zhipu"],
     doc_md="""
     ### Zhipu BigModel (GLM) batch
@@ -46,6 +60,7 @@ with DAG(
         model="glm-4-flash",
         metadata={"purpose": "ticket-triage"},
         vendor_options={"auto_delete_input_file": False},
+        request_file_destination=RUN_FILES + "/requests.jsonl",
     )
     wait = BatchSensor(
         deferrable=True,  # wait in the triggerer: no worker slot held for hours
@@ -60,5 +75,6 @@ with DAG(
         batch_id=create.output["batch_id"],
         # The request file the batch was created from, to join the answers to the questions.
         input_file=create.output["input_uri"],
+        destination=RUN_FILES + "/results.jsonl",
     )
     create >> wait >> fetch

@@ -8,10 +8,13 @@ depend on nor disturb whatever Airflow configuration the test process itself was
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 import pytest
 
@@ -33,6 +36,23 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> LocalAirflow:
         template.migrate()
         _template = template
     return _template
+
+
+def load_example(name: str) -> ModuleType:
+    """Import an example DAG file as a plain module (its DAG object, constants and helpers)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE_DAGS / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unavailable(what: str) -> NoReturn:
+    """Fail under CI, whose ``.ci/run`` installs everything the suite runs on; skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI runs every test: {what}", pytrace=False)
+    pytest.skip(what)
 
 
 def connections_env(emulator: Emulator) -> dict[str, str]:

@@ -1,68 +1,69 @@
 """
-A real Airflow deployment in processes: api-server (execution API), scheduler, dag-processor, triggerer.
+A real Airflow deployment in processes: api-server (execution API), scheduler, dag-processor, triggerers,
+Celery workers when the executor is Celery, and the vendor emulator.
 
-Everything listens on 127.0.0.1 only: the API server is bound there, and the scheduler's and
-triggerer's log servers (which bind every interface and cannot be told otherwise) are not started.
-Each process leads its own process group and is stopped by group id, children included.
+Everything listens on 127.0.0.1 only: the API server is bound there, and the log servers of the scheduler,
+triggerers and workers (which bind every interface and cannot be told otherwise) are not started. Each
+process leads its own process group and is stopped by PID, children included (see :mod:`processes`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import psutil
+from processes import LOOPBACK, Processes, answers, free_port, tail
 
 from airflow_provider_llmbatch.emulator import DEFAULT_API_KEY
 from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 from airflow_provider_llmbatch.vendors import REGISTRY
 from dev.local_airflow import LocalAirflow
 
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+__all__ = ["LOOPBACK", "AirflowCluster", "free_port"]
 
 
 class AirflowCluster:
     """
     Start, watch and stop the processes of one Airflow deployment and an emulator.
 
-    :param airflow: the installation (home, database, DAGs folder) to run.
-    :param extra_env: variables for every process (on top of the cluster's own).
+    :param airflow: the installation (home, DAGs folder) to run.
+    :param extra_env: variables for every Airflow process, on top of the cluster's own (which run the
+        LocalExecutor on the installation's SQLite database unless these say otherwise).
     :param emulator_time_scale: the emulator's time scale.
+    :param emulator_args: more ``llmbatch-emulator`` options, e.g. ``["--upload-mbps", "16"]``.
+    :param triggerers: how many triggerers to run.
+    :param celery_workers: how many Celery workers to run (set the CeleryExecutor in ``extra_env``).
     """
 
     def __init__(
-        self, airflow: LocalAirflow, extra_env: Mapping[str, str] | None = None, *, emulator_time_scale: float
+        self,
+        airflow: LocalAirflow,
+        extra_env: Mapping[str, str] | None = None,
+        *,
+        emulator_time_scale: float,
+        emulator_args: Sequence[str] = (),
+        triggerers: int = 1,
+        celery_workers: int = 0,
     ) -> None:
         self.airflow = airflow
         self.api_port = free_port()
         self.emulator_port = free_port()
         self.emulator_time_scale = emulator_time_scale
+        self.emulator_args = list(emulator_args)
+        self.emulator_data = airflow.home / "emulator-data"
+        self.triggerers = [f"triggerer-{n}" for n in range(1, triggerers + 1)]
+        self.workers: list[str] = []
+        self._celery_workers = celery_workers
         self.log_dir = airflow.home / "process-logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        emulator_url = f"http://{LOOPBACK}:{self.emulator_port}"
+        self.processes = Processes(self.log_dir)
         connections = {
             f"AIRFLOW_CONN_LLMBATCH_{name.upper()}": json.dumps(
                 {
                     "conn_type": spec.conn_type,
-                    "host": emulator_url + emulator_prefix(spec),
+                    "host": self.emulator_url + emulator_prefix(spec),
                     "password": DEFAULT_API_KEY,
                 }
             )
@@ -89,18 +90,6 @@ class AirflowCluster:
         """Return the emulator's root URL."""
         return f"http://{LOOPBACK}:{self.emulator_port}"
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        self.processes[name] = subprocess.Popen(
-            argv,
-            env=dict(env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-
     def start(self) -> None:
         """Start the emulator and the Airflow components; return once the emulator answers."""
         emulator_argv = [
@@ -113,101 +102,70 @@ class AirflowCluster:
             str(self.emulator_port),
             "--time-scale",
             str(self.emulator_time_scale),
+            "--data-dir",
+            str(self.emulator_data),
+            *self.emulator_args,
         ]
-        self._spawn("emulator", emulator_argv, self.airflow.env())
+        self.processes.spawn("emulator", emulator_argv, self.airflow.env())
         api = ["api-server", "--host", LOOPBACK, "--port", str(self.api_port), "--apps", "execution"]
         for name, args in {
             "api-server": api,
             "scheduler": ["scheduler", "--skip-serve-logs"],
             "dag-processor": ["dag-processor"],
-            "triggerer": ["triggerer", "--skip-serve-logs"],
         }.items():
-            self._spawn(name, self.airflow.command(*args), self.airflow.env(self.env_extra))
+            self._spawn_airflow(name, args)
+        for name in self.triggerers:
+            # A triggerer's job row records getuser() as its unixname: naming each one's user tells
+            # which process holds which trigger.
+            self._spawn_airflow(name, ["triggerer", "--skip-serve-logs"], {"LOGNAME": name, "USER": name})
+        for _ in range(self._celery_workers):
+            self.start_worker()
         self.wait_until(self._emulator_up, 30, "the emulator to answer")
 
-    def _emulator_up(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.emulator_url}/_emulator/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
+    def start_worker(self) -> str:
+        """Start one more Celery worker; return its name."""
+        name = f"celery-worker-{len(self.workers) + 1}"
+        argv = ["celery", "worker", "--skip-serve-logs", "--without-mingle", "--without-gossip"]
+        self._spawn_airflow(name, [*argv, "--celery-hostname", f"{name}@{LOOPBACK}"])
+        self.workers.append(name)
+        return name
 
-    def cli(self, *args: str, timeout: float = 120) -> None:
+    def _spawn_airflow(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        self.processes.spawn(
+            name, self.airflow.command(*args), self.airflow.env({**self.env_extra, **(env or {})})
+        )
+
+    def _emulator_up(self) -> bool:
+        return answers(f"{self.emulator_url}/_emulator/health")
+
+    def cli(self, *args: str, timeout: float = 120, log_name: str | None = None) -> None:
         """Run an ``airflow`` CLI command against this deployment; raise if it fails."""
-        log_path = self.log_dir / f"cli-{'-'.join(args[:2])}.log"
+        log_path = self.log_dir / f"cli-{log_name or '-'.join(args[:2])}.log"
         status = self.airflow.run(*args, env=self.env_extra, log_path=log_path, timeout=timeout)
         if status != 0:
             raise AssertionError(f"airflow {' '.join(args)} exited {status}:\n{self.tail(log_path)}")
 
-    def check_alive(self) -> None:
-        """Raise if a process of the deployment has exited."""
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"{name} exited with {process.returncode}:\n{self.tail(self.log_dir / f'{name}.log')}"
-                )
+    def wait_until(self, predicate: Callable[[], bool], seconds: float, what: str) -> float:
+        """Poll ``predicate`` until true; return the seconds it took; raise on time-out or a death."""
+        return self.processes.wait_until(predicate, seconds, what)
 
-    def wait_until(self, predicate: Callable[[], bool], seconds: float, what: str) -> None:
-        """Poll ``predicate`` until it is true; raise after ``seconds`` or if a process died."""
-        deadline = time.monotonic() + seconds
-        while not predicate():
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
-            time.sleep(0.25)
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL a component with all its processes, as if its machine died; return their PIDs."""
+        return self.processes.kill(name)
 
     def listening_addresses(self) -> set[str]:
         """Return the IPs on which any process of the deployment (children included) listens."""
-        addresses: set[str] = set()
-        for process in self.processes.values():
-            try:
-                root = psutil.Process(process.pid)
-                tree = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-            for member in tree:
-                try:
-                    connections = member.net_connections(kind="inet")
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                addresses.update(c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN)
-        return addresses
+        return self.processes.listening_addresses()
 
     def stop(self, grace: float = 20.0) -> dict[str, float | None]:
-        """
-        Stop every process group: SIGTERM, then SIGKILL for what is left after ``grace`` seconds.
-
-        Return each process's seconds to exit after SIGTERM (None: it had to be killed).
-        """
-        asked = time.monotonic()
-        for process in self.processes.values():
-            self._signal_group(process, signal.SIGTERM)
-        exited: dict[str, float | None] = dict.fromkeys(self.processes)
-        while time.monotonic() < asked + grace and None in exited.values():
-            for name, process in self.processes.items():
-                if exited[name] is None and process.poll() is not None:
-                    exited[name] = round(time.monotonic() - asked, 1)
-            time.sleep(0.1)
-        for process in self.processes.values():
-            # Workers and other children share the leader's group: kill the group even if the leader exited.
-            self._signal_group(process, signal.SIGKILL)
-            process.wait()
-        return exited
-
-    @staticmethod
-    def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
+        """Stop every process: SIGTERM, then SIGKILL after ``grace``; return each one's seconds to exit."""
+        return self.processes.stop(grace=grace)
 
     @staticmethod
     def tail(path: Path, lines: int = 40) -> str:
         """Return the end of a log file."""
-        if not path.exists():
-            return "(no log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return tail(path, lines)
 
     def all_logs_tail(self) -> str:
         """Return the end of every process log, for a failure message."""
-        return "\n".join(
-            f"--- {name} ---\n{self.tail(self.log_dir / f'{name}.log', 25)}" for name in self.processes
-        )
+        return self.processes.all_logs_tail()

@@ -12,6 +12,7 @@ from airflow_provider_llmbatch.vendors import REGISTRY
 from dev.local_airflow import DagTestRun, LocalAirflow
 
 REVIEWS = read_jsonl(REVIEWS_FILE)
+S3_DAG = "example_llmbatch_s3"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ CASES = [
     Case("example_llmbatch_moonshot", "moonshot", 4),
     Case("example_llmbatch_dashscope", "dashscope", 6),
     Case("example_llmbatch_openai", "openai", 7),
+    # Its request file and results live on S3 (moto, on loopback: the example_s3 fixture).
+    Case(S3_DAG, "zhipu", len(REVIEWS)),
     *(
         Case("example_llmbatch_pipeline", vendor, len(REVIEWS), {"LLMBATCH_PIPELINE_VENDOR": vendor})
         for vendor in REGISTRY
@@ -57,7 +60,8 @@ def example_runs(
     airflow = airflow_template.clone(tmp_path_factory.mktemp("example-dags") / "airflow-home")
     output = airflow.home / "pipeline-output"
     plan = [(case.dag_id, {**case.env, "LLMBATCH_OUTPUT_DIR": str(output / case.id)}) for case in cases]
-    runs = airflow.run_dag_tests(plan, env=env_for(dag_emulator), timeout=60 + 45 * len(plan))
+    s3 = request.getfixturevalue("example_s3").env() if any(c.dag_id == S3_DAG for c in cases) else {}
+    runs = airflow.run_dag_tests(plan, env=env_for(dag_emulator, s3), timeout=60 + 45 * len(plan))
     return {case.id: run for case, run in zip(cases, runs, strict=True)}
 
 
@@ -73,7 +77,7 @@ def test_every_vendor_has_an_example_dag(vendor: str) -> None:
 @pytest.mark.timeout(480)  # the first test to run also pays for running every DAG (see example_runs)
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_example_dag_runs_against_the_emulator(
-    case: Case, example_runs: dict[str, DagTestRun], dag_emulator: Emulator
+    case: Case, example_runs: dict[str, DagTestRun], dag_emulator: Emulator, request: pytest.FixtureRequest
 ) -> None:
     run = example_runs[case.id]
 
@@ -98,7 +102,11 @@ def test_example_dag_runs_against_the_emulator(
     manifest = run.xcoms["fetch_results"]
     assert manifest["batch_id"] == batch_id
     assert manifest["counts"]["succeeded"] == case.requests
-    rows = read_jsonl(manifest["result_uri"])
+    if case.dag_id == S3_DAG:
+        assert manifest["result_uri"].startswith("s3://"), manifest["result_uri"]
+        rows = request.getfixturevalue("example_s3").read_jsonl(manifest["result_uri"])
+    else:
+        rows = read_jsonl(manifest["result_uri"])
     assert len(rows) == case.requests
     assert {row["status"] for row in rows} == {"succeeded"}
     assert len({row["custom_id"] for row in rows}) == case.requests

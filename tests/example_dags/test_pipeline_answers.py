@@ -1,22 +1,14 @@
 from __future__ import annotations
 
-import importlib.util
 from types import ModuleType
 
 import pytest
-from airflow_env import EXAMPLE_DAGS
+from airflow_env import load_example
 
 
 @pytest.fixture(scope="module")
 def pipeline() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "example_pipeline", EXAMPLE_DAGS / "example_llmbatch_pipeline.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("example_llmbatch_pipeline")
 
 
 @pytest.mark.parametrize(
