@@ -202,7 +202,7 @@ def targets_triggers() -> list[str]:
     for name in ("n200", "n1000"):
         r = rows.get(f"llmbatch:{name}")
         if r:
-            ok = 0.95 <= r["fidelity_min"] and r["fidelity_max"] <= 1.05
+            ok = r["fidelity_min"] >= 0.95 and r["fidelity_max"] <= 1.05
             out.append(
                 f"| N = {r['n']:,} ({r['poll_interval']:g} s): schedule fidelity within 0.95-1.05 for every batch "
                 f"| mean {r['fidelity_mean']:.3f}, batches {r['fidelity_min']:.3f}-{r['fidelity_max']:.3f} "
