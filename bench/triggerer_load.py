@@ -51,6 +51,7 @@ def checkout_before() -> None:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(BEFORE)], input=archive, check=True)
 
+
 # name -> round settings; times are seconds after t0.
 _RATE_LIMITED = {
     "kind": "429_retry_after",
