@@ -138,14 +138,16 @@ def _missing(status: RowStatus) -> tuple[RowStatus, bytes]:
     return status, codec.to_json({"status": status, "response": None, "error": error, "usage": {}})[1:-1]
 
 
-def _finished_lines(files: Sequence[Path], anomalies: Anomalies) -> Iterator[FinishedLine]:
+def _finished_lines(batches: Sequence[BatchFiles], anomalies: Anomalies) -> Iterator[FinishedLine]:
     """
-    Yield each line of the output and error files that has a custom_id, finished (see :func:`_finish`).
+    Yield each line of the batches' output and error files that has a custom_id, finished (see
+    :func:`_finish`), with its batch's round.
 
     Lines without an id and malformed lines (not a JSON object, not strict JSON, nested deeper than
     the parser allows) are counted, with ``file@offset`` samples.
     """
-    for path in files:
+    files = [(Path(p), b.round) for b in batches for p in (b.output_file, b.error_file) if p is not None]
+    for path, round_ in files:
         with open(path, "rb") as handle:
             offset = 0
             for raw in handle:
@@ -165,7 +167,7 @@ def _finished_lines(files: Sequence[Path], anomalies: Anomalies) -> Iterator[Fin
                     # RecursionError: nesting deeper than the parser allows, a malformed line like any other.
                     anomalies.add("malformed_lines", f"{path.name}@{start}")
                     continue
-                yield (str(value), *finished)
+                yield (str(value), round_, *finished)
 
 
 def _iter_requests(source: Location, with_body: bool = True) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -187,6 +189,28 @@ def _iter_requests(source: Location, with_body: bool = True) -> Iterator[tuple[s
             yield request
 
 
+@dataclass(frozen=True)
+class BatchFiles:
+    """
+    What one batch of a job produced (its files, downloaded) and how it ended.
+
+    :param status: the batch's final status; decides what its requests without a line became.
+    :param output_file: the downloaded output file, if it has one.
+    :param error_file: the downloaded error file, if it has one.
+    :param requests: for a part of the input: how many request lines it holds (parts are in input order).
+    :param round: 0 for the input's own batches; 1, 2, ... for resubmission rounds, whose lines replace
+        earlier ones of the same request.
+    :param sent: a resubmission round's request file: each of its requests counts one more attempt.
+    """
+
+    status: str | None
+    output_file: str | os.PathLike[str] | None = None
+    error_file: str | os.PathLike[str] | None = None
+    requests: int | None = None
+    round: int = 0
+    sent: str | os.PathLike[str] | None = None
+
+
 def join_results(
     requests: Location,
     destination: Location,
@@ -195,12 +219,14 @@ def join_results(
     error_file: str | os.PathLike[str] | None = None,
     batch_status: str | None = None,
     include_request: bool = False,
+    batches: Sequence[BatchFiles] | None = None,
 ) -> JoinReport:
     """
     Write one result row per request line, joining the vendor's output and error lines by custom_id.
 
     Memory stays flat: the lines are indexed in a temporary SQLite database (removed when the join
-    ends, on error too), and rows are written as the request-ordered join produces them.
+    ends, on error too), and rows are written as the request-ordered join produces them. Every row
+    carries ``attempts``: how many times its request was sent (1, plus the resubmission rounds).
 
     :param requests: the request file the batch ran; rows come out in its order.
     :param destination: where the results JSONL goes; written to a temporary name, then moved.
@@ -209,18 +235,23 @@ def join_results(
     :param batch_status: the batch's final status; decides what a request without a line became
         (``expired`` -> expired, ``cancelled`` -> cancelled, anything else -> missing).
     :param include_request: add each request's body to its row as ``request``.
+    :param batches: instead of the three above, every batch of a job: its parts (round 0, in input order,
+        each with its ``requests`` count) and its resubmission rounds.
     """
+    if batches is None:
+        batches = [BatchFiles(batch_status, output_file, error_file)]
     anomalies = Anomalies()
-    files = [Path(p) for p in (output_file, error_file) if p is not None]
-    missing = _missing(_MISSING_STATUS.get(batch_status or "", "missing"))
+    newest_first = sorted(batches, key=lambda b: -b.round)
     with open_index() as index:
-        index.add_lines(_finished_lines(files, anomalies), anomalies)
+        index.add_lines(_finished_lines(newest_first, anomalies), anomalies)
+        for batch in batches:
+            if batch.sent is not None:
+                index.add_sent(rid for rid, _ in _iter_requests(batch.sent, with_body=False))
         with atomic_writer(destination) as out:
             rows, tokens = index.write_rows(
-                _iter_requests(requests, with_body=include_request),
+                _with_missing(_iter_requests(requests, with_body=include_request), batches),
                 out,
                 include_request=include_request,
-                missing=missing,
                 anomalies=anomalies,
             )
         index.count_unknown(anomalies)
@@ -233,3 +264,21 @@ def join_results(
         anomalies=anomalies.counts,
         samples=anomalies.samples,
     )
+
+
+def _with_missing(
+    requests: Iterator[tuple[str, dict[str, Any] | None]], batches: Sequence[BatchFiles]
+) -> Iterator[tuple[str, dict[str, Any] | None, tuple[str, bytes]]]:
+    """Add to each request what it became without a line: by the end of the input part that held it."""
+    parts = [b for b in batches if b.round == 0]
+    ends: list[tuple[int, tuple[str, bytes]]] = []
+    held = 0
+    for part in parts:
+        held += part.requests if part.requests is not None else 0
+        ends.append((held, _missing(_MISSING_STATUS.get(part.status or "", "missing"))))
+    last = ends[-1][1] if ends else _missing("missing")
+    index = 0
+    for number, (custom_id, body) in enumerate(requests, start=1):
+        while index < len(ends) - 1 and number > ends[index][0]:
+            index += 1
+        yield custom_id, body, ends[index][1] if ends else last

@@ -23,9 +23,9 @@ from airflow_provider_llmbatch.codec import to_json
 if TYPE_CHECKING:
     from airflow_provider_llmbatch.results import Anomalies
 
-FinishedLine: TypeAlias = tuple[str, str, int, int, int, bytes]
-"""An output or error line as a row: custom_id, status, prompt, completion and total tokens, and the
-row's other members as JSON (``"status":...,"response":...,"error":...,"usage":...``)."""
+FinishedLine: TypeAlias = tuple[str, int, str, int, int, int, bytes]
+"""An output or error line as a row: custom_id, its batch's round, status, prompt, completion and total
+tokens, and the row's other members as JSON (``"status":...,"response":...,"error":...,"usage":...``)."""
 
 # Lines are stored, requests looked up and rows written in batches of at most this many lines or bytes.
 _BATCH_LINES = 512
@@ -39,14 +39,17 @@ _PRAGMAS = (
     "PRAGMA temp_store = FILE",
     "PRAGMA cache_size = -8192",
 )
-# ``lines``: one row per custom_id of the output and error files, for its first line: the line's place
-# among them (``seq``), its status and tokens, and where its finished row is in the spool file.
+# ``lines``: one row per custom_id of the output and error files, for its first line (lines come newest
+# round first, so a resubmission's line replaces the earlier one): the line's place among them (``seq``),
+# its round, status and tokens, and where its finished row is in the spool file. ``sent``: how many
+# resubmission rounds sent each request again.
 # ``missing``: the request ids that have no line, to tell a repeated one. Ids are UTF-8 blobs (lone
 # surrogates kept); the token columns have no type, so a count beyond 64 bits can be stored as text.
 _SCHEMA = """
 CREATE TABLE lines (
     id BLOB PRIMARY KEY,
     seq INTEGER NOT NULL,
+    round INTEGER NOT NULL,
     status TEXT NOT NULL,
     prompt,
     completion,
@@ -55,10 +58,13 @@ CREATE TABLE lines (
     size INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE missing (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE sent (id BLOB PRIMARY KEY, times INTEGER NOT NULL) WITHOUT ROWID;
 """
-_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SENT = "INSERT INTO sent VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET times = times + 1"
 _LOOKUP_LINES = "SELECT id, seq, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
 _LOOKUP_MISSING = "SELECT id FROM missing WHERE id IN ({})"
+_LOOKUP_SENT = "SELECT id, times FROM sent WHERE id IN ({})"
 
 
 def _key(custom_id: str) -> bytes:
@@ -103,12 +109,12 @@ class ResultIndex:
         rows: list[bytes] = []
         pos = spooled = 0
         with open(self.spool_path, "wb") as spool:
-            for custom_id, status, prompt, completion, total, members in lines:
+            for custom_id, round_, status, prompt, completion, total, members in lines:
                 self.lines += 1
                 rows.append(members)
                 size = len(members)
                 tokens = _stored_int(prompt), _stored_int(completion), _stored_int(total)
-                batch.append((_key(custom_id), self.lines, status, *tokens, pos, size))
+                batch.append((_key(custom_id), self.lines, round_, status, *tokens, pos, size))
                 pos += size
                 if len(batch) >= _BATCH_LINES or pos - spooled >= _BATCH_BYTES:
                     spool.write(b"".join(rows))
@@ -127,41 +133,56 @@ class ResultIndex:
         duplicates = len(batch) - added
         if not duplicates:
             return
-        if anomalies.full("duplicates"):
-            anomalies.counts["duplicates"] += duplicates
-            return
-        # Name the lines that lost: their id is indexed under another (earlier) line.
-        for key, seq, *_ in batch:
-            if self.db.execute("SELECT seq FROM lines WHERE id = ?", (key,)).fetchone() != (seq,):
+        # The lines that lost: their id is indexed under another line. One of a later round replaced
+        # it (a resubmission, not an anomaly); one of the same round is a duplicate.
+        marks = ",".join("?" * len(batch))
+        kept = dict(
+            (key, (seq, round_))
+            for key, seq, round_ in self.db.execute(
+                f"SELECT id, seq, round FROM lines WHERE id IN ({marks})", [line[0] for line in batch]
+            )
+        )
+        for key, seq, round_, *_ in batch:
+            winner = kept.get(key)
+            if winner is not None and winner[0] != seq and winner[1] == round_:
                 anomalies.add("duplicates", _id_of(key))
+
+    def add_sent(self, custom_ids: Iterable[str]) -> None:
+        """Count one more attempt for each request a resubmission round sent again."""
+        batch: list[tuple[bytes]] = []
+        for custom_id in custom_ids:
+            batch.append((_key(custom_id),))
+            if len(batch) >= _BATCH_LINES:
+                self.db.executemany(_INSERT_SENT, batch)
+                batch = []
+        self.db.executemany(_INSERT_SENT, batch)
 
     def write_rows(
         self,
-        requests: Iterable[tuple[str, dict[str, Any] | None]],
+        requests: Iterable[tuple[str, dict[str, Any] | None, tuple[str, bytes]]],
         out: IO[bytes],
         *,
         include_request: bool,
-        missing: tuple[str, bytes],
         anomalies: Anomalies,
     ) -> tuple[Counter[str], list[int]]:
         """
         Write one row per request, in request order.
 
-        :param requests: each request's custom_id and body (a dict, or None).
+        :param requests: each request's custom_id, body (a dict, or None), and the status and finished
+            row members it gets without a line.
         :param out: where the rows go.
         :param include_request: add each request's body to its row as ``request``.
-        :param missing: the status and the finished row members of a request without a line.
         :param anomalies: counts the repeated request ids.
         :return: the rows per status, and the prompt, completion and total tokens over them.
         """
-        writer = _RowWriter(self, out, missing, anomalies)
-        batch: list[tuple[bytes, bytes, bytes | None]] = []
+        writer = _RowWriter(self, out, anomalies)
+        batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]] = []
         size = 0
         with open(self.spool_path, "rb") as spool:
             writer.spool = spool
-            for custom_id, body in requests:
+            for custom_id, body, missing in requests:
                 request = to_json(body) if include_request else None
-                batch.append((_key(custom_id), to_json(custom_id), request))
+                batch.append((_key(custom_id), to_json(custom_id), request, missing))
                 size += len(request) if request is not None else 0
                 if len(batch) >= _BATCH_LINES or size >= _BATCH_BYTES:
                     writer.write(batch)
@@ -183,13 +204,10 @@ class ResultIndex:
 class _RowWriter:
     """Write the rows of batches of requests: look their ids up, read their rows from the spool."""
 
-    def __init__(
-        self, index: ResultIndex, out: IO[bytes], missing: tuple[str, bytes], anomalies: Anomalies
-    ) -> None:
+    def __init__(self, index: ResultIndex, out: IO[bytes], anomalies: Anomalies) -> None:
         self.index = index
         self.out = out
         self.spool: IO[bytes] | None = None
-        self.missing_status, self.missing = missing
         self.anomalies = anomalies
         self.counts: Counter[str] = Counter()
         self.tokens = [0, 0, 0]
@@ -197,15 +215,16 @@ class _RowWriter:
         self.pending_bytes = 0
         self.at = 0
 
-    def write(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
-        """Write the rows of a batch of requests: (key, JSON of the id, JSON of the body or None)."""
+    def write(self, batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]]) -> None:
+        """Write the rows of requests: (key, JSON of the id, JSON of the body or None, row without a line)."""
         if not batch:
             return
         db, used, spool = self.index.db, self.index.used, self.spool
         assert spool is not None
-        keys = list(dict.fromkeys(key for key, _, _ in batch))
+        keys = list(dict.fromkeys(key for key, _, _, _ in batch))
         marks = ",".join("?" * len(keys))
         found = {row[0]: row for row in db.execute(_LOOKUP_LINES.format(marks), keys)}
+        sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys))
         absent = [key for key in keys if key not in found]
         seen: set[bytes] = set()
         if absent:
@@ -213,10 +232,10 @@ class _RowWriter:
             seen.update(k for (k,) in db.execute(_LOOKUP_MISSING.format(marks), absent))
             db.executemany("INSERT OR IGNORE INTO missing VALUES (?)", [(k,) for k in absent])
         counts, tokens, pending = self.counts, self.tokens, self.pending
-        for key, label, request in batch:
+        for key, label, request, missing in batch:
             line = found.get(key)
             if line is None:
-                status, fragment = self.missing_status, self.missing
+                status, fragment = missing
                 if key in seen:
                     self.anomalies.add("duplicate_requests", _id_of(key))
                 seen.add(key)
@@ -233,7 +252,7 @@ class _RowWriter:
                 fragment = spool.read(size)
                 self.at = pos + size
             counts[status] += 1
-            row = _row(label, fragment, request)
+            row = _row(label, fragment, request, 1 + sent.get(key, 0))
             pending.append(row)
             self.pending_bytes += len(row)
             if self.pending_bytes >= _BATCH_BYTES:
@@ -245,17 +264,20 @@ class _RowWriter:
         self.pending_bytes = 0
 
 
-def _row(label: bytes, fragment: bytes, request: bytes | None) -> bytes:
+def _row(label: bytes, fragment: bytes, request: bytes | None, attempts: int) -> bytes:
     """
-    Return one results line: the request's id, the finished members of its row, and its body if asked.
+    Return one results line: the request's id, the finished members of its row, its attempts, and its
+    body if asked.
 
     :param label: the custom_id as JSON.
     :param fragment: the row's ``status``, ``response``, ``error`` and ``usage`` members as JSON.
     :param request: the request body as JSON, or None to leave ``request`` out.
+    :param attempts: how many times the request was sent.
     """
+    head = b'{"custom_id":' + label + b"," + fragment + b',"attempts":' + str(attempts).encode()
     if request is None:
-        return b'{"custom_id":' + label + b"," + fragment + b"}\n"
-    return b'{"custom_id":' + label + b"," + fragment + b',"request":' + request + b"}\n"
+        return head + b"}\n"
+    return head + b',"request":' + request + b"}\n"
 
 
 @contextlib.contextmanager

@@ -97,7 +97,7 @@ def test_completed_with_failures_and_missing(tmp_path: Path) -> None:
     assert report.usage == {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17}
     assert report.reconciled
     assert report.result_uri == f"file://{dest.absolute()}"
-    assert set(rows[0]) == {"custom_id", "status", "response", "error", "usage"}
+    assert set(rows[0]) == {"custom_id", "status", "response", "error", "usage", "attempts"}
 
 
 @pytest.mark.parametrize(

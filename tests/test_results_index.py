@@ -115,6 +115,7 @@ def _reference(
             usage["prompt_tokens"] += prompt
             usage["completion_tokens"] += completion
             usage["total_tokens"] += line.usage.get("total_tokens", prompt + completion)
+        row["attempts"] = 1
         if include_request:
             row["request"] = body if isinstance(body, dict) else None
         rows.append(row)
