@@ -189,11 +189,15 @@ class ErrorDialect:
         ``error.code`` or ``error.type``.
     :param code_kinds: vendor codes or types that override the HTTP status's kind
         (e.g. Zhipu's 429 with code 1113 means arrears, not a rate limit: never retry it).
+    :param retryable_codes: error codes of a failed request (in an error file) worth sending again:
+        rate limits, overload, server faults. A request rejected for what it is (invalid, filtered, too
+        long) is never resubmitted.
     """
 
     request_id_headers: tuple[str, ...]
     codes: Mapping[ErrorKind, tuple[int, str]]
     code_kinds: Mapping[str, ErrorKind] = field(default_factory=_frozen)
+    retryable_codes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,8 @@ ZHIPU = VendorSpec(
             "server": (500, "500"),
         },
         code_kinds={"1113": "quota_exceeded", "1302": "rate_limit", "1301": "bad_request"},
+        # docs.z.ai/api-reference/api-code: 1302 high concurrency, 1234 network error, 500 internal error.
+        retryable_codes=frozenset({"1302", "1234", "500"}),
     ),
     console_url="https://open.bigmodel.cn/console/batch?batch_id={batch_id}",
 )
@@ -124,6 +126,8 @@ MOONSHOT = VendorSpec(
             "rate_limit_reached_error": "rate_limit",
             "resource_not_found_error": "not_found",
         },
+        # platform.moonshot.cn error docs: rate limits, overload and server errors are transient.
+        retryable_codes=frozenset({"rate_limit_reached_error", "engine_overloaded_error", "server_error"}),
     ),
     console_url="https://platform.moonshot.cn/console/batch?batch_id={batch_id}",
 )
@@ -198,6 +202,20 @@ DASHSCOPE = VendorSpec(
             "server": (500, "InternalError"),
         },
         code_kinds={"Arrearage": "quota_exceeded", "Throttling.RateQuota": "rate_limit"},
+        # Alibaba Cloud Model Studio error codes: Throttling*, InternalError, RequestTimeOut and
+        # ServiceUnavailable are transient; the rest describe the request.
+        retryable_codes=frozenset(
+            {
+                "Throttling",
+                "Throttling.RateQuota",
+                "Throttling.AllocationQuota",
+                "Throttling.BurstRate",
+                "InternalError",
+                "InternalError.Algo",
+                "RequestTimeOut",
+                "ServiceUnavailable",
+            }
+        ),
     ),
     # Doc: only output and error files can be downloaded.
     input_content_downloadable=False,
@@ -247,6 +265,8 @@ OPENAI = VendorSpec(
             "server": (500, "server_error"),
         },
         code_kinds={"insufficient_quota": "quota_exceeded", "rate_limit_exceeded": "rate_limit"},
+        # OpenAI's error types and codes: rate limits and server faults are transient.
+        retryable_codes=frozenset({"rate_limit_exceeded", "server_error", "timeout", "service_unavailable"}),
     ),
     cancel_terminal_status=409,
     console_url="https://platform.openai.com/batches/{batch_id}",

@@ -10,7 +10,7 @@ from starlette.routing import Mount, Route
 
 from airflow_provider_llmbatch.emulator import dialects
 from airflow_provider_llmbatch.emulator.app import Runtime
-from airflow_provider_llmbatch.emulator.faults import MAX_SECONDS, FaultRule, check_number
+from airflow_provider_llmbatch.emulator.faults import MAX_CLOCK_STEP, MAX_SECONDS, FaultRule, check_number
 from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
 
 ADMIN_PREFIX = "/_emulator"
@@ -93,7 +93,7 @@ def admin_mount(rt: Runtime) -> Mount:
         try:
             # A clock step is data, not a wait: any finite step forward is fine.
             seconds = check_number(
-                "advance", data.get("advance") if isinstance(data, dict) else None, high=1e9
+                "advance", data.get("advance") if isinstance(data, dict) else None, high=MAX_CLOCK_STEP
             )
         except ValueError as exc:
             return _problem(f"expected {{'advance': <seconds>}}: {exc}")
@@ -112,10 +112,14 @@ def admin_mount(rt: Runtime) -> Mount:
         data = await _json(request)
         if not isinstance(data, dict) or not isinstance(data.get("status"), str):
             return _problem("expected {'status': <status>, 'hold': true|false}")
+        hold = data.get("hold", True)
+        if not isinstance(hold, bool):
+            # bool("false") is True: a string would hold the batch where the caller meant to release it.
+            return _problem(f"hold must be true or false, got {hold!r}")
         if vendor not in rt.config.vendors:
             return _problem(f"unknown vendor {vendor!r}", 404)
         try:
-            batch = rt.store.force_status(vendor, batch_id, data["status"], hold=bool(data.get("hold", True)))
+            batch = rt.store.force_status(vendor, batch_id, data["status"], hold=hold)
         except KeyError as exc:
             return _problem(str(exc.args[0]), 404)
         except ValueError as exc:

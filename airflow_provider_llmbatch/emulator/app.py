@@ -10,6 +10,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -309,6 +310,7 @@ class VendorAPI:
             endpoint,
             self.rt.store.fail_pattern,
             max_problems=self.rt.config.max_problems,
+            fails_once=partial(self.rt.store.fails_once, self.name),
         )
 
     async def _list_files(self, request: Request) -> Response:

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="where files are kept (default: a temp dir)")
     parser.add_argument("--fail-pattern", default="^fail", help="custom_id regex of requests that fail")
     parser.add_argument(
+        "--transient-pattern",
+        default="^retry",
+        help="custom_id regex of requests that fail once, rate limited, and succeed when sent again",
+    )
+    parser.add_argument(
         "--reply",
         action="append",
         default=[],
@@ -66,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = EmulatorConfig(
         time_scale=args.time_scale,
         fail_custom_id_pattern=args.fail_pattern,
+        transient_custom_id_pattern=args.transient_pattern,
         rate_limits=args.rate_limits,
         seed=args.seed,
         replies=tuple(_reply(rule, parser) for rule in args.reply),

@@ -27,6 +27,9 @@ class EmulatorConfig:
     :param cancelling_seconds: time a batch spends ``cancelling``.
     :param window_seconds_per_hour: emulated seconds per hour of ``completion_window`` (real: 3600).
     :param fail_custom_id_pattern: requests whose ``custom_id`` matches end in the error file.
+    :param transient_custom_id_pattern: requests whose ``custom_id`` matches fail once, rate limited (the
+        vendor's 429 code): the first batch that runs them writes them to the error file, a later batch
+        (a resubmission) answers them.
     :param rate_limits: whether the vendors' documented per-minute rate limits are enforced.
     :param seed: seed of the random generator used by probabilistic faults.
     :param max_problems: validation problems reported per file.
@@ -46,6 +49,7 @@ class EmulatorConfig:
     cancelling_seconds: float = 0.2
     window_seconds_per_hour: float = 3600.0
     fail_custom_id_pattern: str = "^fail"
+    transient_custom_id_pattern: str = "^retry"
     rate_limits: bool = False
     seed: int = 0
     max_problems: int = 20
@@ -60,6 +64,7 @@ class EmulatorConfig:
         if self.upload_bytes_per_second is not None and self.upload_bytes_per_second <= 0:
             raise ValueError(f"upload_bytes_per_second must be > 0, got {self.upload_bytes_per_second}")
         re.compile(self.fail_custom_id_pattern)
+        re.compile(self.transient_custom_id_pattern)
         for pattern, _ in self.replies:
             re.compile(pattern)
 

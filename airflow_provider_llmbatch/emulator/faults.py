@@ -54,7 +54,10 @@ RATE_BUCKETS: Mapping[str, str] = {
 
 
 MAX_SECONDS = 3600.0
-"""The longest delay, latency or clock step the emulator takes: longer only ever hangs a test."""
+"""The longest delay or latency the emulator takes: longer only ever hangs a test."""
+
+MAX_CLOCK_STEP = 1e9
+"""The longest step the emulator's clock moves at once: a step is data, not a wait, but it must be finite."""
 
 
 def check_number(name: str, value: Any, *, high: float) -> float:
@@ -97,11 +100,14 @@ class FaultRule:
     after_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in FAULT_KINDS:
+        # isinstance first: a list is not hashable, and the message must still name the field.
+        if not isinstance(self.kind, str) or self.kind not in FAULT_KINDS:
             raise ValueError(f"kind must be one of {sorted(FAULT_KINDS)}, got {self.kind!r}")
         if self.vendor is not None and not isinstance(self.vendor, str):
             raise ValueError(f"vendor must be a vendor name or None, got {self.vendor!r}")
-        if self.operation is not None and self.operation not in OPERATIONS:
+        if self.operation is not None and (
+            not isinstance(self.operation, str) or self.operation not in OPERATIONS
+        ):
             raise ValueError(f"operation must be one of {sorted(OPERATIONS)} or None, got {self.operation!r}")
         if self.probability is not None:
             check_number("probability", self.probability, high=1.0)

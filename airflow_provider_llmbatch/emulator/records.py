@@ -52,7 +52,7 @@ class FileInfo:
     :param model: the one model of the file (the first seen).
     :param url: the one ``url`` of the file (the first seen).
     :param problems: problems found, capped.
-    :param fail_flags: per request line, 1 when its ``custom_id`` is to fail.
+    :param fail_flags: per request line, 1 when its ``custom_id`` is to fail, 2 when it fails rate limited.
     """
 
     lines: int = 0
@@ -141,9 +141,13 @@ class BatchRecord:
     @property
     def failed(self) -> int:
         """Return failed requests so far."""
-        return self.info.fail_flags[: self.processed].count(1) + self.unfinished_failed
+        return self._failed_processed() + self.unfinished_failed
 
     @property
     def completed(self) -> int:
         """Return succeeded requests so far."""
-        return self.processed - self.info.fail_flags[: self.processed].count(1)
+        return self.processed - self._failed_processed()
+
+    def _failed_processed(self) -> int:
+        done = self.info.fail_flags[: self.processed]
+        return len(done) - done.count(0)

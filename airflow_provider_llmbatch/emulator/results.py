@@ -165,13 +165,21 @@ def success_line(spec: VendorSpec, batch_id: str, custom_id: str, body: dict[str
 
 
 def error_line(
-    spec: VendorSpec, batch_id: str, custom_id: str, code: str, message: str, *, with_response: bool
+    spec: VendorSpec,
+    batch_id: str,
+    custom_id: str,
+    code: str,
+    message: str,
+    *,
+    with_response: bool,
+    status: int = 400,
 ) -> dict[str, Any]:
-    """Return an error line: a 400-style failed request, or (no response) a request that never ran."""
+    """Return an error line: a failed request (``status``), or (no response) a request that never ran."""
     response = None
     if with_response:
-        error = {"code": code, "message": message, "type": "invalid_request_error", "param": None}
-        response = _response(spec, 400, {"error": error})
+        kind = "invalid_request_error" if status == 400 else "rate_limit_error"
+        error = {"code": code, "message": message, "type": kind, "param": None}
+        response = _response(spec, status, {"error": error})
     return {
         "id": _line_id(spec, batch_id, custom_id),
         "custom_id": custom_id,
@@ -211,7 +219,19 @@ def write_results(
             custom_id = str(record.get("custom_id", ""))
             body = record.get("body") if isinstance(record.get("body"), dict) else {}
             if index < batch.processed:
-                if flags[index]:
+                if flags[index] == 2:
+                    line = error_line(
+                        spec,
+                        batch.id,
+                        custom_id,
+                        spec.errors.codes["rate_limit"][1],
+                        "rate limited (emulated: it succeeds when sent again)",
+                        with_response=True,
+                        status=spec.errors.codes["rate_limit"][0],
+                    )
+                    err.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    written_err += 1
+                elif flags[index]:
                     line = error_line(
                         spec,
                         batch.id,

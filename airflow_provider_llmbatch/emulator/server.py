@@ -23,6 +23,7 @@ from airflow_provider_llmbatch.emulator.admin import admin_mount
 from airflow_provider_llmbatch.emulator.app import TRANSPORT_SCOPE_KEY, Runtime, VendorAPI
 from airflow_provider_llmbatch.emulator.config import DEFAULT_API_KEY, Clock, EmulatorConfig, OffsetClock
 from airflow_provider_llmbatch.emulator.faults import (
+    MAX_CLOCK_STEP,
     MAX_SECONDS,
     FaultRule,
     FaultSet,
@@ -223,7 +224,7 @@ class Emulator:
 
     def advance_clock(self, seconds: float) -> None:
         """Move the emulator's clock forward: batches jump ahead on their next read."""
-        self.clock.advance(seconds)
+        self.clock.advance(check_number("seconds", seconds, high=MAX_CLOCK_STEP))
 
     def force_status(self, vendor: str, batch_id: str, status: str, *, hold: bool = True) -> dict[str, Any]:
         """

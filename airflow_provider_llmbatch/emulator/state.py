@@ -35,6 +35,8 @@ class VendorState:
     batches: dict[str, BatchRecord] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     operations: Counter[str] = field(default_factory=Counter)
+    rate_limited: set[str] = field(default_factory=set)
+    """The custom ids that have failed once, rate limited (see ``transient_custom_id_pattern``)."""
 
 
 def create_flag(spec: VendorSpec, extra: dict[str, Any], name: str) -> bool:
@@ -61,6 +63,7 @@ class Store:
         self.root = root
         self.lock = threading.RLock()
         self.fail_pattern = re.compile(config.fail_custom_id_pattern)
+        self.transient_pattern = re.compile(config.transient_custom_id_pattern)
         self._seq = 0
         self._vendors: dict[str, VendorState] = {}
         self.reset()
@@ -75,6 +78,16 @@ class Store:
                 directory = self.root / name
                 directory.mkdir(parents=True, exist_ok=True)
                 self._vendors[name] = VendorState(spec, directory)
+
+    def fails_once(self, vendor: str, custom_id: str) -> bool:
+        """Return whether a request fails now, rate limited: the first time its id matches the pattern."""
+        if not self.transient_pattern.search(custom_id):
+            return False
+        with self.lock:
+            seen = self.vendor(vendor).rate_limited
+            first = custom_id not in seen
+            seen.add(custom_id)
+            return first
 
     def vendor(self, name: str) -> VendorState:
         """Return a vendor's state; raise KeyError for a vendor not served."""

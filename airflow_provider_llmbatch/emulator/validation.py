@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from airflow_provider_llmbatch.emulator.records import FileInfo, Problem
@@ -27,6 +28,7 @@ def scan_request_file(
     fail_pattern: re.Pattern[str],
     *,
     max_problems: int = 20,
+    fails_once: Callable[[str], bool] = lambda _: False,
 ) -> FileInfo:
     """
     Validate a request file line by line and note which requests are to fail.
@@ -35,7 +37,8 @@ def scan_request_file(
     :param spec: the vendor whose rules apply.
     :param endpoint: the batch endpoint every ``url`` must equal; None (at upload) accepts any endpoint of
         the vendor, as long as all lines agree.
-    :param fail_pattern: ``custom_id`` values matching it are marked to fail.
+    :param fail_pattern: ``custom_id`` values matching it are marked to fail (flag 1).
+    :param fails_once: whether a ``custom_id`` fails this time, rate limited (flag 2).
     :param max_problems: problems kept.
     """
     info = FileInfo()
@@ -70,7 +73,8 @@ def scan_request_file(
             elif custom_id in seen:
                 out.add("duplicate_custom_id", f"custom_id {custom_id!r} is not unique", number, "custom_id")
             seen.add(custom_id)
-            info.fail_flags.append(1 if custom_id and fail_pattern.search(custom_id) else 0)
+            flag = 1 if custom_id and fail_pattern.search(custom_id) else 0
+            info.fail_flags.append(2 if not flag and custom_id and fails_once(custom_id) else flag)
             _check_line(record, number, spec, endpoint, info, out)
     if info.lines == 0:
         out.add("empty_file", "expected at least one request line, got an empty file")
