@@ -67,14 +67,14 @@ def _hash(*parts: object, length: int) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:length]
 
 
-def batch_key(context: Context, input_fingerprint: str, part: int | None = None) -> str:
+def batch_key(context: Context, input_fingerprint: str, part: int | str | None = None) -> str:
     """
     Return the key naming this task instance's batch for this input (32 hex characters).
 
     :param part: the part's index, when the input is split into several batches (a one-part input
-        keeps the key it always had).
+        keeps the key it always had), or a resubmission round's name.
     """
-    extra = () if part is None else (f"part-{part}",)
+    extra = () if part is None else (part if isinstance(part, str) else f"part-{part}",)
     return _hash(*task_identity(context), input_fingerprint, *extra, length=KEY_LENGTH)
 
 

@@ -1,15 +1,25 @@
-"""Fetch a finished batch's results, join them with its requests, and land one results file."""
+"""
+Fetch a finished job's results, join them with its requests, resubmit what is worth it, land one file.
+
+A job is one batch, or the parts of an input split over a vendor's limits; its results land as one file
+in input order. With ``resubmit_failed=N``, rows that failed for a reason that may not last go into a new
+request file and a new batch (a round), up to N rounds; their results replace the failed rows and each
+row carries ``attempts``. A round's request file is kept beside the results file, and its batch is
+named by this task instance and the round's requests, so a retried task re-attaches to it.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset, AssetAlias, BaseOperator
+from airflow.sdk import Asset, AssetAlias, BaseOperator, conf
 
+from airflow_provider_llmbatch import waiting
 from airflow_provider_llmbatch.exceptions import (
     InvalidInputError,
     LLMBatchError,
@@ -17,10 +27,14 @@ from airflow_provider_llmbatch.exceptions import (
     VendorAPIError,
 )
 from airflow_provider_llmbatch.hooks.batch import BatchHook
+from airflow_provider_llmbatch.jsonl import validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
+from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.operators.reattach import default_task_path
 from airflow_provider_llmbatch.outcomes import check_fraction, judge, request_counts
-from airflow_provider_llmbatch.results import JoinReport, join_results
+from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL
+from airflow_provider_llmbatch.resubmit import retryable_ids, write_round
+from airflow_provider_llmbatch.results import BatchFiles, JoinReport, join_results
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -45,8 +59,8 @@ class FetchBatchResultsOperator(BaseOperator):
     ``anomalies``) and emits an asset event for ``Asset(result_uri)`` through the ``llmbatch-results``
     asset alias.
 
-    :param batch_id: the vendor's batch id, e.g. ``{{ ti.xcom_pull(task_ids='create', key='batch_id') }}``.
-        (templated)
+    :param batch_id: the vendor's batch id, e.g. ``{{ ti.xcom_pull(task_ids='create', key='batch_id') }}``,
+        or the list of a split job's batch ids (its ``batch_ids`` XCom), in input order. (templated)
     :param conn_id: the LLM batch connection. (templated) (default: ``llmbatch_default``)
     :param input_file: the request file the batch ran (path or URI), e.g.
         ``create.output["input_uri"]``. (templated) (default: the batch's input
@@ -59,6 +73,14 @@ class FetchBatchResultsOperator(BaseOperator):
     :param max_failed_fraction: the share of failed rows allowed when the batch itself did not report its
         request counts (the sensor could not judge it; the rows are judged here, as the sensor would
         have, after they are landed). (default: 0.0)
+    :param resubmit_failed: rounds of resubmitting the rows worth it (rate limited, server errors, never
+        run because their batch expired or was cancelled); 0 lands the results as they are. (default: 0)
+    :param delete_input_file: delete each batch's request file at the vendor once the results are landed
+        (it counts against the vendor's stored-file quota). (default: False)
+    :param deferrable: wait for a round's batch in the triggerer.
+        (default: ``[operators] default_deferrable``)
+    :param poll_interval: the typical seconds between polls of a round's batch. (default: 30)
+    :param timeout: seconds to wait for a round's batch. (default: 7 days)
     """
 
     template_fields: Sequence[str] = ("batch_id", "conn_id", "input_file", "destination")
@@ -68,13 +90,18 @@ class FetchBatchResultsOperator(BaseOperator):
     def __init__(
         self,
         *,
-        batch_id: str,
+        batch_id: str | list[str],
         conn_id: str = BatchHook.default_conn_name,
         input_file: str | None = None,
         destination: str | None = None,
         delete_remote_files: bool = False,
         include_request: bool = False,
         max_failed_fraction: float = 0.0,
+        resubmit_failed: int = 0,
+        delete_input_file: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        timeout: float | timedelta = waiting.DEFAULT_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         outlets = list(kwargs.pop("outlets", None) or [])
@@ -89,6 +116,15 @@ class FetchBatchResultsOperator(BaseOperator):
         self.delete_remote_files = delete_remote_files
         self.include_request = include_request
         self.max_failed_fraction = check_fraction(max_failed_fraction)
+        if isinstance(resubmit_failed, bool) or not isinstance(resubmit_failed, int) or resubmit_failed < 0:
+            raise InvalidInputError(f"resubmit_failed must be a whole number >= 0, got {resubmit_failed!r}")
+        self.resubmit_failed = resubmit_failed
+        self.delete_input_file = delete_input_file
+        self.deferrable = deferrable
+        # A round's batch is waited for, not judged: whatever it ran replaces the rows it ran.
+        self.round_wait = waiting.WaitSettings.checked(
+            poll_interval=poll_interval, timeout=timeout, max_failed_fraction=1.0, resubmitting=True
+        )
 
     def _rendered(self, name: str) -> str | None:
         """Return a templated argument after rendering: a stripped string, or None when unset or empty."""
@@ -110,61 +146,152 @@ class FetchBatchResultsOperator(BaseOperator):
         return value
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Download, join and land the results; return the manifest."""
-        batch_id = self._required("batch_id")
-        conn_id = self._required("conn_id")
-        input_file = self._rendered("input_file")
-        destination = self._rendered("destination") or default_task_path("llmbatch-results", context)
-        hook = BatchHook(conn_id)
+        """Download, join and land the results (resubmitting rounds when asked); return the manifest."""
+        value = self.batch_id
+        ids = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(ids, list | tuple)
+            or not ids
+            or not all(isinstance(i, str) and i.strip() for i in ids)
+        ):
+            raise InvalidInputError(f"batch_id must be a non-empty string or list of them, got {value!r}")
+        hook = BatchHook(self._required("conn_id"))
         ti = context.get("ti")
         if ti is not None:
-            ti.xcom_push(key=XCOM_BATCH_ID, value=batch_id)
+            ti.xcom_push(key=XCOM_BATCH_ID, value=ids[0].strip())
             ti.xcom_push(key=XCOM_CONN_TYPE, value=hook.vendor.conn_type)
-        batch = hook.get_batch(batch_id)
-        if not batch.is_terminal:
+        return self._fetch(context, hook, [[i.strip() for i in ids]])
+
+    def execute_complete(
+        self, context: Context, event: Any = None, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Resume after a round's batch ended: fetch again, with that round."""
+        payload = waiting.validate_event(event)
+        if payload["event"] != "terminal":
+            raise LLMBatchError(f"waiting for a resubmission round failed: {payload['message']}")
+        rounds = (extra or {}).get("rounds") or _pulled(context, XCOM_ROUNDS)
+        if not isinstance(rounds, list):
+            raise LLMBatchError("the rounds of this fetch were lost across the deferral")
+        return self._fetch(context, BatchHook(self._required("conn_id")), rounds)
+
+    def _fetch(self, context: Context, hook: BatchHook, rounds: list[list[str]]) -> dict[str, Any]:
+        """Land the results of every round so far; resubmit another round when it is worth it."""
+        batches = [[hook.get_batch(batch_id) for batch_id in ids] for ids in rounds]
+        running = [b.id for r in batches for b in r if not b.is_terminal]
+        if running:
+            what = f"Batch {running[0]} has" if len(running) == 1 else f"Batches {', '.join(running)} have"
             raise LLMBatchError(
-                f"Batch {batch_id} is {batch.status!r}; fetch its results once it has ended "
-                "(wait with BatchSensor first)"
+                f"{what} not ended; fetch the results once it has ended (wait with BatchSensor)"
             )
-        if batch.status != "completed":
-            self.log.warning("Batch %s ended %s; landing what it produced", batch_id, batch.status)
+        destination = self._rendered("destination") or default_task_path("llmbatch-results", context)
+        parts = batches[0]
         with tempfile.TemporaryDirectory(prefix="llmbatch-results-") as tmp:
-            requests = input_file or self._download_input(hook, batch, Path(tmp))
-            output = self._download(hook, batch.output_file_id, Path(tmp) / "output.jsonl")
-            errors = self._download(hook, batch.error_file_id, Path(tmp) / "errors.jsonl")
+            input_file = self._rendered("input_file") or self._download_input(hook, parts[0], Path(tmp))
+            files = [
+                BatchFiles(
+                    batch.status,
+                    self._download(hook, batch.output_file_id, Path(tmp) / f"{n}-{i}.out.jsonl"),
+                    self._download(hook, batch.error_file_id, Path(tmp) / f"{n}-{i}.err.jsonl"),
+                    requests=batch.request_counts.total if n == 0 and len(parts) > 1 else None,
+                    round=n,
+                    sent=_round_file(destination, n) if n else None,
+                )
+                for n, round_batches in enumerate(batches)
+                for i, batch in enumerate(round_batches)
+            ]
             report = join_results(
-                requests,
-                destination,
-                output_file=output,
-                error_file=errors,
-                batch_status=batch.status,
-                include_request=self.include_request,
+                input_file, destination, batches=files, include_request=self.include_request
             )
-        self._log_report(batch_id, report)
+        self._log_report(", ".join(b.id for r in batches for b in r), report)
+        if len(rounds) <= self.resubmit_failed:
+            again = self._resubmit(context, hook, input_file, destination, len(rounds))
+            if again is not None:
+                return self._wait_round(context, hook, [*rounds, [again]])
+        return self._land(context, hook, batches, report, input_file)
+
+    def _resubmit(
+        self, context: Context, hook: BatchHook, input_file: str, destination: str, number: int
+    ) -> str | None:
+        """Create round ``number``'s batch of the rows worth resubmitting, or re-attach; None if none."""
+        ids = set(retryable_ids(destination, hook.vendor))
+        if not ids:
+            return None
+        path = _round_file(destination, number)
+        count, sha256 = write_round(input_file, ids, path)
+        key = reattach.batch_key(context, sha256, f"round-{number}")
+        tracker = reattach.Tracker(context, hook, self.log, enabled=True)
+        report = validate_request_file(path, hook.vendor)
+        found = tracker.reuse_or_upload(path, report, key)
+        batch = found.batch or hook.create_batch(
+            input_file_id=found.file_id,
+            endpoint=report.endpoint,
+            metadata={reattach.KEY_METADATA: key},
+        )
+        tracker.record(key, report, found.file_id, batch.id)
+        self.log.info("Round %d: %d request(s) worth sending again, in batch %s", number, count, batch.id)
+        return batch.id
+
+    def _wait_round(self, context: Context, hook: BatchHook, rounds: list[list[str]]) -> dict[str, Any]:
+        """Wait for the newest round's batch: defer, or poll here; then fetch again."""
+        ti = context.get("ti")
+        if ti is not None:
+            ti.xcom_push(key=XCOM_ROUNDS, value=rounds)  # dag.test() drops the deferral's kwargs
+        waiting.wait_for_batch(
+            context,
+            hook,
+            rounds[-1],
+            self.round_wait,
+            deferrable=self.deferrable,
+            defer=self.defer,
+            log=self.log,
+            extra={"rounds": rounds},
+        )
+        return self._fetch(context, hook, rounds)
+
+    def _land(
+        self,
+        context: Context,
+        hook: BatchHook,
+        batches: list[list[Batch]],
+        report: JoinReport,
+        input_file: str,
+    ) -> dict[str, Any]:
+        """Announce the landed file, judge rows the batches did not count, tidy up; return the manifest."""
+        parts = batches[0]
         if not report.reconciled:  # pragma: no cover - join_results writes one row per request by design
-            raise LLMBatchError(f"Results of batch {batch_id} do not reconcile: {report.counts}")
+            raise LLMBatchError(f"Results do not reconcile: {report.counts}")
         manifest = {
-            "batch_id": batch_id,
-            "status": batch.status,
+            "batch_id": parts[0].id,
+            "batch_ids": [b.id for b in parts],
+            "status": parts[0].status,
             "result_uri": report.result_uri,
             "counts": report.counts,
             "usage": report.usage,
             "anomalies": report.anomalies,
             "input_uri": input_file,
-            "output_file_id": batch.output_file_id,
-            "error_file_id": batch.error_file_id,
+            "output_file_id": parts[0].output_file_id,
+            "error_file_id": parts[0].error_file_id,
+            "parts": [_described(b) for b in parts],
+            "rounds": [
+                {"round": n, "batches": [_described(b) for b in r]} for n, r in enumerate(batches[1:], 1)
+            ],
         }
+        ti = context.get("ti")
         if ti is not None:
             ti.xcom_push(key=XCOM_RESULT_URI, value=report.result_uri)
         self._emit_asset_event(context, manifest)
-        if self.delete_remote_files:
-            self._delete_remote_files(hook, batch)
-        summary = batch.summary()
-        if request_counts(summary) is None:
-            # The batch did not say how many requests failed: the landed rows do, judged as the sensor would.
+        for batch in (b for r in batches for b in r):
+            if self.delete_remote_files:
+                self._delete_remote_files(hook, batch)
+            elif self.delete_input_file:
+                self._delete_files(hook, [batch.input_file_id])
+        if any(request_counts(b.summary()) is None for b in parts):
+            # The batches did not say how many requests failed: the landed rows do, judged like the sensor.
             total, ok = report.counts.get("total", 0), report.counts.get("succeeded", 0)
             counts = {"total": total, "completed": ok, "failed": total - ok}
-            judge({**summary, "request_counts": counts}, max_failed_fraction=self.max_failed_fraction)
+            judge(
+                {**parts[0].summary(), "request_counts": counts}, max_failed_fraction=self.max_failed_fraction
+            )
         return manifest
 
     def _download_input(self, hook: BatchHook, batch: Batch, tmp: Path) -> str:
@@ -234,7 +361,10 @@ class FetchBatchResultsOperator(BaseOperator):
         events[AssetAlias(RESULTS_ASSET_ALIAS)].add(Asset(uri=manifest["result_uri"]), extra=extra)
 
     def _delete_remote_files(self, hook: BatchHook, batch: Batch) -> None:
-        for file_id in (batch.output_file_id, batch.error_file_id, batch.input_file_id):
+        self._delete_files(hook, [batch.output_file_id, batch.error_file_id, batch.input_file_id])
+
+    def _delete_files(self, hook: BatchHook, file_ids: list[str | None]) -> None:
+        for file_id in file_ids:
             if not file_id:
                 continue
             try:
@@ -245,3 +375,32 @@ class FetchBatchResultsOperator(BaseOperator):
             except VendorAPIError as exc:
                 # The results are landed; a leftover remote file is not worth failing (and re-running) for.
                 self.log.warning("Could not delete remote file %s: %s", file_id, exc)
+
+
+XCOM_ROUNDS = "resubmission_rounds"
+"""The XCom key of the batch ids of each round, pushed before a round is waited for."""
+
+
+def _round_file(destination: str, number: int) -> str:
+    """Return where round ``number``'s request file is kept: beside the results file."""
+    stem = destination.removesuffix(".jsonl")
+    return f"{stem}.round-{number}.requests.jsonl"
+
+
+def _described(batch: Batch) -> dict[str, Any]:
+    counts = batch.request_counts
+    return {
+        "batch_id": batch.id,
+        "status": batch.status,
+        "request_counts": {"total": counts.total, "completed": counts.completed, "failed": counts.failed},
+    }
+
+
+def _pulled(context: Context, key: str) -> Any:
+    ti = context.get("ti")
+    if ti is None:
+        return None
+    index = getattr(ti, "map_index", -1)
+    return ti.xcom_pull(
+        task_ids=ti.task_id, key=key, map_indexes=index if isinstance(index, int) and index >= 0 else None
+    )
