@@ -46,8 +46,10 @@ from airflow_provider_llmbatch.locations import (
     atomic_writer,
     file_name,
     label,
+    local_path,
     make_folder,
     open_read,
+    replaceable_file,
 )
 from airflow_provider_llmbatch.locations import Source as RequestSource
 from airflow_provider_llmbatch.models import RequestLine
@@ -148,6 +150,7 @@ def build_request_file(
     system: str | None = None,
     params: Mapping[str, Any] | None = None,
     max_problems: int = 20,
+    whole_input: bool = False,
 ) -> RequestFileReport:
     """
     Write records as a request file, streaming, and check the result against the vendor's rules.
@@ -170,11 +173,16 @@ def build_request_file(
     :param params: body fields added to every request built from a prompt record (a record's own
         ``params`` win), e.g. ``{"max_tokens": 512}``.
     :param max_problems: how many problems to list; further ones are counted.
+    :param whole_input: build an input that :func:`~airflow_provider_llmbatch.parts.split_checked` splits
+        into files within the vendor's limits: no per-file request or size limit, and custom ids are left
+        to the split to check over the whole input.
     :raises InvalidRequestFileError: when a record cannot be turned into a valid request line.
     """
     spec = resolve_vendor(vendor)
     endpoint_spec = resolve_endpoint(spec, endpoint)
-    checker = RequestChecker(spec, endpoint_spec, file_name(destination), max_problems=max_problems)
+    checker = RequestChecker(
+        spec, endpoint_spec, file_name(destination), max_problems=max_problems, whole_input=whole_input
+    )
     tally = Tally()
     with _open_write(destination) as handle:
         write, update, dumps = handle.write, tally.update, codec.dumps
@@ -244,16 +252,19 @@ def _request_for(
         body = {**(params or {}), **built, **own}
     if model is not None and body.setdefault("model", model) != model:
         checker.problem(where, "body.model", f"{model!r} (the model argument)", show(body["model"]))
-    changed = codec.inexact(body, "body")
-    if changed is not None:
-        checker.problem(where, changed[0], "a value JSON carries as it is", changed[1])
-        return None
-    return {
+    line = {
         "custom_id": custom_id,
         "method": record.get("method", "POST"),
         "url": record.get("url", endpoint.path),
         "body": body,
     }
+    # Every field, not only the body: bytes or a UUID as custom_id would otherwise arrive as other text.
+    for name, value in line.items():
+        changed = codec.inexact(value, name)
+        if changed is not None:
+            checker.problem(where, changed[0], "a value JSON carries as it is", changed[1])
+            return None
+    return line
 
 
 @contextmanager
@@ -264,6 +275,11 @@ def _open_write(destination: Location) -> Iterator[IO[bytes]]:
         with atomic_writer(target) as handle:
             yield handle
         return
+    local = local_path(target)
+    if local is not None:
+        # A file:// location is written in place and removed if the write fails: never over a FIFO (the
+        # open would block) or a device (removing a failed write would remove /dev/null itself).
+        replaceable_file(local)
     make_folder(target.parent)
     try:
         with target.open("wb") as handle:  # type: ignore[no-untyped-call]

@@ -170,6 +170,8 @@ class RequestChecker:
         self._model_mismatch_seen = False
         self._seen: dict[int, int] = {}
         self._keys: array[int] | None = array("Q") if whole_input else None
+        self.duplicates_named = False
+        """Set once the repeated ids are listed line by line: ``finish`` then does not count them again."""
         self._url = endpoint.path
         self._forbidden = spec.forbidden_body_keys
         self._shape, self._forbidden_names = shape_decoder(self._forbidden)
@@ -345,7 +347,7 @@ class RequestChecker:
 
     def duplicated_keys(self) -> set[int]:
         """Return the 64-bit keys (:func:`id_key`) of the custom ids used more than once (``whole_input``)."""
-        if not self._keys:
+        if not self._keys or self.duplicates_named:
             return set()
         ordered = sorted(self._keys)
         return {a for a, b in itertools.pairwise(ordered) if a == b}
@@ -356,6 +358,10 @@ class RequestChecker:
             self.file_problem("lines", "at least one request", "an empty file")
         elif self.requests == 0:
             self.file_problem("lines", "at least one request", "only blank lines")
+        repeated = self.duplicated_keys()
+        if repeated:
+            again = f"{len(repeated)} used again"
+            self.file_problem("custom_id", "each id used once in the whole input", again)
         # An input checked whole is split into files within the limits: no per-file limit applies to it.
         if self._keys is None and self.requests > self.max_requests:
             self.file_problem(

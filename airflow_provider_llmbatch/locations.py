@@ -72,11 +72,12 @@ def object_path(location: Location) -> ObjectStoragePath:
 
     :raises InvalidInputError: when no filesystem is installed for the URI's scheme, naming what to install.
     """
-    if isinstance(location, str | os.PathLike):
-        from airflow.sdk import ObjectStoragePath
-
-        location = ObjectStoragePath(os.fsdecode(location))
     try:
+        if isinstance(location, str | os.PathLike):
+            from airflow.sdk import ObjectStoragePath
+
+            # An unknown scheme (or one whose library is missing) fails here already.
+            location = ObjectStoragePath(os.fsdecode(location))
         location.fs  # noqa: B018 - resolves the filesystem now, not deep inside the first read
     except (ValueError, ImportError) as exc:
         scheme = str(location).partition("://")[0]
@@ -110,6 +111,27 @@ def regular_file(path: str | os.PathLike[str]) -> Path:
         raise InvalidInputError(f"{local}: cannot read it ({exc.strerror})") from None
     if not stat.S_ISREG(mode):
         raise InvalidInputError(f"{local}: not a regular file (a folder, a device, a FIFO or a socket)")
+    return local
+
+
+def replaceable_file(path: str | os.PathLike[str]) -> Path:
+    """
+    Return a local destination after checking that a file may be renamed over whatever is there.
+
+    :raises InvalidInputError: for a folder, a device (``/dev/null``), a FIFO or a socket at the path (or
+        behind a link there): renaming a file over a device node would delete it for every process.
+    """
+    local = Path(os.fsdecode(path))
+    try:
+        mode = local.stat().st_mode
+    except FileNotFoundError:
+        return local
+    except OSError as exc:
+        raise InvalidInputError(f"{local}: cannot write it ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidInputError(
+            f"{local}: not a regular file (a folder, a device, a FIFO or a socket); name a file to write"
+        )
     return local
 
 
@@ -167,6 +189,7 @@ def atomic_writer(destination: Location) -> Iterator[IO[bytes]]:
     """
     local = local_path(destination)
     if local is not None:
+        replaceable_file(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(_temp_name(local.name))
         try:

@@ -178,6 +178,7 @@ def _name_duplicates(source: Source, checker: RequestChecker, max_problems: int)
     repeated = checker.duplicated_keys()
     if not repeated:
         return
+    checker.duplicates_named = True
     first: dict[int, int] = {}
     listed = 0
     with open_read(source) as handle:

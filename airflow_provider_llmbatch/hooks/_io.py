@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import IO, Any, NoReturn, Protocol, cast
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
-from airflow_provider_llmbatch.locations import regular_file
+from airflow_provider_llmbatch.locations import local_path, object_path, regular_file, replaceable_file
 
 CHUNK_SIZE = 256 * 1024
 """Bytes read per upload chunk: large enough to keep thread hops rare, small enough to keep memory flat."""
@@ -59,6 +59,12 @@ class UploadSource:
         if self.kind == "path":
             self.size = os.path.getsize(regular_file(cast("os.PathLike[str]", self.source)))
         elif self.kind == "storage":
+            local = local_path(cast("Any", self.source))
+            if local is not None:
+                # file:// is a local path too: a FIFO would block the open, /dev/zero never end.
+                regular_file(local)
+            elif hasattr(type(self.source), "fs"):
+                object_path(cast("Any", self.source))  # an ObjectStoragePath: a missing filesystem is named
             try:
                 self.size = int(cast("Any", self.source).stat().st_size)
             except (AttributeError, OSError, TypeError, ValueError):
@@ -205,7 +211,7 @@ class DownloadSink:
         self._close()
         self.written = 0
         if self.kind == "path":
-            final = os.fspath(cast("os.PathLike[str]", self.destination))
+            final = os.fspath(replaceable_file(cast("os.PathLike[str]", self.destination)))
             if self._temp is None:
                 parent = os.path.dirname(os.path.abspath(final))
                 os.makedirs(parent, exist_ok=True)
@@ -216,6 +222,11 @@ class DownloadSink:
             self._handle = open(self._temp, "wb")  # noqa: SIM115 - closed in commit/abort
         elif self.kind == "storage":
             dest = cast("Any", self.destination)
+            local = local_path(dest)
+            if local is not None:
+                replaceable_file(local)
+            elif hasattr(type(dest), "fs"):
+                object_path(dest)  # an ObjectStoragePath: a missing filesystem is named
             if self._temp is None:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 self._temp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")

@@ -10,6 +10,7 @@ environment's proxies and CA files, used by the sync face (httpx) and the async 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import ssl
 import urllib.request
@@ -19,6 +20,7 @@ from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import yarl
 
 from airflow_provider_llmbatch import __version__
 from airflow_provider_llmbatch.exceptions import InvalidInputError
@@ -101,7 +103,7 @@ def _number(conn_id: str, name: str, value: Any, *, integer: bool, low: float, h
         raise _refuse(conn_id, f"extra {name!r}", f"a number from {low:g} to {high:g}", type(value).__name__)
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or an integer beyond the float range
         raise _refuse(conn_id, f"extra {name!r}", f"a number from {low:g} to {high:g}", repr(value)) from None
     if not math.isfinite(number) or not low <= number <= high or (integer and not number.is_integer()):
         kind = "a whole number" if integer else "a number"
@@ -143,13 +145,52 @@ def _base_url(
     if parts.fragment:
         raise _refuse(conn_id, "host (Base URL)", "no #fragment")
     if port not in (None, "") and parts.port is None:
-        if isinstance(port, bool) or not isinstance(port, int | str) or not str(port).isdigit():
+        # isdecimal, not isdigit: "²" is a digit that int() refuses.
+        if isinstance(port, bool) or not isinstance(port, int | str) or not str(port).isdecimal():
             raise _refuse(conn_id, "port", "a whole number from 1 to 65535", repr(port))
         if not 1 <= int(port) <= 65535:
             raise _refuse(conn_id, "port", "a whole number from 1 to 65535", repr(port))
         parts = parts._replace(netloc=f"{parts.netloc}:{int(port)}")
-    params = dict(parse_qsl(parts.query, keep_blank_values=True))
-    return parts._replace(query="", fragment="").geturl().rstrip("/"), params
+    base_url = parts._replace(query="", fragment="").geturl().rstrip("/")
+    problem = _unsendable_host(base_url)
+    if problem is not None:
+        raise _refuse(conn_id, "host (Base URL)", "a valid http(s) URL", problem)
+    try:
+        # Strict: a percent-escape that is not UTF-8 would otherwise be sent as U+FFFD, another value.
+        pairs = parse_qsl(parts.query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        what = "a query string of UTF-8 text"
+        raise _refuse(conn_id, "host (Base URL)", what, "another encoding") from None
+    params = dict(pairs)
+    if len(params) < len(pairs):
+        # One value per name is what both faces send: a repeated parameter would lose all but its last.
+        name = next(n for n in params if sum(1 for k, _ in pairs if k == n) > 1)
+        raise _refuse(conn_id, "host (Base URL)", "each query parameter once", f"{name!r} more than once")
+    return base_url, params
+
+
+def _unsendable_host(base_url: str) -> str | None:
+    """
+    Return why either face could not send to the URL's host, or would send elsewhere; None when both can.
+
+    A host name that parses may still fail when a call is made: an A-label httpx cannot decode
+    (``xn--``), an empty or over-long label the resolver's IDNA codec refuses, or a name the two HTTP
+    libraries map to different hosts (httpx refuses what aiohttp maps, e.g. full-width letters).
+    """
+    try:
+        sync_url = httpx.URL(base_url)
+        sync_url.host  # noqa: B018 - decodes the IDNA name as httpx does on every request
+        host = sync_url.raw_host.decode("ascii")
+        async_host = yarl.URL(base_url).raw_host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            host.encode("idna")  # as socket.getaddrinfo encodes it
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are UnicodeErrors, so ValueErrors
+        return f"a host name that cannot be sent ({exc})"
+    if (async_host or "").lower() != host.lower():  # host names and IPv6 addresses ignore case
+        return f"a host name the two HTTP clients read differently ({host!r}, {async_host!r})"
+    return None
 
 
 def settings_from_connection(
@@ -168,7 +209,7 @@ def settings_from_connection(
     :param conn_id: the connection id, for messages.
     :param conn_type: the connection type; decides the vendor.
     :param host: the base URL, with or without scheme; empty for the registry's URL of extra ``region``.
-        A query string (``?api-version=1``) is sent with every call.
+        A query string (``?api-version=1``, each name once) is sent with every call.
     :param password: the API key; surrounding whitespace (a secret file's newline) is stripped.
     :param extra: the connection's extras.
     :param port: the connection's port, used when ``host`` names none.

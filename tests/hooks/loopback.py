@@ -14,7 +14,7 @@ import datetime
 import ipaddress
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -151,6 +151,16 @@ class Vendor(ThreadedServer):
                 return
             writer.write(answer)
             await writer.drain()
+
+
+@contextlib.contextmanager
+def serving(handler: Handler, context: ssl.SSLContext | None = None) -> Iterator[Vendor]:
+    """Serve ``handler`` as a :class:`Vendor` on loopback for the block; stop it after."""
+    server = Vendor(handler, context).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class ForwardProxy(ThreadedServer):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
+import os
+import pickle
 import random
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +93,79 @@ class Face:
             self.loop.run_until_complete(self.hook.aclose())
             self.loop.close()
         self.hook.close()
+
+
+# -- hardening: bounded calls, generated examples, connections set for one example ----------------------
+
+BOUND = 60.0
+"""Seconds any single call under test may take before the test fails: a bound, never a measurement."""
+
+
+def bounded(call: Callable[[], Any], seconds: float = BOUND) -> Any:
+    """
+    Return ``call()`` run in a daemon thread, or raise what it raised; fail if it has not ended in time.
+
+    For calls that must not block for good (a FIFO opened, a trickled answer): the test fails at the
+    bound instead of hanging, and a stuck thread does not keep the interpreter from exiting.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="bounded-call", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AssertionError(f"the call did not end within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def examples(count: int) -> Any:
+    """
+    Return hypothesis settings for a property with I/O: ``count`` derandomized examples, no deadline.
+
+    ``LLMBATCH_HARDENING_EXAMPLES`` overrides every count for a longer hunt.
+    """
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=int(os.environ.get("LLMBATCH_HARDENING_EXAMPLES", "0")) or count,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        # The emulator and loopback servers are per test, not per example: each example reads deltas.
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+_CONN_IDS = itertools.count()
+
+
+@contextmanager
+def connection(value: dict[str, Any], prefix: str = "hard") -> Iterator[str]:
+    """Set ``AIRFLOW_CONN_<ID>`` to ``value`` for the block (one hypothesis example); yield the id."""
+    conn_id = f"{prefix}_{next(_CONN_IDS)}"
+    name = f"AIRFLOW_CONN_{conn_id.upper()}"
+    os.environ[name] = json.dumps(value)
+    try:
+        yield conn_id
+    finally:
+        os.environ.pop(name, None)
+
+
+def shown(exc: BaseException) -> dict[str, str]:
+    """Return every text an exception shows: ``str``, ``repr``, traceback and pickled form (revived too)."""
+    revived = pickle.loads(pickle.dumps(exc))
+    return {
+        "str": str(exc),
+        "repr": repr(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "pickle": pickle.dumps(exc).decode("latin-1"),
+        "revived": f"{revived!s} {revived!r}",
+    }

@@ -3,9 +3,11 @@ A canary API key never lands anywhere: full DAG runs, passing and failing, then 
 
 The DAGs run in a real Airflow (``dag.test()`` in a child process, debug logging on, deferrals run in
 line) against an emulator that answers a wrong key with a 401 quoting the ``Authorization`` header it
-got. Afterwards every byte Airflow wrote (task logs, the process output, the metadata database with
-its XComs, trigger kwargs, rendered templates, task instances, DAG-run conf and log table) and
-everything the emulator logged is searched for both keys.
+got. Besides the plain key and a wrong one, the key is given as pasted: with whitespace around it (it
+works) and with a line break or a zero-width space inside (refused; each half is searched for).
+Afterwards every byte Airflow wrote (task logs, the process output, the metadata database with its
+XComs, trigger kwargs, rendered templates, task instances, DAG-run conf and log table) and everything
+the emulator logged is searched for every key.
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ pytestmark = [pytest.mark.airflow, pytest.mark.integration]
 
 CANARY = f"sk-canary-{uuid.uuid4().hex}"
 WRONG_CANARY = f"sk-canary-wrong-{uuid.uuid4().hex}"
-KEYS = {"key": CANARY, "wrong key": WRONG_CANARY}
+PADDED = f"\t{CANARY}\r\n"
+"""The key as a secret file or a paste brings it: whitespace around it, stripped, and it works."""
+UNSENDABLE = {
+    "llmbatch_line_break": (uuid.uuid4().hex, "\n", uuid.uuid4().hex),
+    "llmbatch_zero_width": (uuid.uuid4().hex, "\u200b", uuid.uuid4().hex),
+}
+"""Connection -> a key with a character no header carries inside: refused when the connection is read."""
+KEYS = {
+    "key": CANARY,
+    "wrong key": WRONG_CANARY,
+    **{f"{conn} key, part {i}": parts[i] for conn, parts in UNSENDABLE.items() for i in (0, 2)},
+}
+"""What must never be found: the keys, and each half of the unsendable ones (in any escaping)."""
 
 DAGS = textwrap.dedent(
     """
@@ -61,34 +75,41 @@ DAGS = textwrap.dedent(
         BatchHook(BAD).list_batches().__next__()
 
 
-    with DAG("secrets_success", schedule=None, start_date=START, catchup=False):
-        create = CreateBatchOperator(
-            task_id="create_batch",
-            conn_id="{{ 'llmbatch_' + 'openai' }}",
-            requests=REQUESTS,
-            model="gpt-4o-mini",
-            metadata={"run": "{{ run_id }}"},
-        )
-        wait = BatchSensor(
-            task_id="wait_for_batch",
-            conn_id=GOOD,
-            batch_id=create.output["batch_id"],
-            deferrable=True,
-            poll_interval=0.3,
-        )
-        fetch = FetchBatchResultsOperator(
-            task_id="fetch_results", conn_id=GOOD, batch_id=create.output["batch_id"],
-            input_file=create.output["input_uri"],
-        )
-        templated = PythonOperator(
-            task_id="templated",
-            python_callable=show,
-            op_kwargs={
-                "password": "{{ conn.llmbatch_openai.password }}",
-                "host": "{{ conn.llmbatch_openai.host }}",
-            },
-        )
-        create >> wait >> fetch >> templated
+    def pipeline(dag_id, conn_id, templated_conn_id):
+        # Create (conn_id templated), deferred wait, fetch, and a task templating the connection's password.
+        with DAG(dag_id, schedule=None, start_date=START, catchup=False):
+            create = CreateBatchOperator(
+                task_id="create_batch",
+                conn_id=templated_conn_id,
+                requests=REQUESTS,
+                model="gpt-4o-mini",
+                metadata={"run": "{{ run_id }}"},
+            )
+            wait = BatchSensor(
+                task_id="wait_for_batch",
+                conn_id=conn_id,
+                batch_id=create.output["batch_id"],
+                deferrable=True,
+                poll_interval=0.3,
+            )
+            fetch = FetchBatchResultsOperator(
+                task_id="fetch_results", conn_id=conn_id, batch_id=create.output["batch_id"],
+                input_file=create.output["input_uri"],
+            )
+            templated = PythonOperator(
+                task_id="templated",
+                python_callable=show,
+                op_kwargs={
+                    "password": "{{ conn.%s.password }}" % conn_id,
+                    "host": "{{ conn.%s.host }}" % conn_id,
+                },
+            )
+            create >> wait >> fetch >> templated
+
+
+    pipeline("secrets_success", GOOD, "{{ 'llmbatch_' + 'openai' }}")
+    # The key with whitespace around it (a secret file's newline, a pasted tab): stripped, and it works.
+    pipeline("secrets_padded_key", "llmbatch_padded", "llmbatch_padded")
 
     with DAG("secrets_failed_batch", schedule=None, start_date=START, catchup=False):
         CreateBatchOperator(
@@ -101,6 +122,12 @@ DAGS = textwrap.dedent(
             deferrable=True,
             poll_interval=0.3,
         )
+
+    with DAG("secrets_unsendable_keys", schedule=None, start_date=START, catchup=False):
+        for conn in ("llmbatch_line_break", "llmbatch_zero_width"):
+            CreateBatchOperator(task_id=f"create_{conn}", conn_id=conn, requests=REQUESTS, model="m")
+            BatchSensor(task_id=f"wait_{conn}", conn_id=conn, batch_id="batch_123", deferrable=True)
+            FetchBatchResultsOperator(task_id=f"fetch_{conn}", conn_id=conn, batch_id="batch_123")
 
     with DAG("secrets_wrong_key", schedule=None, start_date=START, catchup=False):
         CreateBatchOperator(task_id="create_batch", conn_id=BAD, requests=REQUESTS, model="gpt-4o-mini")
@@ -172,7 +199,18 @@ def runs(
         # Everything at debug, httpx and httpcore included: headers must not show up even there.
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "DEBUG",
     }
-    plan = ["secrets_success", "secrets_failed_batch", "secrets_wrong_key"]
+    padded = {"llmbatch_padded": PADDED}
+    unsendable = {conn: "sk-canary-" + "".join(parts) for conn, parts in UNSENDABLE.items()}
+    for conn_id, key in {**padded, **unsendable}.items():
+        value = {"conn_type": "llmbatch_openai", "host": canary_emulator.base_url("openai"), "password": key}
+        env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(value)
+    plan = [
+        "secrets_success",
+        "secrets_failed_batch",
+        "secrets_padded_key",
+        "secrets_unsendable_keys",
+        "secrets_wrong_key",
+    ]
     results = airflow.run_dag_tests(plan, env=env, timeout=240)
     return airflow, {run.dag_id: run for run in results}
 
@@ -217,6 +255,26 @@ def test_runs_happened_as_planned(runs: tuple[LocalAirflow, dict[str, DagTestRun
     wrong = by_dag["secrets_wrong_key"]
     assert wrong.state == "failed"
     assert set(wrong.tasks.values()) == {"failed"}, wrong.tasks
+    padded = by_dag["secrets_padded_key"]
+    assert padded.succeeded, f"the padded key works: {padded.error}\n{failing_tail(padded.log_path)}"
+    assert padded.deferrals, "its sensor deferred"
+    unsendable = by_dag["secrets_unsendable_keys"]
+    assert unsendable.state == "failed"
+    assert set(unsendable.tasks.values()) == {"failed"}, unsendable.tasks
+    assert len(unsendable.tasks) == 6
+
+
+def test_unsendable_keys_were_refused_naming_the_field(
+    runs: tuple[LocalAirflow, dict[str, DagTestRun]],
+) -> None:
+    _, by_dag = runs
+    log_path = by_dag["secrets_unsendable_keys"].log_path
+    assert log_path is not None
+    log = log_path.read_text(errors="replace")
+    assert (
+        log.count("password (API key): expected printable ASCII only, got a control or space character") >= 3
+    )
+    assert log.count("password (API key): expected printable ASCII only, got a non-ASCII character") >= 3
 
 
 def test_the_echoing_emulator_did_echo(canary_emulator: Emulator) -> None:
