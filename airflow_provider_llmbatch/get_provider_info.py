@@ -71,6 +71,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_provider_llmbatch.operators.batch",
                     "airflow_provider_llmbatch.operators.cancel",
+                    "airflow_provider_llmbatch.operators.cleanup",
                     "airflow_provider_llmbatch.operators.results",
                 ],
             }

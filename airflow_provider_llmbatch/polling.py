@@ -80,7 +80,8 @@ EVENT_KINDS: frozenset[str] = frozenset({"terminal", "timeout", "error"})
 
 _SHORT_PHASES = frozenset({BatchStatus.FINALIZING.value, BatchStatus.CANCELLING.value})
 _KNOWN_STATUSES = frozenset(status.value for status in BatchStatus)
-_TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
+TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_STATUSES)
+"""The terminal statuses, as the vendors write them."""
 
 
 class RandomLike(Protocol):
@@ -130,6 +131,17 @@ def check_seconds(
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds > maximum:
         raise InvalidInputError(f"{name} must be from {low} to {maximum:g} seconds, got {value!r}")
     return seconds
+
+
+def check_count(name: str, value: Any, *, minimum: int = 0) -> int:
+    """
+    Return a whole-number argument (a count: errors, batches, rounds), or refuse it naming the argument.
+
+    A bool, a float (even ``2.0``), a string and anything below ``minimum`` are refused, never converted.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInputError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def scheduled_delay(
@@ -245,7 +257,7 @@ class Poller:
     :param log: where progress and failures are logged.
     :param rng: the source of jitter (default: the ``random`` module).
     :param progress: log each change of status and counts (a part of a job leaves that to
-        :class:`GroupProgress`).
+        :class:`~airflow_provider_llmbatch.fanin.GroupProgress`).
     """
 
     def __init__(
@@ -405,63 +417,3 @@ class Poller:
         if per_second <= 0:
             return 0.0, None
         return per_second * 60.0, max(total - done, 0) / per_second
-
-
-class GroupProgress:
-    """
-    One progress line for the parts of a job: how many ended, and the requests of all of them.
-
-    :param pollers: the parts' state machines.
-    :param log: where the line goes.
-    """
-
-    def __init__(self, pollers: list[Poller], log: logging.Logger | Any) -> None:
-        self.pollers = pollers
-        self.log = log
-        self._last: tuple[tuple[Any, ...] | None, float] = (None, 0.0)
-
-    def update(self, now: float) -> None:
-        """Log the parts' progress when it changed (at least every :data:`QUIET_LOG_SECONDS`)."""
-        summaries = [p.summary for p in self.pollers]
-        ended = sum(1 for s in summaries if s is not None and s.get("status") in _TERMINAL)
-        known = [c for s in summaries if s is not None and (c := request_counts(s)) is not None]
-        completed, failed, total = (sum(c[i] for c in known) for i in range(3))
-        seen = (ended, completed, failed, total)
-        if seen == self._last[0] and now - self._last[1] < QUIET_LOG_SECONDS:
-            return
-        self._last = (seen, now)
-        unknown = len(summaries) - len(known)
-        self.log.info(
-            "%d of %d batches ended; %d completed, %d failed of %d requests%s",
-            ended,
-            len(summaries),
-            completed,
-            failed,
-            total,
-            f" ({unknown} batches without counts yet)" if unknown else "",
-        )
-
-
-def group_event(pollers: list[Poller], finals: list[Finish]) -> dict[str, Any]:
-    """
-    Return the one event of a wait for several parts: the worst end, every part's summary.
-
-    :param pollers: the parts' state machines, in order.
-    :param finals: each part's final step.
-    """
-    if len(pollers) == 1:
-        return pollers[0].event(finals[0])
-    kinds = [final.kind for final in finals]
-    kind: EventKind = "error" if "error" in kinds else "timeout" if "timeout" in kinds else "terminal"
-    reasons = [
-        f"batch {p.batch_id}: {f.message}" for p, f in zip(pollers, finals, strict=True) if f.kind == kind
-    ]
-    message = "; ".join(reasons) if kind != "terminal" else f"all {len(pollers)} batches ended"
-    return {
-        "event": kind,
-        "batch_id": pollers[0].batch_id,
-        "batch": pollers[0].summary,
-        "batches": [p.summary for p in pollers],
-        "message": message,
-        "polls": sum(p.polls for p in pollers),
-    }

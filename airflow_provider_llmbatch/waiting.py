@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow_provider_llmbatch.exceptions import (
     BatchTimeoutError,
-    InvalidInputError,
     LLMBatchError,
     VendorAPIError,
 )
+from airflow_provider_llmbatch.fanin import GroupProgress, group_event
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.models import Batch, BatchStatus
 from airflow_provider_llmbatch.outcomes import check_fraction, judge_parts
@@ -30,11 +30,10 @@ from airflow_provider_llmbatch.polling import (
     EVENT_KINDS,
     Cancel,
     Finish,
-    GroupProgress,
     Poller,
     Wait,
+    check_count,
     check_seconds,
-    group_event,
 )
 from airflow_provider_llmbatch.retry import classify
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
@@ -106,9 +105,7 @@ class WaitSettings:
         resubmitting: bool = False,
     ) -> WaitSettings:
         """Return the settings after checking each argument; raise :class:`InvalidInputError` naming it."""
-        errors = max_consecutive_errors
-        if isinstance(errors, bool) or not isinstance(errors, int) or errors < 1:
-            raise InvalidInputError(f"max_consecutive_errors must be a whole number >= 1, got {errors!r}")
+        errors = check_count("max_consecutive_errors", max_consecutive_errors, minimum=1)
         return cls(
             poll_interval=check_seconds("poll_interval", poll_interval),
             max_poll_interval=check_seconds("max_poll_interval", max_poll_interval),
@@ -120,13 +117,14 @@ class WaitSettings:
             resubmitting=bool(resubmitting),
         )
 
-    def trigger(self, conn_id: str, batch_ids: Sequence[str], deadline: float) -> BatchTrigger:
-        """Return the trigger that waits for ``batch_ids`` with these settings."""
-        one = len(batch_ids) == 1
+    def trigger(self, conn_id: str, batch_ids: str | Sequence[str], deadline: float) -> BatchTrigger:
+        """Return the trigger that waits for a batch, or every one of ``batch_ids``, with these settings."""
+        ids = _as_ids(batch_ids)
+        one = len(ids) == 1
         return BatchTrigger(
             conn_id=conn_id,
-            batch_id=batch_ids[0] if one else None,
-            batch_ids=None if one else list(batch_ids),
+            batch_id=ids[0] if one else None,
+            batch_ids=None if one else ids,
             poll_interval=self.poll_interval,
             max_poll_interval=self.max_poll_interval,
             deadline=deadline,
@@ -158,7 +156,7 @@ def wait_for_batch(
     :raises BatchOutcomeError: a batch failed, expired, was cancelled, timed out, or too many requests
         failed (over all the batches).
     """
-    ids = [batch_ids] if isinstance(batch_ids, str) else list(batch_ids)
+    ids = _as_ids(batch_ids)
     deadline = clock() + settings.timeout
     extra = dict(extra or {})
     if not deferrable:
@@ -173,6 +171,11 @@ def wait_for_batch(
         kwargs={"extra": extra} if extra else None,
         timeout=timedelta(seconds=settings.timeout + DEFER_TIMEOUT_MARGIN),
     )
+
+
+def _as_ids(batch_ids: str | Sequence[str]) -> list[str]:
+    """Return one batch id as a list of one; a str is one id, never a sequence of characters."""
+    return [batch_ids] if isinstance(batch_ids, str) else list(batch_ids)
 
 
 def _named(ids: Sequence[str]) -> str:
@@ -191,9 +194,10 @@ def _peek(hook: BatchHook, batch_id: str, log: Any) -> Batch | None:
 
 
 def poll_until_done(
-    hook: BatchHook, batch_ids: Sequence[str], settings: WaitSettings, deadline: float, log: Any
+    hook: BatchHook, batch_ids: str | Sequence[str], settings: WaitSettings, deadline: float, log: Any
 ) -> dict[str, Any]:
-    """Poll the batches on the worker, each on its own schedule, until all have ended; return the event."""
+    """Poll a batch (or each of a job's on its own schedule) on the worker until all end; return an event."""
+    ids = _as_ids(batch_ids)
     started = clock()
     pollers = [
         Poller(
@@ -205,9 +209,9 @@ def poll_until_done(
             cancel_on_timeout=settings.cancel_on_timeout,
             max_consecutive_errors=settings.max_consecutive_errors,
             log=log,
-            progress=len(batch_ids) == 1,
+            progress=len(ids) == 1,
         )
-        for batch_id in batch_ids
+        for batch_id in ids
     ]
     progress = GroupProgress(pollers, log) if len(pollers) > 1 else None
     due = dict.fromkeys(range(len(pollers)), started)

@@ -62,14 +62,16 @@ SCHEDULE_STEP = 0.05
 """Seconds between the samples of the schedule a round reports (delay by time waited)."""
 
 
-def _make(impl: str, batch_id: str, plan: dict[str, Any]) -> Any:
+def _make(impl: str, batch_id: str | list[str], plan: dict[str, Any]) -> Any:
     interval = plan["poll_interval"]
     if impl.startswith("llmbatch"):
         from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 
+        one, parts = (None, batch_id) if isinstance(batch_id, list) else (batch_id, None)
         return BatchTrigger(
             "llmbatch_bench",
-            batch_id,
+            one,
+            batch_ids=parts,
             poll_interval=interval,
             max_poll_interval=plan.get("max_poll_interval", interval),
             cancel_on_kill=False,
@@ -140,11 +142,12 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
     started: dict[str, float] = {}
     events: dict[str, Any] = {}
 
-    async def run_one(trigger: Any, batch_id: str) -> None:
+    async def run_one(trigger: Any, batch_ids: list[str]) -> None:
         try:
             async for event in trigger.run():
-                fired[batch_id] = time.time()
-                events[batch_id] = event.payload
+                for batch_id in batch_ids:  # the parts of one trigger fire together
+                    fired[batch_id] = time.time()
+                    events[batch_id] = event.payload
                 break
         finally:
             await trigger.cleanup()
@@ -162,9 +165,12 @@ async def _main(plan: dict[str, Any]) -> dict[str, Any]:
     dog = asyncio.create_task(watchdog())
     samplers = [asyncio.create_task(sample(k, t0 + v)) for k, v in plan["samples"].items()]
     tasks = []
-    for batch_id in ids:
-        started[batch_id] = time.time()
-        tasks.append(asyncio.create_task(run_one(_make(impl, batch_id, plan), batch_id)))
+    # One trigger per batch, or (``parts``) one trigger waiting on every batch, as a split job's sensor.
+    groups = [ids] if plan.get("parts") else [[batch_id] for batch_id in ids]
+    for group in groups:
+        started.update(dict.fromkeys(group, time.time()))
+        trigger = _make(impl, group if plan.get("parts") else group[0], plan)
+        tasks.append(asyncio.create_task(run_one(trigger, group)))
         await asyncio.sleep(0)  # as the triggerer starts them, one at a time
     _done, pending = await asyncio.wait(tasks, timeout=max(t0 + plan["end"] - time.time(), 0))
     for task in pending:

@@ -246,6 +246,14 @@ def targets_triggers() -> list[str]:
                 f"{n1000['sockets_peak']:.0f} sockets; busiest {n1000['spread_bin_ms']:.0f} ms bin {spread:.2f}x the "
                 f"mean (lockstep: about 20x) | {_verdict(one_pool and spread < 3)} |"
             )
+    parts = rows.get("llmbatch:parts50")
+    if parts:
+        ok = parts["fidelity_min"] >= 0.95 and parts["fidelity_max"] <= 1.05 and parts["lag_p99_ms"] < 20
+        out.append(
+            f"| one trigger on 50 parts (200 ms answers): schedule fidelity within 0.95-1.05 for every part, "
+            f"p99 loop lag < 20 ms | mean {parts['fidelity_mean']:.3f}, parts {parts['fidelity_min']:.3f}-"
+            f"{parts['fidelity_max']:.3f}; p99 {_f(parts['lag_p99_ms'])} ms | {_verdict(ok)} |"
+        )
     ours = rows.get("llmbatch:n200")
     for peer, need in (("openai", 30), ("common-ai", 5)):
         p = rows.get(f"{peer}:n200")

@@ -73,6 +73,15 @@ ROUNDS: dict[str, dict[str, Any]] = {
         "end": 34,
         "fault": _RATE_LIMITED,
     },
+    # One trigger waiting on the 50 parts of a split job: each part on its own schedule, one event.
+    "parts50": {
+        "n": 50,
+        "poll_interval": 1.0,
+        "steady": (4, 12),
+        "finish": (12, 20),
+        "end": 28,
+        "parts": True,
+    },
     "n200-429": {
         "n": 200,
         "poll_interval": 1.0,
@@ -150,6 +159,7 @@ def run_round(emu: EmulatorProcess, python: str, impl: str, name: str, latency: 
         "max_poll_interval": cfg["poll_interval"],
         "samples": {"s0": s0, "s1": s1},
         "end": cfg["end"],
+        "parts": bool(cfg.get("parts")),
     }
     home = tempfile.mkdtemp(prefix="llmbatch-bench-home-")
     base = emu.url + "/openai/v1"
@@ -307,6 +317,7 @@ PLAN: list[tuple[str, str]] = [
     ("common-ai", "n200"),
     ("llmbatch", "n1000"),
     ("llmbatch-before", "n1000"),
+    ("llmbatch", "parts50"),
     ("llmbatch", "n1000-429"),
     ("openai", "n200-429"),
 ]

@@ -73,8 +73,10 @@ with DAG(
         conn_id=CONN_ID,
         batch_id=create.output["batch_ids"],
         poll_interval=POLL_INTERVAL,
-        # Rate limited rows are resubmitted below: the first round may fail up to one in 25.
+        # Rate limited rows are resubmitted below: the first round may fail up to one in 25, and a part
+        # the vendor expired or cancelled is run again there too.
         max_failed_fraction=1 / RETRY_EVERY,
+        expect_resubmission=True,
     )
     fetch = FetchBatchResultsOperator(
         task_id="fetch_results",

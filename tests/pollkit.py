@@ -156,6 +156,30 @@ class Clock:
         await asyncio.sleep(0)
 
 
+def scripted_clock(emulator: Any, vendor: str, plan: list[tuple[float, str, str]]) -> Clock:
+    """Return a clock forcing each ``(t, batch_id, status)`` at the emulator once it passes ``START + t``."""
+    clock = Clock()
+    pending = sorted(plan)
+
+    def on_sleep(_: float) -> None:
+        while pending and clock.now >= START + pending[0][0]:
+            _, batch_id, status = pending.pop(0)
+            emulator.force_status(vendor, batch_id, status)
+
+    clock.on_sleep = on_sleep
+    return clock
+
+
+def batches_in(
+    emulator: Any, make_batch: Callable[..., str], vendor: str, status: str = "in_progress", count: int = 3
+) -> list[str]:
+    """Create ``count`` batches (the parts of one job) and put each in ``status``; return their ids."""
+    ids = [make_batch(vendor) for _ in range(count)]
+    for batch_id in ids:
+        emulator.force_status(vendor, batch_id, status)
+    return ids
+
+
 def waits_on(clock: Clock, module: Any, monkeypatch: Any) -> Clock:
     """Point the ``clock`` and ``sleep`` seams of ``module`` (the trigger's, or ``waiting``) at ``clock``."""
     monkeypatch.setattr(module, "clock", clock.clock)

@@ -192,7 +192,10 @@ def test_validate_event_normalises():
 # -- waiting on the worker ----------------------------------------------------------------------------
 
 
-def wait(conn_id: str, batch_id: str, *, deferrable: bool = False, **settings: Any) -> dict[str, Any]:
+def wait(
+    conn_id: str, batch_id: str | list[str], *, deferrable: bool = False, log: Any = None, **settings: Any
+) -> dict[str, Any]:
+    """Wait for a batch (or a job's parts) as a task does, with ``{"reattached": False, "status": "x"}``."""
     sensor = BatchSensor(task_id="wait", batch_id=batch_id, conn_id=conn_id)
     return waiting.wait_for_batch(
         {"ti": XComTI()},
@@ -201,7 +204,7 @@ def wait(conn_id: str, batch_id: str, *, deferrable: bool = False, **settings: A
         waiting.WaitSettings.checked(**settings),
         deferrable=deferrable,
         defer=sensor.defer,
-        log=RecordingLog(),
+        log=log or RecordingLog(),
         extra={"reattached": False, "status": "x"},
     )
 

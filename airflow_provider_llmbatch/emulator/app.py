@@ -292,7 +292,7 @@ class VendorAPI:
                 raise ApiError("bad_request", message, param="file")
             info: FileInfo | None = None
             if self.dialect.validation_stage == "upload":
-                info = await self._scan(path, None)
+                info = await self._scan(path, None, running=False)
                 if info.problems:
                     raise problem_error(info.problems[0])
         except ApiError:
@@ -302,7 +302,9 @@ class VendorAPI:
         store.count(self.name, "files_uploaded")
         return JSONResponse(dialects.render_file(spec, record))
 
-    async def _scan(self, path: Any, endpoint: str | None) -> FileInfo:
+    async def _scan(self, path: Any, endpoint: str | None, *, running: bool = True) -> FileInfo:
+        """Check a request file; ``running``: for a batch that runs it (a transient failure is used up)."""
+        fails_once = partial(self.rt.store.fails_once, self.name) if running else _never
         return await run_in_threadpool(
             scan_request_file,
             path,
@@ -310,7 +312,7 @@ class VendorAPI:
             endpoint,
             self.rt.store.fail_pattern,
             max_problems=self.rt.config.max_problems,
-            fails_once=partial(self.rt.store.fails_once, self.name),
+            fails_once=fails_once,
         )
 
     async def _list_files(self, request: Request) -> Response:
@@ -410,3 +412,7 @@ async def _drain(request: Request) -> None:
     except RuntimeError:
         # The body was consumed already.
         return
+
+
+def _never(_: str) -> bool:
+    return False

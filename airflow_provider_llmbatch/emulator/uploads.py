@@ -92,21 +92,26 @@ class _Receiver:
         self.upload.complete = True
 
 
+# The pace's clock and sleep, as seams: a test moves them without touching asyncio's own.
+monotonic = time.monotonic
+sleep = asyncio.sleep
+
+
 class _Pace:
     """Hold a stream to a rate: after each piece, wait until the bytes so far are due at that rate."""
 
     def __init__(self, bytes_per_second: float | None) -> None:
         self.rate = bytes_per_second
-        self.started = time.monotonic()
+        self.started = monotonic()
         self.bytes = 0
 
     async def took(self, size: int) -> None:
         if self.rate is None:
             return
         self.bytes += size
-        ahead = self.bytes / self.rate - (time.monotonic() - self.started)
+        ahead = self.bytes / self.rate - (monotonic() - self.started)
         if ahead > 0:
-            await asyncio.sleep(ahead)
+            await sleep(ahead)
 
 
 async def receive_upload(

@@ -207,7 +207,12 @@ class HookBase(BaseHook):
             await transport.release(stale[0], stale[1])
         if self._lease is None:
             origin = core.settings.origin
-            self._lease = (loop, origin, await transport.acquire(origin))
+            shared = await transport.acquire(origin)
+            if self._lease is None:
+                self._lease = (loop, origin, shared)
+            else:
+                # Another task of this hook (the parts of one trigger) leased it meanwhile: one lease each.
+                await transport.release(loop, origin)
         return core, self._lease[2]
 
     async def aslots(self) -> asyncio.Semaphore:

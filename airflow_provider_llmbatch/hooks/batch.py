@@ -10,7 +10,12 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
-from airflow_provider_llmbatch.exceptions import ConflictError, InvalidInputError, NotFoundError
+from airflow_provider_llmbatch.exceptions import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    VendorAPIError,
+)
 from airflow_provider_llmbatch.get_provider_info import hook_class_name
 from airflow_provider_llmbatch.hooks import transport
 from airflow_provider_llmbatch.hooks._core import RECOVERY_SCAN_LIMIT, find_newest, pick_upload
@@ -25,6 +30,7 @@ from airflow_provider_llmbatch.hooks._io import (
 )
 from airflow_provider_llmbatch.hooks.arguments import IDEMPOTENCY_KEY
 from airflow_provider_llmbatch.hooks.base import HookBase
+from airflow_provider_llmbatch.hooks.uploads import Cleanup, check_age_days, select_stale
 from airflow_provider_llmbatch.models import Batch, FileObject
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
@@ -168,6 +174,29 @@ class BatchHook(HookBase):
                 f"holds {held} and this job needs {needed} more. Delete files you no longer need first, e.g. "
                 "with CleanupRemoteFilesOperator or BatchHook.delete_uploaded_files(older_than_days=...)"
             )
+
+    def delete_uploaded_files(self, older_than_days: float, *, dry_run: bool = False) -> Cleanup:
+        """
+        Delete the request files this provider uploaded more than ``older_than_days`` days ago.
+
+        Only files named as the operators name their uploads are considered (see
+        :mod:`~airflow_provider_llmbatch.hooks.uploads`); one that a batch which has not ended still reads
+        is kept, and so is one the vendor gives no creation time for. A file that cannot be deleted does
+        not stop the others; it is listed in the result's ``failed``.
+
+        :param older_than_days: only files created more than this many days ago (0: all of them).
+        :param dry_run: list what would be deleted and delete nothing.
+        """
+        days = check_age_days(older_than_days)
+        cleanup = select_stale(self.list_files(), self.list_batches(), days, dry_run=dry_run)
+        for file in [] if dry_run else cleanup.files:
+            try:
+                self.delete_file(file.id)
+            except VendorAPIError as exc:
+                cleanup.failed[file.id] = str(exc)
+        if cleanup.failed:
+            cleanup.files = [file for file in cleanup.files if file.id not in cleanup.failed]
+        return cleanup
 
     def download_file(self, file_id: str, destination: Source, *, expected_bytes: int | None = None) -> int:
         """

@@ -1,4 +1,4 @@
-"""The operator that checks and uploads a request file, creates an LLM batch and optionally waits for it."""
+"""The operator that checks a request file, uploads it in parts, creates their batches, optionally waits."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from airflow_provider_llmbatch.locations import object_path
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.parts import Part, SplitInput, split_checked
-from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL
+from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL, check_count
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -52,11 +52,14 @@ class CreateBatchOperator(BaseOperator):
     """
     Check and upload a request file (or build one from records), create an LLM batch, optionally wait.
 
-    The file is checked in the same pass that uploads it; at the first problem the upload is aborted, so
-    nothing is stored or created, and the task fails listing every problem (line, field, what was
-    expected). Returns a small dict (also pushed as XCom keys), or with ``wait_for_completion`` the final
-    batch summary merged over it. Retry-safe: a retry or clear of the same task instance with the same input
-    re-attaches to its batch and reuses its upload (see :mod:`~airflow_provider_llmbatch.operators.reattach`).
+    The whole input is checked before anything is sent, in the one pass that splits it into parts within
+    the vendor's per-file limits (see :func:`~airflow_provider_llmbatch.parts.split_checked`): a bad input
+    fails the task listing every problem (line, field, what was expected) without a single request, and
+    so does one needing more than ``max_batches`` batches or more files than the vendor's quota leaves
+    room for. Each part becomes one batch. Returns a small dict (also pushed as XCom keys; ``batch_ids``
+    lists every part's batch), or with ``wait_for_completion`` the judged end of all of them merged over
+    it. Retry-safe per part: a retry of the same task instance with the same input re-attaches to the
+    batches it made and reuses its uploads (see :mod:`~airflow_provider_llmbatch.operators.reattach`).
 
     :param conn_id: the LLM batch connection; its type decides the vendor. (templated)
         (default: ``llmbatch_default``)
@@ -141,9 +144,7 @@ class CreateBatchOperator(BaseOperator):
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.reattach = reattach
-        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-            raise InvalidInputError(f"max_batches must be a whole number >= 1, got {max_batches!r}")
-        self.max_batches = max_batches
+        self.max_batches = check_count("max_batches", max_batches, minimum=1)
         self.wait_settings = waiting.WaitSettings.checked(
             poll_interval=poll_interval,
             max_poll_interval=max_poll_interval,
@@ -165,11 +166,11 @@ class CreateBatchOperator(BaseOperator):
         self._check_arguments(spec)
         tracker = reattach.Tracker(context, self.hook, self.log, enabled=self.reattach)
         uri, source = self._request_file(context, spec)
+        self._batch_ids = []
         with tempfile.TemporaryDirectory(prefix="llmbatch-parts-") as folder:
             split = split_checked(source, spec, self.endpoint, folder=folder)
             self._check_room(split, tracker)
             made = [self._submit(context, tracker, split, part) for part in split.parts]
-        self._batch_ids = [batch.id for _, batch in made]
         result = _result(spec, uri, split, made)
         for key in PUSHED:
             _push(context, key, result[key])
@@ -224,7 +225,8 @@ class CreateBatchOperator(BaseOperator):
         if self.requests is None:
             return _as_uri(self.input_file), self._source()
         path = self.request_file_destination or reattach.default_task_path("llmbatch-requests", context)
-        build_request_file(list(self.requests), path, spec, self.endpoint, model=self.model)
+        # Checked as one input: the split that follows applies the per-file limits, part by part.
+        build_request_file(list(self.requests), path, spec, self.endpoint, model=self.model, whole_input=True)
         return _as_uri(path), path
 
     def _check_room(self, split: SplitInput, tracker: reattach.Tracker) -> None:
@@ -250,6 +252,8 @@ class CreateBatchOperator(BaseOperator):
         key = reattach.batch_key(context, split.report.sha256, None if len(split.parts) == 1 else part.index)
         found = tracker.reuse_or_upload(part.path, report, key)
         batch = found.batch or self._create(found)
+        # Known to on_kill at once: a kill while later parts upload still cancels this one.
+        self._batch_ids.append(batch.id)
         tracker.record(key, report, found.file_id, batch.id)
         return found, batch
 

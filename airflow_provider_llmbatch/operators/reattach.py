@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmbatch.exceptions import LLMBatchError, NotFoundError, VendorAPIError
+from airflow_provider_llmbatch.hooks.uploads import upload_name
 from airflow_provider_llmbatch.jsonl import RequestFileReport
 from airflow_provider_llmbatch.models import Batch, BatchStatus
 
@@ -189,9 +190,12 @@ class Tracker:
             return Found(
                 report, key, batch.input_file_id or self.state.get(key).get("input_file_id") or "", batch
             )
-        filename = f"llmbatch-{key}.jsonl"
+        filename = upload_name(key)
         file_id = None if self.first_try() else self._earlier_upload(key, filename, report.bytes)
         if file_id is None:
+            # Noted before the upload: a try that dies once the file is stored leaves a trace, so the
+            # next try looks for that file instead of uploading (and storing) it again.
+            self.state.set({"key": key, "fingerprint": report.sha256})
             file_id = self.hook.upload_file(source, filename=filename).id
             self.record(key, report, file_id)
         return Found(report, key, file_id, None)

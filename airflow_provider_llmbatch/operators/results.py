@@ -32,7 +32,7 @@ from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE,
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.operators.reattach import default_task_path
 from airflow_provider_llmbatch.outcomes import check_fraction, judge, request_counts
-from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL
+from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL, check_count
 from airflow_provider_llmbatch.resubmit import retryable_ids, write_round
 from airflow_provider_llmbatch.results import BatchFiles, JoinReport, join_results
 
@@ -116,9 +116,7 @@ class FetchBatchResultsOperator(BaseOperator):
         self.delete_remote_files = delete_remote_files
         self.include_request = include_request
         self.max_failed_fraction = check_fraction(max_failed_fraction)
-        if isinstance(resubmit_failed, bool) or not isinstance(resubmit_failed, int) or resubmit_failed < 0:
-            raise InvalidInputError(f"resubmit_failed must be a whole number >= 0, got {resubmit_failed!r}")
-        self.resubmit_failed = resubmit_failed
+        self.resubmit_failed = check_count("resubmit_failed", resubmit_failed)
         self.delete_input_file = delete_input_file
         self.deferrable = deferrable
         # A round's batch is waited for, not judged: whatever it ran replaces the rows it ran.

@@ -42,6 +42,9 @@ class BatchSensor(BaseSensorOperator):
     :param cancel_on_timeout: cancel the batch when the timeout passes. (default: True)
     :param cancel_on_kill: cancel the batch when the task is killed. (default: True)
     :param max_consecutive_errors: transient API errors in a row before failing. (default: 10)
+    :param expect_resubmission: a downstream ``FetchBatchResultsOperator`` resubmits failed rows
+        (``resubmit_failed``): a part that expired or was cancelled is left to it instead of failing this
+        sensor (a failed part still fails it; ``max_failed_fraction`` still applies). (default: False)
     """
 
     template_fields = ("batch_id", "conn_id")
@@ -61,6 +64,7 @@ class BatchSensor(BaseSensorOperator):
         cancel_on_timeout: bool = True,
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = 10,
+        expect_resubmission: bool = False,
         **kwargs: Any,
     ) -> None:
         self.wait_settings = waiting.WaitSettings.checked(
@@ -71,6 +75,7 @@ class BatchSensor(BaseSensorOperator):
             cancel_on_timeout=cancel_on_timeout,
             cancel_on_kill=cancel_on_kill,
             max_consecutive_errors=max_consecutive_errors,
+            resubmitting=expect_resubmission,
         )
         super().__init__(
             poke_interval=self.wait_settings.poll_interval, timeout=self.wait_settings.timeout, **kwargs
@@ -88,6 +93,12 @@ class BatchSensor(BaseSensorOperator):
     def _rendered_batch_ids(self) -> list[str]:
         """Return the batch id, or the parts' ids (a list, e.g. the ``batch_ids`` XCom), after rendering."""
         value = self.batch_id
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            # A list's text, from a template rendered as a string: no vendor's batch id looks like that.
+            raise InvalidInputError(
+                f"batch_id rendered to the text of a list ({value[:80]!r}); pass the list itself, e.g. "
+                "create.output['batch_ids'], or render templates as native objects"
+            )
         ids = [value] if isinstance(value, str) else value
         if (
             not isinstance(ids, list | tuple)

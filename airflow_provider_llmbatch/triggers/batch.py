@@ -18,6 +18,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.fanin import GroupProgress, group_event
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.polling import (
@@ -26,14 +27,13 @@ from airflow_provider_llmbatch.polling import (
     EVENT_KINDS,
     Cancel,
     Finish,
-    GroupProgress,
     Poller,
     Step,
     Wait,
+    check_count,
     check_deadline,
     check_seconds,
     format_duration,
-    group_event,
 )
 
 __all__ = ["CLASSPATH", "EVENT_KINDS", "BatchTrigger"]
@@ -92,7 +92,7 @@ class BatchTrigger(BaseTrigger):
         self.deadline = check_deadline(deadline)
         self.cancel_on_kill = bool(cancel_on_kill)
         self.cancel_on_timeout = bool(cancel_on_timeout)
-        self.max_consecutive_errors = max(int(max_consecutive_errors), 1)
+        self.max_consecutive_errors = check_count("max_consecutive_errors", max_consecutive_errors, minimum=1)
         self._hook: BatchHook | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:

@@ -30,8 +30,8 @@ class _Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     fake = _Clock()
-    monkeypatch.setattr(uploads.time, "monotonic", fake.monotonic)
-    monkeypatch.setattr(uploads.asyncio, "sleep", fake.sleep)
+    monkeypatch.setattr(uploads, "monotonic", fake.monotonic)
+    monkeypatch.setattr(uploads, "sleep", fake.sleep)
     return fake
 
 

@@ -15,7 +15,13 @@ from airflow_provider_llmbatch.vendors import VendorSpec
 CONN_ID = "llmbatch_test"
 
 STORES = ["state_store", "no_store"]
-"""With a task state store a first try checks the file as it uploads; without one it checks first."""
+"""With a task state store a first try looks nothing up; without one every try looks for earlier work."""
+
+DS_TEST = "/v1/chat/ds-test"
+"""DashScope's test endpoint: at most 100 requests a file, so a few hundred requests make several parts."""
+
+DS_TEST_MODEL = "batch-test-model"
+"""The only model the test endpoint takes."""
 
 
 class FakeTI:
@@ -119,20 +125,20 @@ def request_file(tmp_path: Path, vendor: str, ids: list[str] | None = None) -> P
     return write_requests(tmp_path / "requests.jsonl", REGISTRY[vendor], ids or ["a", "b", "fail-c"])
 
 
+def records(count: int, prefix: str = "r") -> list[dict[str, Any]]:
+    """Return ``count`` prompt records with custom ids ``<prefix>0``, ``<prefix>1``, ..."""
+    return [{"custom_id": f"{prefix}{i}", "prompt": f"question {i}"} for i in range(count)]
+
+
+def parts_op(count: int = 250, **kwargs: Any) -> Any:
+    """Return a CreateBatchOperator of ``count`` records on DashScope's test endpoint (100 a part)."""
+    kwargs.setdefault("requests", records(count))
+    return create_op(model=DS_TEST_MODEL, endpoint=DS_TEST, **kwargs)
+
+
 def state_store(kind: str) -> FakeStateStore | None:
     """Return a fresh task state store for ``state_store``, none for ``no_store`` (older Airflow)."""
     return FakeStateStore() if kind == "state_store" else None
-
-
-@pytest.fixture
-def no_separate_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the operator validates the request file in a pass of its own."""
-    from airflow_provider_llmbatch.operators import batch as batch_module
-
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the request file was validated in a separate pass")
-
-    monkeypatch.setattr(batch_module, "validate_request_file", forbidden)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,15 @@
 """
-CreateBatchOperator: check and upload the request file (or build it), create the batch, push, wait.
+CreateBatchOperator: check the request file (or build it), upload it, create the batch, push, wait.
 
-Nothing is uploaded before every argument and the file have passed; what a retried or cleared task finds
-of its earlier try is in ``test_reattach.py``.
+Nothing is sent before every argument and the whole file have passed; an input split into several
+batches is in ``test_create_parts.py``, what a retried or cleared task finds of its earlier try in
+``test_reattach.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from airflow_provider_llmbatch.operators.reattach import (
     KEY_METADATA,
     STATE_KEY,
     batch_key,
-    checked_upload_name,
 )
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
@@ -48,12 +47,6 @@ from tests.operators.conftest import create_op as _op
 VENDORS = list(REGISTRY)
 
 
-def _is_checked_upload_name(name: str, ti: FakeTI) -> bool:
-    """Whether ``name`` is this task instance's name for a file checked as it uploads."""
-    tag = checked_upload_name(make_context(ti)).split("-")[1]
-    return re.fullmatch(rf"llmbatch-{tag}-[0-9a-f]{{16}}\.jsonl", name) is not None
-
-
 @pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendor: str, store: str) -> None:
@@ -66,6 +59,7 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
     assert [k for k, _ in ti.pushed] == [
         "input_file_id",
         "batch_id",
+        "batch_ids",
         "conn_type",
         "input_fingerprint",
         "input_uri",
@@ -74,7 +68,10 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
     assert (stats["files_uploaded"], stats["batches_created"]) == (1, 1)
     [batch] = emu.batches(vendor)
     assert result["batch_id"] == batch["id"] == ti.xcom("batch_id")
+    assert result["batch_ids"] == [batch["id"]] == ti.xcom("batch_ids")
     assert result["input_file_id"] == batch["input_file_id"] == ti.xcom("input_file_id")
+    assert result["input_file_ids"] == [batch["input_file_id"]]
+    assert result["request_counts"] == [3]
     assert result["conn_type"] == ti.xcom("conn_type") == f"llmbatch_{vendor}"
     assert result["input_uri"] == ti.xcom("input_uri")
     assert result["request_count"] == 3
@@ -84,19 +81,15 @@ def test_uploads_creates_and_pushes_in_order(connect: Any, tmp_path: Path, vendo
     assert batch["metadata"]["team"] == "nlp"
     assert batch["metadata"][KEY_METADATA] == result[KEY_METADATA]
     [file] = emu.files(vendor)
-    if store == "state_store":
-        # A first try checks the file as it uploads: the key is known only at the end, after the name.
-        assert _is_checked_upload_name(file["filename"], ti)
-    else:
-        assert file["filename"] == f"llmbatch-{result[KEY_METADATA]}.jsonl"
+    # The whole file is checked before the upload: its key names the upload on every try.
+    assert file["filename"] == f"llmbatch-{result[KEY_METADATA]}.jsonl"
     assert file["bytes"] == path.stat().st_size
     assert emu.file_path(vendor, file["id"]).read_bytes() == path.read_bytes()
     assert len(json.dumps(result)) < 1000
 
 
-@pytest.mark.usefixtures("no_separate_validation")
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_first_try_checks_the_file_as_it_uploads(connect: Any, tmp_path: Path, vendor: str) -> None:
+def test_a_first_try_looks_nothing_up_and_records_it(connect: Any, tmp_path: Path, vendor: str) -> None:
     emu = connect(vendor)
     path = request_file(tmp_path, vendor)
     store = FakeStateStore()
@@ -106,16 +99,24 @@ def test_first_try_checks_the_file_as_it_uploads(connect: Any, tmp_path: Path, v
 
     assert result["request_count"] == 3
     assert result["input_fingerprint"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # A one-part input keeps the key it always had: a retry of the release before parts still finds it.
     assert result[KEY_METADATA] == batch_key(make_context(ti), result["input_fingerprint"])
     assert store.data[STATE_KEY] == {
-        "key": result[KEY_METADATA],
-        "input_file_id": result["input_file_id"],
-        "fingerprint": result["input_fingerprint"],
-        "batch_id": result["batch_id"],
+        "records": {
+            result[KEY_METADATA]: {
+                "key": result[KEY_METADATA],
+                "input_file_id": result["input_file_id"],
+                "fingerprint": result["input_fingerprint"],
+                "batch_id": result["batch_id"],
+            }
+        }
     }
     [batch] = emu.batches(vendor)
     assert batch["metadata"][KEY_METADATA] == result[KEY_METADATA]
-    assert emu.stats(vendor)["operations"]["upload"] == 1
+    # An empty task state store rules out an earlier try: no batch or file look-up, only the quota's
+    # file count where the vendor has a quota.
+    quota = {"list_files": 1} if REGISTRY[vendor].limits.max_batch_files else {}
+    assert emu.stats(vendor)["operations"] == {**quota, "upload": 1, "create": 1}
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -139,11 +140,10 @@ def test_bad_object_storage_input_uploads_nothing(connect: Any, tmp_path: Path) 
     with pytest.raises(InvalidRequestFileError, match="line 2: custom_id"):
         _op(input_file=f"file://{path}").execute(make_context(FakeTI(), FakeStateStore()))
 
-    assert emu.stats("openai")["files_uploaded"] == 0
+    assert emu.stats("openai")["operations"] == {}
     assert emu.files("openai") == []
 
 
-@pytest.mark.usefixtures("no_separate_validation")
 @pytest.mark.parametrize("store", STORES)
 def test_requests_are_built_into_a_kept_request_file(
     connect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
@@ -158,7 +158,7 @@ def test_requests_are_built_into_a_kept_request_file(
         checks.append(kwargs.get("check"))
         return real_upload(self, source, **kwargs)
 
-    # Checked while it was written: uploaded as it is, never checked a second time.
+    # Checked before the upload: sent as it is, never checked again on the way.
     monkeypatch.setattr(BatchHook, "upload_file", upload)
     result = _op(requests=records, model="glm-4-flash", request_file_destination=str(destination)).execute(
         make_context(FakeTI(), state_store(store))
@@ -224,9 +224,8 @@ def test_bad_request_file_uploads_nothing(connect: Any, tmp_path: Path, vendor: 
         _op(input_file=str(path)).execute(make_context(ti, state))
 
     assert any("line 2" in p for p in info.value.problems)
-    assert emu.stats(vendor)["files_uploaded"] == 0
-    # A file that fits in the first chunk is checked whole before the request would start: no request.
-    assert emu.stats(vendor)["operations"].get("upload", 0) == 0
+    # The whole file is checked before anything is sent: not a look-up, not an upload.
+    assert emu.stats(vendor)["operations"] == {}
     assert ti.pushed == []
     assert state is None or state.data == {}
 
@@ -246,9 +245,7 @@ def _big_request_file(path: Path, spec: Any, lines: int, *, bad_line: int | None
     return path
 
 
-def test_bad_line_near_the_end_of_a_large_file_leaves_nothing_at_the_vendor(
-    connect: Any, tmp_path: Path
-) -> None:
+def test_bad_line_near_the_end_of_a_large_file_costs_no_request(connect: Any, tmp_path: Path) -> None:
     emu = connect("openai")
     spec = REGISTRY["openai"]
     path = _big_request_file(tmp_path / "big.jsonl", spec, 4000, bad_line=3990)
@@ -261,10 +258,8 @@ def test_bad_line_near_the_end_of_a_large_file_leaves_nothing_at_the_vendor(
     assert info.value.problems == [
         "line 3990: body.model: expected a non-empty string, got nothing (the key is missing)"
     ]
-    stats = emu.stats("openai")
-    assert stats["operations"]["upload"] == 1  # the upload started, and was aborted unfinished
-    assert (stats["files_uploaded"], stats["files"], stats["batches"]) == (0, 0, 0)
-    assert emu.files("openai") == []
+    # Checked whole before the first upload: the vendor heard nothing, even on a first try.
+    assert emu.stats("openai")["operations"] == {}
     assert ti.pushed == []
     assert state.data == {}
 
@@ -274,9 +269,9 @@ def test_bad_records_upload_nothing(connect: Any) -> None:
     records = [{"custom_id": "a", "prompt": "hi", "params": {"temperature": 0.3}}]
 
     with pytest.raises(InvalidRequestFileError, match="temperature"):
-        _op(requests=records, model="kimi").execute(make_context(FakeTI()))
+        _op(requests=records, model="kimi").execute(make_context(FakeTI(), FakeStateStore()))
 
-    assert emu.stats("moonshot")["files_uploaded"] == 0
+    assert emu.stats("moonshot")["operations"] == {}
 
 
 @pytest.mark.parametrize(
@@ -308,7 +303,7 @@ def test_bad_arguments_upload_nothing(connect: Any, vendor: str, kwargs: dict[st
     with pytest.raises(InvalidInputError, match=match):
         _op(**kwargs).execute(make_context(FakeTI()))
 
-    assert emu.stats(vendor)["files_uploaded"] == 0
+    assert emu.stats(vendor)["operations"] == {}
 
 
 RESERVED = ["llmbatch_key", "llmbatch_idem", "llmbatch_anything", "llmbatch_"]
@@ -509,6 +504,7 @@ def test_wait_for_completion_defers_with_the_result(connect: Any, tmp_path: Path
     assert isinstance(trigger, BatchTrigger)
     _, kwargs = trigger.serialize()
     assert kwargs["batch_id"] == ti.xcom("batch_id")
+    assert "batch_ids" not in kwargs  # one batch: the trigger as the release before parts wrote it
     assert kwargs["conn_id"] == CONN_ID
     extra = info.value.kwargs["extra"]
     assert extra["batch_id"] == ti.xcom("batch_id")

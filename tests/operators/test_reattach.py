@@ -7,7 +7,6 @@ alone); identity, the state store and the look-ups are also tested on their own,
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from airflow_provider_llmbatch.operators.reattach import (
     StateStore,
     Tracker,
     batch_key,
-    checked_upload_name,
 )
 from airflow_provider_llmbatch.vendors import REGISTRY
 from tests.operators.conftest import STORES, FakeStateStore, FakeTI, make_context, request_file, state_store
@@ -82,23 +80,25 @@ def test_crash_between_upload_and_create_reuses_the_upload(
     assert (stats["files_uploaded"], stats["batches_created"]) == (1, 1)
 
 
-def test_emptied_state_store_still_reattaches_and_drops_its_own_upload(connect: Any, tmp_path: Path) -> None:
+def test_an_emptied_state_store_reads_as_a_first_try(connect: Any, tmp_path: Path) -> None:
     emu = connect("openai")
     path = request_file(tmp_path, "openai")
     first = _op(input_file=str(path)).execute(make_context(FakeTI(), FakeStateStore()))
 
-    # A fresh store (its rows cleaned up) reads as a first try: the file is checked as it uploads,
-    # then the batch metadata finds the earlier batch and the new upload is deleted again.
+    # The design's trade-off, pinned so that changing it is a decision: a store that answers and holds
+    # nothing rules out an earlier try, so a try whose rows were cleaned up in between (Airflow's
+    # [state_store] clear_on_success, or retention) looks nothing up and pays for a fresh batch.
     store = FakeStateStore()
     again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
 
-    assert again["reattached"] is True
-    assert again["batch_id"] == first["batch_id"]
-    assert again["input_file_id"] == first["input_file_id"]
+    assert again["reattached"] is False
+    assert again["batch_id"] != first["batch_id"]
+    assert again[KEY_METADATA] == first[KEY_METADATA]
     stats = emu.stats("openai")
-    assert (stats["batches_created"], stats["files_uploaded"], stats["files_deleted"]) == (1, 2, 1)
-    assert [f["id"] for f in emu.files("openai")] == [first["input_file_id"]]
-    assert store.data[STATE_KEY]["batch_id"] == first["batch_id"]
+    assert (stats["batches_created"], stats["files_uploaded"]) == (2, 2)
+    assert "list_batches" not in stats["operations"]
+    assert "list_files" not in stats["operations"]
+    assert store.data[STATE_KEY]["records"][again[KEY_METADATA]]["batch_id"] == again["batch_id"]
 
 
 # the earlier batch's status -> whether a retry re-attaches to it (otherwise: a fresh batch, same upload)
@@ -184,7 +184,6 @@ def test_changed_input_gets_its_own_batch(connect: Any, tmp_path: Path, store: s
     assert emu.file_path("openai", batch["input_file_id"]).read_bytes() == path.read_bytes()
 
 
-@pytest.mark.usefixtures("no_separate_validation")
 @pytest.mark.parametrize("store", STORES)
 def test_reattach_disabled_always_creates(connect: Any, tmp_path: Path, store: str) -> None:
     emu = connect("openai")
@@ -196,8 +195,8 @@ def test_reattach_disabled_always_creates(connect: Any, tmp_path: Path, store: s
     stats = emu.stats("openai")
     assert stats["batches_created"] == 2
     assert stats["files_uploaded"] == 2
-    # Nothing is looked up, so nothing needs the key before the upload: checked as it uploads.
-    assert stats["operations"].get("list_batches", 0) == stats["operations"].get("list_files", 0) == 0
+    # Nothing is looked up (OpenAI has no file quota to count).
+    assert stats["operations"] == {"upload": 2, "create": 2}
 
 
 def test_task_state_store_is_used_first(
@@ -208,10 +207,14 @@ def test_task_state_store_is_used_first(
     store = FakeStateStore()
     first = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
     assert store.data[STATE_KEY] == {
-        "key": first[KEY_METADATA],
-        "input_file_id": first["input_file_id"],
-        "fingerprint": first["input_fingerprint"],
-        "batch_id": first["batch_id"],
+        "records": {
+            first[KEY_METADATA]: {
+                "key": first[KEY_METADATA],
+                "input_file_id": first["input_file_id"],
+                "fingerprint": first["input_fingerprint"],
+                "batch_id": first["batch_id"],
+            }
+        }
     }
 
     def no_listing(*args: Any, **kwargs: Any) -> Any:
@@ -222,17 +225,23 @@ def test_task_state_store_is_used_first(
 
     assert again["reattached"] is True
     assert again["batch_id"] == first["batch_id"]
-    assert emu.stats("openai")["operations"].get("list_batches", 0) == 1  # the first try's lookup only
+    # Neither try listed anything: the first had an empty store, the second read its batch from it.
+    assert emu.stats("openai")["operations"] == {"upload": 1, "create": 1, "get_batch": 1}
 
 
-def test_a_stored_batch_of_another_task_instance_is_never_taken(connect: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["records", "one record"])
+def test_a_stored_batch_of_another_task_instance_is_never_taken(
+    connect: Any, tmp_path: Path, layout: str
+) -> None:
     emu = connect("openai")
     path = request_file(tmp_path, "openai")
     others = _op(input_file=str(path)).execute(make_context(FakeTI(run_id="manual__other")))
     mine = batch_key(make_context(FakeTI()), others["input_fingerprint"])
     store = FakeStateStore()
-    # The store (hand-edited, or a bug elsewhere) names this instance's key with another one's batch.
-    store.data[STATE_KEY] = {"key": mine, "batch_id": others["batch_id"], "input_file_id": "file-x"}
+    # The store (hand-edited, or a bug elsewhere) names this instance's key with another one's batch,
+    # as this release writes it or as the release before parts did.
+    record = {"key": mine, "batch_id": others["batch_id"], "input_file_id": "file-x"}
+    store.data[STATE_KEY] = {"records": {mine: record}} if layout == "records" else record
 
     result = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
 
@@ -273,7 +282,7 @@ def test_state_store_pointing_at_a_vanished_batch(connect: Any, tmp_path: Path) 
     path = request_file(tmp_path, "openai")
     store = FakeStateStore()
     first = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
-    store.data[STATE_KEY]["batch_id"] = "batch_does_not_exist"
+    store.data[STATE_KEY]["records"][first[KEY_METADATA]]["batch_id"] = "batch_does_not_exist"
 
     again = _op(input_file=str(path)).execute(make_context(FakeTI(), store))
 
@@ -282,23 +291,17 @@ def test_state_store_pointing_at_a_vanished_batch(connect: Any, tmp_path: Path) 
     assert emu.stats("openai")["batches_created"] == 1
 
 
-def test_checked_upload_names_are_unique_per_upload() -> None:
-    # The key is known only once the whole file has passed: the name carries the task's tag and a nonce.
-    context = make_context(FakeTI())
-    names = {checked_upload_name(context) for _ in range(50)}
-    assert len(names) == 50
-    tags = {name.split("-")[1] for name in names}
-    assert len(tags) == 1
-    assert all(re.fullmatch(r"llmbatch-[0-9a-f]{16}-[0-9a-f]{16}\.jsonl", name) for name in names)
-    assert checked_upload_name(make_context(FakeTI(map_index=1))).split("-")[1] not in tags
-
-
 def test_identity_key_is_short_and_stable() -> None:
     context = make_context(FakeTI())
     key = batch_key(context, "f" * 64)
     assert key == batch_key(make_context(FakeTI()), "f" * 64)
     assert len(key) == 32
     assert key != batch_key(context, "e" * 64)
+    # Each part of a split input has a key of its own; a one-part input keeps the key without a part.
+    parts = {batch_key(context, "f" * 64, index) for index in range(3)}
+    assert len(parts) == 3
+    assert key not in parts
+    assert all(len(part) == 32 for part in parts)
 
 
 # -- the task state store, on its own ---------------------------------------------------------------
@@ -313,8 +316,9 @@ def test_identity_key_is_short_and_stable() -> None:
         ("unreadable", False, {}),  # something an earlier try wrote, whatever it is
         ("other input", False, {}),  # an earlier try of another input: not this key's, but a try
         ("this input", False, {"key": "k1", "input_file_id": "file-1", "batch_id": "batch_1"}),
+        ("parts", False, {"key": "k1", "input_file_id": "file-1", "batch_id": "batch_1"}),
     ],
-    ids=["none", "empty", "broken", "unreadable", "other-input", "this-input"],
+    ids=["none", "empty", "broken", "unreadable", "other-input", "this-input", "parts"],
 )
 def test_what_the_state_store_tells(store: Any, first_try: bool, stored: dict[str, Any]) -> None:
     if isinstance(store, str):
@@ -322,6 +326,12 @@ def test_what_the_state_store_tells(store: Any, first_try: bool, stored: dict[st
             "unreadable": "garbage",
             "other input": {"key": "k0", "input_file_id": "file-0"},
             "this input": {"key": "k1", "input_file_id": "file-1", "batch_id": "batch_1"},
+            "parts": {
+                "records": {
+                    "k0": {"key": "k0", "input_file_id": "file-0", "batch_id": "batch_0"},
+                    "k1": {"key": "k1", "input_file_id": "file-1", "batch_id": "batch_1"},
+                }
+            },
         }[store]
         store = FakeStateStore()
         store.data[STATE_KEY] = contents
@@ -334,3 +344,24 @@ def test_what_the_state_store_tells(store: Any, first_try: bool, stored: dict[st
         state.set({"key": "k1"})  # and writing to it fails quietly too
     tracker = Tracker(make_context(FakeTI(), store), hook=None, log=log, enabled=False)  # type: ignore[arg-type]
     assert tracker.first_try() is True  # reattach=False: nothing to look for
+
+
+def test_the_state_store_keeps_a_record_per_key_over_the_old_layout() -> None:
+    old = {"key": "k0", "input_file_id": "file-0", "fingerprint": "f0", "batch_id": "batch_0"}
+    store = FakeStateStore()
+    store.data[STATE_KEY] = dict(old)  # as the release before parts wrote it
+    state = StateStore(make_context(FakeTI(), store), RecordingLog())
+
+    state.set({"key": "k1", "input_file_id": "file-1", "fingerprint": "f1"})
+    state.set({"key": "k1", "input_file_id": "file-1", "fingerprint": "f1", "batch_id": "batch_1"})
+
+    assert store.data[STATE_KEY] == {
+        "records": {
+            "k0": old,
+            "k1": {"key": "k1", "input_file_id": "file-1", "fingerprint": "f1", "batch_id": "batch_1"},
+        }
+    }
+    reread = StateStore(make_context(FakeTI(), store), RecordingLog())
+    assert reread.get("k0") == old
+    assert reread.get("k1")["batch_id"] == "batch_1"
+    assert reread.knows_no_earlier_try() is False

@@ -29,8 +29,8 @@ from airflow_provider_llmbatch.emulator import Emulator, FaultRule
 from airflow_provider_llmbatch.exceptions import VendorAPIError
 from airflow_provider_llmbatch.hooks import base as hook_base
 from airflow_provider_llmbatch.hooks import transport
+from airflow_provider_llmbatch.hooks._io import MultipartLayout
 from airflow_provider_llmbatch.hooks.batch import BatchHook
-from airflow_provider_llmbatch.jsonl import RequestFileCheck
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
 from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
 from airflow_provider_llmbatch.retry import RetryPolicy
@@ -227,35 +227,33 @@ def test_worker_dies_around_the_upload_and_the_retry_pays_once(
 ) -> None:
     connect(vendor)
     spec = REGISTRY[vendor]
-    # About 1 KB a request, 3.5 MB in all: a few chunks of a checked upload.
+    # About 1 KB a request, 3.5 MB in all: one part, sent in several chunks.
     source = write_request_file(tmp_path / "requests.jsonl", spec, 3500, padding=900)
     state = FakeStateStore() if store == "state_store" else None
     real_upload = BatchHook.upload_file
-    real_feed = RequestFileCheck.feed
-    fed = {"chunks": 0}
+    real_body = MultipartLayout.body
 
-    def feed_then_die(self: RequestFileCheck, chunk: bytes) -> bool:
-        fed["chunks"] += 1
-        if fed["chunks"] == 3:  # the request is under way: two chunks were checked before it started
-            raise RuntimeError("worker died mid-upload")
-        return real_feed(self, chunk)
+    def body_then_die(self: MultipartLayout, handle: Any) -> Any:
+        chunks = real_body(self, handle)
+        yield next(chunks)  # the form fields
+        yield next(chunks)  # the first chunk of the file: the request is under way
+        raise RuntimeError("worker died mid-upload")
 
     def upload_then_die(self: BatchHook, *args: Any, **kwargs: Any) -> Any:
         real_upload(self, *args, **kwargs)
         raise RuntimeError("worker died right after the upload returned")
 
     if kill_at == "mid_upload":
-        monkeypatch.setattr(RequestFileCheck, "feed", feed_then_die)
+        monkeypatch.setattr(MultipartLayout, "body", body_then_die)
     else:
         monkeypatch.setattr(BatchHook, "upload_file", upload_then_die)
     with pytest.raises(RuntimeError, match="worker died"):
         CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
             make_context(FakeTI(), state)
         )
-    monkeypatch.setattr(RequestFileCheck, "feed", real_feed)
+    monkeypatch.setattr(MultipartLayout, "body", real_body)
     monkeypatch.setattr(BatchHook, "upload_file", real_upload)
-    started_upload = kill_at == "mid_upload" and store == "state_store"
-    died_with = _stats_once_settled(emulator, vendor, expect_upload=started_upload)
+    died_with = _stats_once_settled(emulator, vendor, expect_upload=kill_at == "mid_upload")
 
     retry = FakeTI()
     result = CreateBatchOperator(task_id="create", conn_id=CONN_ID, input_file=str(source)).execute(
@@ -268,17 +266,14 @@ def test_worker_dies_around_the_upload_and_the_retry_pays_once(
     assert result["batch_id"] == batch["id"]
     assert emulator.file_path(vendor, batch["input_file_id"]).read_bytes() == source.read_bytes()
     if kill_at == "mid_upload":
-        # The worker died while checking: inside the upload's body (a first try with a task state store)
-        # or before any upload. The vendor stored nothing; the retry's upload is the only file.
-        assert died_with["operations"].get("upload", 0) == (1 if store == "state_store" else 0)
+        # The worker died inside the upload's body, the file checked whole before it. The vendor stored
+        # nothing; the retry's upload is the only file.
+        assert died_with["operations"]["upload"] == 1
         assert (died_with["files_uploaded"], stats["files_uploaded"], stats["files"]) == (0, 1, 1)
-    elif store == "metadata_only":
-        # Checked first and named by its key, the earlier upload is found and reused.
-        assert stats["files_uploaded"] == 1
     else:
-        # Stored in the instant before the task state store heard of it: the retry cannot know it is
-        # this input's, uploads again and leaves one stray file (storage, never a second batch).
-        assert stats["files_uploaded"] == 2
+        # Named by its key, the earlier upload is found and reused; with a task state store too, which
+        # heard of the upload before it was sent, so the retry knows it is not a first try.
+        assert stats["files_uploaded"] == 1
 
 
 CHILD = textwrap.dedent(

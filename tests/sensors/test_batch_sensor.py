@@ -32,7 +32,7 @@ from airflow_provider_llmbatch.links.batch import BatchConsoleLink
 from airflow_provider_llmbatch.sensors.batch import BatchSensor
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from airflow_provider_llmbatch.vendors import REGISTRY
-from tests.pollkit import Clock, XComTI, waits_on
+from tests.pollkit import Clock, XComTI, batches_in, waits_on
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +252,101 @@ def test_reschedule_mode_pokes_once(emulator, connect, make_batch, context):
     emulator.force_status("openai", batch_id, "failed")
     with pytest.raises(BatchFailedError):
         s.poke(context)
+
+
+# -- the parts of a split job ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch_id", [[], ["batch_1", ""], ["batch_1", 7], "['batch_1', 'batch_2']", ' ["batch_1"]']
+)
+def test_a_bad_list_of_batch_ids_is_refused(batch_id, context):
+    with pytest.raises(InvalidInputError, match="batch_id"):
+        sensor(batch_id=batch_id).execute(context)
+    assert context["ti"].xcoms == {}
+
+
+def test_a_list_defers_to_one_trigger(emulator, connect, make_batch, worker_time, context):
+    ids = batches_in(emulator, make_batch, "zhipu")
+    s = sensor(batch_id=ids, conn_id=connect("zhipu"), deferrable=True, timeout=3600)
+    with pytest.raises(TaskDeferred) as info:
+        s.execute(context)
+    _, kwargs = info.value.trigger.serialize()
+    assert (kwargs["batch_id"], kwargs["batch_ids"]) == (None, ids)
+    assert kwargs["deadline"] == worker_time.now + 3600
+    assert context["ti"].xcoms["batch_id"] == ids[0]  # the console link shows the first part
+
+    summaries = [
+        {"batch_id": i, "status": "completed", "request_counts": {"total": 3, "completed": 3, "failed": 0}}
+        for i in ids
+    ]
+    event = {"event": "terminal", "batch_id": ids[0], "batch": summaries[0], "batches": summaries}
+    assert s.execute_complete(context, event) == {"batch_ids": ids, "batches": summaries}
+    assert context["ti"].xcoms["batch_summaries"] == summaries
+
+
+def test_a_list_of_ended_batches_is_judged_without_deferring(emulator, connect, make_batch, context):
+    ids = batches_in(emulator, make_batch, "openai", "completed")
+    result = sensor(batch_id=ids, conn_id=connect("openai"), deferrable=True).execute(context)
+    assert result["batch_ids"] == ids
+    assert [b["status"] for b in result["batches"]] == ["completed"] * 3
+    emulator.force_status("openai", ids[2], "expired")
+    with pytest.raises(BatchExpiredError, match="part 3 of 3"):
+        sensor(batch_id=ids, conn_id=connect("openai"), deferrable=True).execute(context)
+
+
+def test_poke_mode_waits_for_every_batch_of_a_list(emulator, connect, make_batch, emulator_time, context):
+    ids = [make_batch("dashscope") for _ in range(3)]
+    s = sensor(batch_id=ids, conn_id=connect("dashscope"), deferrable=False, poll_interval=0.05)
+    result = s.execute(context)
+    assert [b["batch_id"] for b in result["batches"]] == ids
+    assert [b["status"] for b in result["batches"]] == ["completed"] * 3
+    assert context["ti"].xcoms["batch_summaries"] == result["batches"]
+    assert "batch_summary" not in context["ti"].xcoms
+
+
+def test_on_kill_cancels_every_polled_batch_of_a_list(emulator, connect, make_batch, worker_time, context):
+    ids = batches_in(emulator, make_batch, "moonshot")
+    emulator.force_status("moonshot", ids[1], "completed")
+    s = sensor(
+        batch_id=ids, conn_id=connect("moonshot"), deferrable=False, timeout=60, cancel_on_timeout=False
+    )
+    with pytest.raises(BatchTimeoutError):
+        s.execute(context)
+    s.on_kill()
+    assert [emulator.batch("moonshot", i)["status"] for i in ids] == ["cancelling", "completed", "cancelling"]
+
+
+def test_reschedule_mode_pokes_every_batch_of_a_list(emulator, connect, make_batch, context):
+    ids = batches_in(emulator, make_batch, "openai")
+    s = sensor(batch_id=ids, conn_id=connect("openai"), deferrable=False, mode="reschedule")
+    emulator.force_status("openai", ids[0], "completed")
+    emulator.force_status("openai", ids[2], "completed")
+    assert s.poke(context) is False  # one part still runs
+    emulator.force_status("openai", ids[1], "completed")
+    done = s.poke(context)
+    assert isinstance(done, PokeReturnValue)
+    assert done.xcom_value["batch_ids"] == ids
+    emulator.force_status("openai", ids[1], "failed")
+    with pytest.raises(BatchFailedError, match="part 2 of 3") as info:
+        s.poke(context)
+    assert info.value.batch_id == ids[1]
+
+
+@pytest.mark.parametrize("status", ["expired", "cancelled"])
+def test_an_unrun_part_is_left_to_a_resubmission_when_one_is_expected(
+    emulator, connect, make_batch, context, status
+):
+    ids = batches_in(emulator, make_batch, "dashscope", "completed")
+    emulator.force_status("dashscope", ids[1], status)
+    with pytest.raises(FAILURES[status], match="part 2 of 3"):
+        sensor(batch_id=ids, conn_id=connect("dashscope"), deferrable=True).execute(context)
+
+    left = sensor(batch_id=ids, conn_id=connect("dashscope"), deferrable=True, expect_resubmission=True)
+    result = left.execute(context)
+
+    assert [b["status"] for b in result["batches"]] == ["completed", status, "completed"]
+    # A part that failed is not a resubmission's to mend: it still fails the sensor.
+    emulator.force_status("dashscope", ids[1], "failed")
+    with pytest.raises(BatchFailedError, match="part 2 of 3"):
+        left.execute(context)
