@@ -244,7 +244,8 @@ def _upload_operation(
         hook.delete_file(uploaded.id)  # type: ignore[attr-defined]
 
     if name == "validate+upload":
-        # What CreateBatchOperator runs: the file is checked as it streams into the upload (one pass).
+        # BatchHook.upload_file(check=...): the file is checked as it streams into the upload (one pass).
+        # CreateBatchOperator checks while it splits, then uploads each part: see large_job.py.
 
         def validate_and_upload() -> object:
             check = jsonl.RequestFileCheck(vendor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -135,8 +137,13 @@ def select_with_undated(hook: BatchHook, file_id: str) -> Any:
     return select_stale([undated], hook.list_batches(), 0, dry_run=False)
 
 
-def test_a_file_that_cannot_be_deleted_fails_the_task_after_the_others_are_gone(connect: Any) -> None:
+def test_a_file_that_cannot_be_deleted_fails_the_task_after_the_others_are_gone(
+    connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     emu = connect("dashscope")
+    # The operator's hook reads the connection: no retries there either, so each failure shows at once.
+    name = f"AIRFLOW_CONN_{CONN_ID.upper()}"
+    monkeypatch.setenv(name, json.dumps({**json.loads(os.environ[name]), "extra": {"max_retries": 0}}))
     account = Account(emu, "dashscope")
     ids = [account.add(upload_name(_key(n)), 20) for n in range(3)]
     # Every delete fails once the first has gone through.

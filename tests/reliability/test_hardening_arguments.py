@@ -40,6 +40,7 @@ from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import build_request_file
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
 from airflow_provider_llmbatch.operators.reattach import KEY_METADATA
+from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
 from airflow_provider_llmbatch.polling import MAX_WAIT_SECONDS
 from airflow_provider_llmbatch.retry import RetryPolicy
 from airflow_provider_llmbatch.sensors.batch import BatchSensor
@@ -333,6 +334,60 @@ def test_wait_durations_are_checked_before_anything_is_spent(
     trigger = rebuild(deferred.value.trigger)
     assert [trigger.poll_interval, trigger.max_poll_interval] == expected[:2]
     assert deferred.value.timeout == datetime.timedelta(seconds=expected[2] + DEFER_TIMEOUT_MARGIN)
+
+
+ROUND_WAIT_ARGUMENTS = ["poll_interval", "timeout"]
+
+
+@examples(80)
+@given(values=st.fixed_dictionaries({name: MOSTLY_VALID for name in ROUND_WAIT_ARGUMENTS}))
+def test_the_fetchs_round_wait_durations_are_checked_when_built(values: dict[str, Any]) -> None:
+    # The fetch waits for its resubmission rounds: its durations are checked like every other wait's.
+    first_bad = next((name for name in ROUND_WAIT_ARGUMENTS if seconds(values[name]) is None), None)
+    event("refused" if first_bad else "accepted")
+
+    def build() -> FetchBatchResultsOperator:
+        return FetchBatchResultsOperator(task_id="fetch", batch_id="batch_1", resubmit_failed=1, **values)
+
+    if first_bad is not None:
+        with pytest.raises(InvalidInputError, match=f"^{first_bad} must be ") as info:
+            build()
+        assert repr(values[first_bad])[:40] in str(info.value)
+        return
+    wait = build().round_wait
+    assert [wait.poll_interval, wait.timeout] == [seconds(values[name]) for name in ROUND_WAIT_ARGUMENTS]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "minimum"),
+    [
+        ("create", "max_batches", 1),
+        ("fetch", "resubmit_failed", 0),
+        ("sensor", "max_consecutive_errors", 1),
+        ("trigger", "max_consecutive_errors", 1),
+    ],
+)
+@examples(40)
+@given(value=st.integers(-3, 3) | st.floats(allow_nan=True) | st.booleans() | st.text(max_size=3) | st.none())
+def test_every_count_argument_is_checked_never_converted(
+    kind: str, name: str, minimum: int, value: Any
+) -> None:
+    build = {
+        "create": lambda: CreateBatchOperator(task_id="c", input_file="x.jsonl", **{name: value}),
+        "fetch": lambda: FetchBatchResultsOperator(task_id="f", batch_id="b", **{name: value}),
+        "sensor": lambda: BatchSensor(task_id="s", batch_id="b", **{name: value}),
+        "trigger": lambda: BatchTrigger("c", "b", **{name: value}),
+    }[kind]
+    whole = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    event("accepted" if whole else "refused")
+    if not whole:
+        with pytest.raises(InvalidInputError, match=f"{name} must be a whole number >= {minimum}"):
+            build()
+        return
+    built = build()
+    held = built.wait_settings.max_consecutive_errors if kind == "sensor" else getattr(built, name)
+    assert held == value
+    assert type(held) is int
 
 
 @pytest.fixture
