@@ -47,6 +47,11 @@ def id_key(custom_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
 
 
+_KEY_BUCKET_SHIFT = 58
+"""Keys are sorted in buckets by their top 6 bits (:meth:`RequestChecker.duplicated_keys`)."""
+_KEY_BUCKETS = 1 << (64 - _KEY_BUCKET_SHIFT)
+
+
 def resolve_vendor(vendor: VendorSpec | str) -> VendorSpec:
     """Return the spec for a spec or a registry name."""
     if isinstance(vendor, VendorSpec):
@@ -170,6 +175,7 @@ class RequestChecker:
         self._model_mismatch_seen = False
         self._seen: dict[int, int] = {}
         self._keys: array[int] | None = array("Q") if whole_input else None
+        self._repeated: set[int] | None = None
         self.duplicates_named = False
         """Set once the repeated ids are listed line by line: ``finish`` then does not count them again."""
         self._url = endpoint.path
@@ -349,8 +355,17 @@ class RequestChecker:
         """Return the 64-bit keys (:func:`id_key`) of the custom ids used more than once (``whole_input``)."""
         if not self._keys or self.duplicates_named:
             return set()
-        ordered = sorted(self._keys)
-        return {a for a, b in itertools.pairwise(ordered) if a == b}
+        if self._repeated is None:
+            # Sorted a bucket (by the top bits) at a time: sorting the whole table at once would hold a
+            # Python int per id (about 40 MB a million), the table itself holds 8 bytes per id.
+            buckets: list[array[int]] = [array("Q") for _ in range(_KEY_BUCKETS)]
+            for key in self._keys:
+                buckets[key >> _KEY_BUCKET_SHIFT].append(key)
+            self._repeated = set()
+            for bucket in buckets:
+                ordered = sorted(bucket)
+                self._repeated.update(a for a, b in itertools.pairwise(ordered) if a == b)
+        return self._repeated
 
     def finish(self, total_bytes: int, source: str) -> None:
         """Add the file-level checks and raise :class:`InvalidRequestFileError` if anything is wrong."""

@@ -67,11 +67,12 @@ def _make(impl: str, batch_id: str | list[str], plan: dict[str, Any]) -> Any:
     if impl.startswith("llmbatch"):
         from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 
-        one, parts = (None, batch_id) if isinstance(batch_id, list) else (batch_id, None)
+        # The parts of one job as ``batch_ids``; one batch as before, which the release before parts takes.
+        one, parts = (None, {"batch_ids": batch_id}) if isinstance(batch_id, list) else (batch_id, {})
         return BatchTrigger(
             "llmbatch_bench",
             one,
-            batch_ids=parts,
+            **parts,
             poll_interval=interval,
             max_poll_interval=plan.get("max_poll_interval", interval),
             cancel_on_kill=False,

@@ -129,18 +129,23 @@ def trigger_section() -> list[str]:
         "the polls its implementation's own schedule called for there (for ours the adaptive schedule, for",
         "the peers their fixed `poll_interval`); mean over the batches, with the lowest and highest batch.",
         "1.00 is the schedule kept: above it spends the user's API quota, below it is latency. A peer's",
-        "figure is capped at 1 per batch (polling more than its schedule is no credit).",
+        "figure is capped at 1 per batch (polling more than its schedule is no credit). Each batch is timed",
+        "from its first to its last poll in the window (so a count of a few polls is not rounded to +-1); a",
+        "batch polled fewer than twice there is judged over the whole window. The last column judges every",
+        "batch over the whole window, so a slow poller's batches are not picked by having been polled twice;",
+        "the comparison with the peers uses it.",
         "",
-        "| implementation | round | N | poll interval | polls/s | schedule fidelity (min-max) "
+        "| implementation | round | N | poll interval | polls/s | schedule fidelity (min-max) | fidelity, whole window "
         "| lag p50 / p99 / max (ms) | worst max lag (ms) "
         "| CPU ms per poll | RSS per trigger (KB) | fired / N | fired within one interval | fire delay p50 / max (s) "
         "| sockets before / peak / after | loop threads | emulator CPU (cores) | busiest poll bin / mean |",
-        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows.values():
+        window = f"{r['fidelity_window_mean']:.3f}" if "fidelity_window_mean" in r else "n/a"
         out.append(
             f"| {r['impl']} | {r['round']} | {r['n']:,} | {r['poll_interval']:g} s | {_f(r['polls_per_s'])} "
-            f"| {_fidelity_cell(r)} "
+            f"| {_fidelity_cell(r)} | {window} "
             f"| {_f(r['lag_p50_ms'])} / {_f(r['lag_p99_ms'])} / {_f(r['lag_max_ms'])} | {_f(r['lag_max_ms_worst'])} "
             f"| {r['cpu_per_poll_ms']:.2f} | {_f(r['rss_per_trigger_kb'])} | {r['fired']:.0f} / {r['n']} "
             f"| {r['fired_within_interval']:.0f} | {r['fire_p50_s']:.2f} / {r['fire_max_s']:.2f} "
@@ -164,9 +169,10 @@ def trigger_section() -> list[str]:
         for peer in ("openai", "common-ai"):
             p = rows.get(f"{peer}:n200")
             if p:
+                key = "fidelity_window_mean" if "fidelity_window_mean" in p else "fidelity_mean"
                 out.append(
-                    f"- Ratio at N = 200: schedule fidelity "
-                    f"{ours200['fidelity_mean'] / p['fidelity_mean']:.1f}x {peer}'s; "
+                    f"- Ratio at N = 200: schedule fidelity (every batch over the window) "
+                    f"{ours200[key] / max(p[key], 1e-9):.1f}x {peer}'s; "
                     f"polls/s {ours200['polls_per_s'] / p['polls_per_s']:.1f}x; "
                     f"CPU per poll {p['cpu_per_poll_ms'] / ours200['cpu_per_poll_ms']:.1f}x less; "
                     f"max loop lag {p['lag_max_ms'] / max(ours200['lag_max_ms'], 1e-9):.1f}x less; "
@@ -257,11 +263,14 @@ def targets_triggers() -> list[str]:
     ours = rows.get("llmbatch:n200")
     for peer, need in (("openai", 30), ("common-ai", 5)):
         p = rows.get(f"{peer}:n200")
-        if ours and p:
-            ratio = ours["fidelity_mean"] / p["fidelity_mean"]
+        if ours and p and "fidelity_window_mean" in p:
+            # Every batch over the whole steady window: a slow poller's batches are not picked by having
+            # been polled twice (see _fidelity in triggerer_load.py).
+            mine, theirs = ours["fidelity_window_mean"], p["fidelity_window_mean"]
+            ratio = mine / theirs if theirs else float("inf")
             out.append(
-                f"| N = 200: schedule fidelity >= {need}x {peer}'s | {ours['fidelity_mean']:.3f} vs "
-                f"{p['fidelity_mean']:.3f} = {ratio:.1f}x | {_verdict(ratio >= need)} |"
+                f"| N = 200: schedule fidelity >= {need}x {peer}'s (every batch over the steady window) | "
+                f"{mine:.3f} vs {theirs:.3f} = {ratio:.1f}x | {_verdict(ratio >= need)} |"
             )
     return out
 
