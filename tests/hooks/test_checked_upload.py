@@ -298,16 +298,20 @@ def test_checked_upload_of_each_source_kind(
     good = write_file(tmp_path / "good.jsonl", spec, 3000)
     bad = write_file(tmp_path / "bad.jsonl", spec, 3000, no_model=(2999,))
     hook, recorder = recorder_hook("dashscope")
+    opened = contextlib.ExitStack()  # a file object is the caller's to close, never the hook's
 
     def source(path: Path) -> Any:
-        return path.open("rb") if kind == "fileobj" else ObjectStoragePath(f"file://{path}")
+        if kind == "fileobj":
+            return opened.enter_context(path.open("rb"))
+        return ObjectStoragePath(f"file://{path}")
 
     check = RequestFileCheck(spec)
-    hook.upload_file(source(good), filename="good.jsonl", check=check)
-    assert check.report is not None
-    assert check.report.sha256 == validate_request_file(good, spec).sha256
-    with pytest.raises(InvalidRequestFileError, match=r"line 2999: body\.model") as info:
-        hook.upload_file(source(bad), filename="bad.jsonl", check=RequestFileCheck(spec))
+    with opened:
+        hook.upload_file(source(good), filename="good.jsonl", check=check)
+        assert check.report is not None
+        assert check.report.sha256 == validate_request_file(good, spec).sha256
+        with pytest.raises(InvalidRequestFileError, match=r"line 2999: body\.model") as info:
+            hook.upload_file(source(bad), filename="bad.jsonl", check=RequestFileCheck(spec))
     if kind == "storage":
         assert info.value.source == f"file://{bad}"
     assert good.read_bytes() in recorder.bodies[0]
