@@ -20,14 +20,12 @@ up to 10% so failing waiters do not come back together, or follows ``Retry-After
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal, Protocol
 
-from airflow_provider_llmbatch.exceptions import InvalidInputError, VendorAPIError
+from airflow_provider_llmbatch.exceptions import VendorAPIError
 from airflow_provider_llmbatch.models import TERMINAL_STATUSES, Batch, BatchStatus
 from airflow_provider_llmbatch.outcomes import describe, request_counts
 from airflow_provider_llmbatch.retry import classify
@@ -64,9 +62,6 @@ The capped delay is ``max_poll_interval`` less this share (at most 1 s): room fo
 so a batch that ends right after a poll is still seen within ``max_poll_interval``.
 """
 
-MAX_WAIT_SECONDS = 60 * 24 * 3600.0
-"""The longest duration any wait argument may have (60 days; the longest vendor window is 14)."""
-
 MAX_RETRY_AFTER = 3600.0
 """The longest ``Retry-After`` a wait honours between polls (a longer one waits ``max_poll_interval``)."""
 
@@ -90,58 +85,6 @@ class RandomLike(Protocol):
     def random(self) -> float:
         """Return the next float in ``[0, 1)``."""
         ...
-
-
-def check_deadline(value: Any) -> float | None:
-    """Return a deadline (epoch seconds) or None; refuse what is not a finite number of seconds."""
-    if value is None:
-        return None
-    seconds = _as_float(value)
-    if seconds is None or not math.isfinite(seconds):
-        raise InvalidInputError(f"deadline must be epoch seconds (a finite number) or None, got {value!r}")
-    return seconds
-
-
-def _as_float(value: Any) -> float | None:
-    """Return an int or float as a float (infinite beyond the float range), or None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        return float(value)
-    except OverflowError:  # an int with more than about 308 digits
-        return math.inf if value > 0 else -math.inf
-
-
-def check_seconds(
-    name: str, value: Any, *, allow_zero: bool = False, maximum: float = MAX_WAIT_SECONDS
-) -> float:
-    """
-    Return a duration argument in seconds, or refuse it: the one check of every timeout and interval.
-
-    :param name: the argument's name, for the message.
-    :param value: seconds (int or float) or a ``timedelta``.
-    :param allow_zero: whether 0 is a valid value.
-    :param maximum: the largest value accepted.
-    :raises InvalidInputError: naming the argument and what is allowed.
-    """
-    seconds = _as_float(value.total_seconds() if isinstance(value, timedelta) else value)
-    low = "0" if allow_zero else "more than 0"
-    if seconds is None:
-        raise InvalidInputError(f"{name} must be seconds (a number or a timedelta), got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds > maximum:
-        raise InvalidInputError(f"{name} must be from {low} to {maximum:g} seconds, got {value!r}")
-    return seconds
-
-
-def check_count(name: str, value: Any, *, minimum: int = 0) -> int:
-    """
-    Return a whole-number argument (a count: errors, batches, rounds), or refuse it naming the argument.
-
-    A bool, a float (even ``2.0``), a string and anything below ``minimum`` are refused, never converted.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return value
 
 
 def scheduled_delay(

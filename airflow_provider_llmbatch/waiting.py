@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from airflow_provider_llmbatch.checks import check_count, check_seconds
 from airflow_provider_llmbatch.exceptions import (
     BatchTimeoutError,
     LLMBatchError,
@@ -32,8 +33,6 @@ from airflow_provider_llmbatch.polling import (
     Finish,
     Poller,
     Wait,
-    check_count,
-    check_seconds,
 )
 from airflow_provider_llmbatch.retry import classify
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger

@@ -16,17 +16,16 @@ from typing import Any
 import pytest
 
 from airflow_provider_llmbatch import polling
+from airflow_provider_llmbatch.checks import MAX_WAIT_SECONDS, check_seconds
 from airflow_provider_llmbatch.exceptions import InvalidInputError, RateLimitError
 from airflow_provider_llmbatch.outcomes import describe
 from airflow_provider_llmbatch.polling import (
     JITTER,
-    MAX_WAIT_SECONDS,
     QUIET_LOG_SECONDS,
     Cancel,
     Finish,
     Poller,
     Wait,
-    check_seconds,
     error_delay,
     scheduled_delay,
     spread,

@@ -16,6 +16,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_provider_llmbatch import waiting
+from airflow_provider_llmbatch.checks import check_seconds
 from airflow_provider_llmbatch.emulator import FaultRule
 from airflow_provider_llmbatch.exceptions import (
     BatchCancelledError,
@@ -31,7 +32,6 @@ from airflow_provider_llmbatch.exceptions import (
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
-from airflow_provider_llmbatch.polling import check_seconds
 from airflow_provider_llmbatch.sensors.batch import BatchSensor
 from airflow_provider_llmbatch.triggers.batch import BatchTrigger
 from tests.pollkit import Clock, RecordingLog, XComTI, waits_on

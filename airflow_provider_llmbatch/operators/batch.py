@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator, conf
 
 from airflow_provider_llmbatch import waiting
+from airflow_provider_llmbatch.checks import check_count
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.hooks.arguments import check_create_args, check_user_metadata
 from airflow_provider_llmbatch.hooks.batch import BatchHook
@@ -25,7 +26,7 @@ from airflow_provider_llmbatch.locations import object_path
 from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.parts import Part, SplitInput, split_checked
-from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL, check_count
+from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Asset, AssetAlias, BaseOperator, conf
 
 from airflow_provider_llmbatch import waiting
+from airflow_provider_llmbatch.checks import check_count
 from airflow_provider_llmbatch.exceptions import (
     InvalidInputError,
     LLMBatchError,
@@ -32,7 +33,7 @@ from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE,
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.operators.reattach import default_task_path
 from airflow_provider_llmbatch.outcomes import check_fraction, judge, request_counts
-from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL, check_count
+from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL
 from airflow_provider_llmbatch.resubmit import retryable_ids, write_round
 from airflow_provider_llmbatch.results import BatchFiles, JoinReport, join_results
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_llmbatch.checks import check_count, check_deadline, check_seconds
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.fanin import GroupProgress, group_event
 from airflow_provider_llmbatch.hooks.batch import BatchHook
@@ -30,9 +31,6 @@ from airflow_provider_llmbatch.polling import (
     Poller,
     Step,
     Wait,
-    check_count,
-    check_deadline,
-    check_seconds,
     format_duration,
 )
 

@@ -31,6 +31,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from relkit import VENDORS, examples, write_request_file
 
+from airflow_provider_llmbatch.checks import MAX_WAIT_SECONDS
 from airflow_provider_llmbatch.emulator import Emulator, FaultRule
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
 from airflow_provider_llmbatch.hooks import _core
@@ -41,7 +42,6 @@ from airflow_provider_llmbatch.jsonl import build_request_file
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
 from airflow_provider_llmbatch.operators.reattach import KEY_METADATA
 from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
-from airflow_provider_llmbatch.polling import MAX_WAIT_SECONDS
 from airflow_provider_llmbatch.retry import RetryPolicy
 from airflow_provider_llmbatch.sensors.batch import BatchSensor
 from airflow_provider_llmbatch.triggers import batch as trigger_module
