@@ -67,3 +67,23 @@ def check_count(name: str, value: Any, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidInputError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return value
+
+
+def check_batch_ids(value: Any, name: str = "batch_id") -> list[str]:
+    """
+    Return a batch id, or the batch ids of a split job, as a list: each stripped, none twice.
+
+    A list's text (a template rendered as a string) is refused: no vendor's batch id looks like that.
+    """
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        raise InvalidInputError(
+            f"{name} rendered to the text of a list ({value[:80]!r}); pass the list itself, e.g. "
+            "create.output['batch_ids'], or render templates as native objects"
+        )
+    ids = [value] if isinstance(value, str) else value
+    if not isinstance(ids, list | tuple) or not ids or not all(isinstance(i, str) and i.strip() for i in ids):
+        raise InvalidInputError(f"{name} must be a non-empty string or a list of them, got {value!r}")
+    stripped = [i.strip() for i in ids]
+    if len(set(stripped)) < len(stripped):
+        raise InvalidInputError(f"{name} names a batch more than once: {value!r}")
+    return stripped

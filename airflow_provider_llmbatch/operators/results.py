@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Asset, AssetAlias, BaseOperator, conf
 
 from airflow_provider_llmbatch import waiting
-from airflow_provider_llmbatch.checks import check_count
+from airflow_provider_llmbatch.checks import check_batch_ids, check_count
 from airflow_provider_llmbatch.exceptions import (
     InvalidInputError,
     LLMBatchError,
@@ -146,20 +146,13 @@ class FetchBatchResultsOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Download, join and land the results (resubmitting rounds when asked); return the manifest."""
-        value = self.batch_id
-        ids = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(ids, list | tuple)
-            or not ids
-            or not all(isinstance(i, str) and i.strip() for i in ids)
-        ):
-            raise InvalidInputError(f"batch_id must be a non-empty string or list of them, got {value!r}")
+        ids = check_batch_ids(self.batch_id)
         hook = BatchHook(self._required("conn_id"))
         ti = context.get("ti")
         if ti is not None:
-            ti.xcom_push(key=XCOM_BATCH_ID, value=ids[0].strip())
+            ti.xcom_push(key=XCOM_BATCH_ID, value=ids[0])
             ti.xcom_push(key=XCOM_CONN_TYPE, value=hook.vendor.conn_type)
-        return self._fetch(context, hook, [[i.strip() for i in ids]])
+        return self._fetch(context, hook, [ids])
 
     def execute_complete(
         self, context: Context, event: Any = None, extra: dict[str, Any] | None = None

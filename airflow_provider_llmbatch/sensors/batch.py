@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_llmbatch import waiting
-from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.checks import check_batch_ids
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.outcomes import describe
@@ -92,23 +92,7 @@ class BatchSensor(BaseSensorOperator):
 
     def _rendered_batch_ids(self) -> list[str]:
         """Return the batch id, or the parts' ids (a list, e.g. the ``batch_ids`` XCom), after rendering."""
-        value = self.batch_id
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            # A list's text, from a template rendered as a string: no vendor's batch id looks like that.
-            raise InvalidInputError(
-                f"batch_id rendered to the text of a list ({value[:80]!r}); pass the list itself, e.g. "
-                "create.output['batch_ids'], or render templates as native objects"
-            )
-        ids = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(ids, list | tuple)
-            or not ids
-            or not all(isinstance(i, str) and i.strip() for i in ids)
-        ):
-            raise InvalidInputError(
-                f"batch_id must be a non-empty string or a list of them after rendering, got {value!r}"
-            )
-        return [i.strip() for i in ids]
+        return check_batch_ids(self.batch_id)
 
     def execute(self, context: Context) -> Any:
         """Wait for the batches: defer to the trigger, poll here, or (reschedule mode) check once."""

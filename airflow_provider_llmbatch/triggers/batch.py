@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_llmbatch.checks import check_count, check_deadline, check_seconds
+from airflow_provider_llmbatch.checks import check_batch_ids, check_count, check_deadline, check_seconds
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.fanin import GroupProgress, group_event
 from airflow_provider_llmbatch.hooks.batch import BatchHook
@@ -230,12 +230,11 @@ class BatchTrigger(BaseTrigger):
 
 def _batch_ids(batch_id: str | None, batch_ids: Sequence[str] | None) -> tuple[str, ...]:
     """Return the batches to wait for: ``batch_id``, or ``batch_ids``; refuse anything else."""
-    ids = (batch_id,) if batch_ids is None else tuple(batch_ids)
-    if (batch_id is None) == (batch_ids is None) or isinstance(batch_ids, str) or not ids:
+    if (batch_id is None) == (batch_ids is None) or isinstance(batch_ids, str):
         raise InvalidInputError("give one of batch_id and batch_ids (a non-empty list)")
-    if not all(isinstance(i, str) and i for i in ids) or len(set(ids)) < len(ids):
-        raise InvalidInputError(f"batch ids must be distinct non-empty strings, got {list(ids)!r}")
-    return ids  # type: ignore[return-value]
+    if batch_ids is None:
+        return tuple(check_batch_ids(batch_id))
+    return tuple(check_batch_ids(batch_ids, "batch_ids"))
 
 
 def _is_error(step: Cancel | Finish) -> bool:

@@ -237,7 +237,7 @@ def test_outlets_keep_user_assets_and_add_the_alias() -> None:
     }
 
 
-@pytest.mark.parametrize("batch_id", ["", "   ", None, 12])
+@pytest.mark.parametrize("batch_id", ["", "   ", None, 12, [], ["b1", "b1"], ["b1", ""], "['b1', 'b2']"])
 def test_bad_batch_id(connect: Any, batch_id: Any) -> None:
     connect("openai")
     with pytest.raises(InvalidInputError, match="batch_id"):

@@ -258,7 +258,8 @@ def test_reschedule_mode_pokes_once(emulator, connect, make_batch, context):
 
 
 @pytest.mark.parametrize(
-    "batch_id", [[], ["batch_1", ""], ["batch_1", 7], "['batch_1', 'batch_2']", ' ["batch_1"]']
+    "batch_id",
+    [[], ["batch_1", ""], ["batch_1", 7], ["batch_1", " batch_1"], "['batch_1', 'batch_2']", ' ["batch_1"]'],
 )
 def test_a_bad_list_of_batch_ids_is_refused(batch_id, context):
     with pytest.raises(InvalidInputError, match="batch_id"):
