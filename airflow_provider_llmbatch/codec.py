@@ -149,6 +149,18 @@ def parse_vendor_line(raw: bytes) -> Any:
     return _parse(raw, _STRICT)
 
 
+def parse_vendor_object(raw: bytes) -> dict[str, Any]:
+    """
+    Parse a vendor result line that must be a JSON object, as :func:`parse_vendor_line` reads it.
+
+    :raises ValueError: the line is not JSON, or not an object.
+    """
+    data = parse_vendor_line(raw)
+    if type(data) is not dict:
+        raise ValueError("not a JSON object")
+    return data
+
+
 def to_json(value: Any) -> bytes:
     """
     Serialize compactly, non-ASCII as UTF-8: ``json.dumps(value, ensure_ascii=False, separators=...)``.

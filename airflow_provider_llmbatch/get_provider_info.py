@@ -13,6 +13,9 @@ INTEGRATION_NAME = "LLM Batch"
 
 _HOOKS_MODULE = "airflow_provider_llmbatch.hooks.batch"
 
+PORT_PLACEHOLDER = "443 (used when the Base URL has no port)"
+"""What the connection form shows in the empty Port field."""
+
 
 def hook_class_name(spec: VendorSpec) -> str:
     """Return the name of the vendor's hook class in ``hooks.batch`` (``zhipu`` -> ``ZhipuBatchHook``)."""
@@ -37,12 +40,16 @@ def connection_type(spec: VendorSpec) -> dict[str, Any]:
         "connection-type": spec.conn_type,
         "hook-class-name": f"{_HOOKS_MODULE}.{hook_class_name(spec)}",
         "hook-name": f"LLM Batch ({spec.display_name})",
+        # `port` stays visible: on Airflow 3.3.2 the UI's Test button is refused for a connection without
+        # one (it sends port 0 for a stored NULL, which the API reads as another destination), so the form
+        # has to let users store one. The Base URL's own port, when it has one, wins.
         "ui-field-behaviour": {
-            "hidden-fields": ["schema", "port", "login"],
+            "hidden-fields": ["schema", "login"],
             "relabeling": {"password": "API Key", "host": "Base URL"},
             "placeholders": {
                 "host": spec.default_base_url,
                 "password": f"{spec.display_name} API key",
+                "port": PORT_PLACEHOLDER,
             },
         },
         "conn-fields": {field.name: _conn_field(field) for field in spec.all_conn_fields()},

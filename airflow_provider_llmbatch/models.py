@@ -3,9 +3,10 @@ Pydantic models of the Batch API objects, read leniently.
 
 Real responses differ from the documents (see the registry's ``Quirks``). Every model here reads all
 known variants for every vendor: timestamps in seconds or milliseconds (or null), ``""`` for an unset
-file id, null or missing ``request_counts``, ``data: null`` pages, pages without ``first_id``/``last_id``
-or ``has_more``, ``errors`` as an object, a list or absent, scalars of the wrong JSON type, and fields
-nobody documented. Normalised values are the attributes; the vendor's JSON is kept in ``raw``.
+file id, null or missing ``request_counts`` (or the counts flat beside it), ``data: null`` pages, pages
+without ``first_id``/``last_id`` or ``has_more``, ``errors`` as an object, a list or absent, scalars of the
+wrong JSON type, and fields nobody documented. Normalised values are the attributes; the vendor's JSON is
+kept in ``raw``.
 
 The lines of output and error files are read by the same rules in
 :mod:`airflow_provider_llmbatch.result_lines`.
@@ -178,6 +179,10 @@ class RequestCounts(LenientModel):
         return (self.completed or 0) + (self.failed or 0)
 
 
+COUNT_FIELDS = ("total", "completed", "failed")
+"""The request counts of a batch, under ``request_counts`` or (Zhipu) at the top level as well."""
+
+
 def _counts(value: Any) -> Any:
     return value if isinstance(value, Mapping) else {}
 
@@ -234,11 +239,21 @@ class Batch(LenientModel):
     @model_validator(mode="before")
     @classmethod
     def _flat_counts(cls, data: Any) -> Any:
-        """Read counts a vendor puts at the top level (Zhipu: ``total``, ``completed``, ``failed``)."""
-        if not isinstance(data, Mapping) or isinstance(data.get("request_counts"), Mapping):
+        """
+        Read the counts from ``request_counts`` and from the top level, whichever holds them.
+
+        Zhipu documents both at once: ``"request_counts": 123`` beside flat ``total``, ``completed`` and
+        ``failed``. A count ``request_counts`` holds wins; one it lacks (absent, null, not a number, or
+        ``request_counts`` not an object at all) is read from the top level.
+        """
+        if not isinstance(data, Mapping):
             return data
-        flat = {k: data[k] for k in ("total", "completed", "failed") if k in data}
-        return {**data, "request_counts": flat} if flat else data
+        nested = data.get("request_counts")
+        counts = dict(nested) if isinstance(nested, Mapping) else {}
+        for name in COUNT_FIELDS:
+            if optional_int(counts.get(name)) is None and optional_int(data.get(name)) is not None:
+                counts[name] = data[name]
+        return {**data, "request_counts": counts} if counts or nested is not None else data
 
     @property
     def state(self) -> BatchStatus | None:

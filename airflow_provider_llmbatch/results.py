@@ -155,9 +155,7 @@ def _finished_lines(batches: Sequence[BatchFiles], anomalies: Anomalies) -> Iter
                 if raw.isspace():
                     continue
                 try:
-                    data = codec.parse_vendor_line(raw)
-                    if type(data) is not dict:
-                        raise ValueError("not a JSON object")
+                    data = codec.parse_vendor_object(raw)
                     value = data.get("custom_id")
                     if value is None or value == "" or isinstance(value, dict | list):
                         anomalies.add("no_custom_id", f"{path.name}@{start}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 ErrorKind = Literal[
     "bad_request",
@@ -168,7 +170,8 @@ class ListSpec:
     :param params: the query parameters it accepts, pagination included.
     :param max_limit: the largest ``limit`` accepted (``None``: no ``limit`` parameter).
     :param time_params: the filters that take a point in time.
-    :param time_format: how those are written (``strftime``).
+    :param time_format: how those are written (``strftime``); every field zero-padded, so a value of
+        another length is refused.
     :param time_zone: the UTC offset, in hours, those are read in.
     """
 
@@ -177,6 +180,51 @@ class ListSpec:
     time_params: frozenset[str] = frozenset()
     time_format: str = ""
     time_zone: float = 0.0
+
+    @property
+    def tzinfo(self) -> timezone:
+        """Return the time zone the time filters are read in."""
+        return timezone(timedelta(hours=self.time_zone))
+
+    def time_example(self) -> str:
+        """Return a time filter value as the vendor writes it (31 January 2026, 08:00 in its zone)."""
+        return datetime(2026, 1, 31, 8, 0, tzinfo=self.tzinfo).strftime(self.time_format)
+
+    def parse_time(self, value: str) -> datetime | None:
+        """Return a time filter value as an aware datetime, or None when it is not in ``time_format``."""
+        try:
+            parsed = datetime.strptime(value, self.time_format)
+        except ValueError:
+            return None
+        # strptime takes "1" for "01": the length pins the zero-padded form down.
+        if len(value) != len(self.time_example()):
+            return None
+        return parsed.replace(tzinfo=self.tzinfo)
+
+
+@dataclass(frozen=True)
+class CodeDoc:
+    """
+    Where a vendor documents one error code, and what its table says the code means.
+
+    :param status: the HTTP status the vendor's table gives the code (None: its table gives none).
+    :param meaning: the vendor's meaning, in short.
+    :param source: the URL of the vendor's error-code page.
+    :param documented: False where the code is ours, not the vendor's (the emulator needs one where the
+        vendor documents the HTTP status only); ``meaning`` then says why.
+    """
+
+    status: int | None
+    meaning: str
+    source: str
+    documented: bool = True
+
+    @classmethod
+    def table(
+        cls, source: str, rows: Mapping[str, tuple[int | None, str] | tuple[int | None, str, bool]]
+    ) -> Mapping[str, CodeDoc]:
+        """Return code -> :class:`CodeDoc` for rows ``code: (status, meaning[, documented])`` of one page."""
+        return MappingProxyType({code: cls(row[0], row[1], source, *row[2:]) for code, row in rows.items()})
 
 
 @dataclass(frozen=True)
@@ -192,12 +240,14 @@ class ErrorDialect:
     :param retryable_codes: error codes of a failed request (in an error file) worth sending again:
         rate limits, overload, server faults. A request rejected for what it is (invalid, filtered, too
         long) is never resubmitted.
+    :param code_table: every code above -> where the vendor documents it (:class:`CodeDoc`).
     """
 
     request_id_headers: tuple[str, ...]
     codes: Mapping[ErrorKind, tuple[int, str]]
     code_kinds: Mapping[str, ErrorKind] = field(default_factory=_frozen)
     retryable_codes: frozenset[str] = frozenset()
+    code_table: Mapping[str, CodeDoc] = field(default_factory=_frozen)
 
 
 @dataclass(frozen=True)
@@ -218,7 +268,8 @@ class VendorSpec:
     :param errors: what error codes mean and where the request id is.
     :param cancel_terminal_status: the HTTP status a cancel of an already finished batch answers with.
     :param input_content_downloadable: whether ``GET /files/{id}/content`` serves request (input) files.
-    :param console_url: URL template of the vendor's console page for a batch (``{batch_id}``).
+    :param console_urls: region -> URL template of the vendor's console page for a batch
+        (``{batch_id}``); a region without one gets no link (another region's console is another account).
     :param conn_fields: vendor-only connection fields (beyond the shared ones).
     """
 
@@ -235,7 +286,7 @@ class VendorSpec:
     extra_create_fields: tuple[ExtraCreateField, ...] = ()
     cancel_terminal_status: int = 400
     input_content_downloadable: bool = True
-    console_url: str = ""
+    console_urls: Mapping[str, str] = field(default_factory=_frozen)
     conn_fields: tuple[ConnField, ...] = ()
 
     @property
@@ -252,6 +303,25 @@ class VendorSpec:
     def default_endpoint(self) -> str:
         """Return the endpoint used when none is given."""
         return self.endpoints[0].path
+
+    @property
+    def default_region(self) -> str:
+        """Return the region used when the connection names none."""
+        return next(iter(self.base_urls))
+
+    @property
+    def console_url(self) -> str:
+        """Return the console URL template of the default region (``""``: none)."""
+        return self.console_url_for(None)
+
+    def console_url_for(self, region: str | None) -> str:
+        """Return the console URL template of ``region`` (None: the default one), or ``""`` without one."""
+        return self.console_urls.get(self.default_region if region is None else region, "")
+
+    def region_of(self, base_url: str) -> str | None:
+        """Return the region whose base URL has the host of ``base_url``, or None for another host."""
+        host = urlsplit(base_url if "://" in base_url else f"https://{base_url}").hostname
+        return next((r for r, url in self.base_urls.items() if urlsplit(url).hostname == host), None)
 
     def endpoint(self, path: str) -> EndpointSpec | None:
         """Return the spec of an endpoint, or None if the vendor does not accept it."""

@@ -19,6 +19,7 @@ from types import MappingProxyType
 
 from airflow_provider_llmbatch.vendor_spec import (
     SHARED_CONN_FIELDS,
+    CodeDoc,
     CompletionWindowRule,
     ConnField,
     EndpointSpec,
@@ -33,6 +34,7 @@ from airflow_provider_llmbatch.vendor_spec import (
 __all__ = [
     "REGISTRY",
     "SHARED_CONN_FIELDS",
+    "CodeDoc",
     "CompletionWindowRule",
     "ConnField",
     "EndpointSpec",
@@ -46,6 +48,13 @@ __all__ = [
 ]
 
 _CHAT_WINDOW_ONLY_24H = CompletionWindowRule(min_hours=24, max_hours=24, default="24h", units="h")
+
+# The vendors' error-code pages: every code below is recorded with the page it comes from.
+ZHIPU_CODES_URL = "https://docs.z.ai/api-reference/api-code"
+MOONSHOT_CODES_URL = "https://platform.kimi.ai/docs/api/errors"
+DASHSCOPE_CODES_URL = "https://www.alibabacloud.com/help/en/model-studio/error-code"
+OPENAI_CODES_URL = "https://platform.openai.com/docs/guides/error-codes"
+
 
 ZHIPU = VendorSpec(
     name="zhipu",
@@ -80,18 +89,50 @@ ZHIPU = VendorSpec(
             "bad_request": (400, "1214"),
             "authentication": (401, "1000"),
             "permission_denied": (434, "1220"),
-            "not_found": (404, "1211"),
+            "not_found": (404, "404"),
             "conflict": (400, "1210"),
-            "file_too_large": (435, "1215"),
+            "file_too_large": (435, "435"),
             "rate_limit": (429, "1302"),
             "quota_exceeded": (429, "1113"),
             "server": (500, "500"),
         },
-        code_kinds={"1113": "quota_exceeded", "1302": "rate_limit", "1301": "bad_request"},
-        # docs.z.ai/api-reference/api-code: 1302 high concurrency, 1234 network error, 500 internal error.
+        # Account codes come with HTTP 429 ("account anomaly"): a locked account is no rate limit to retry.
+        code_kinds={
+            "1110": "permission_denied",
+            "1111": "authentication",
+            "1112": "permission_denied",
+            "1113": "quota_exceeded",
+            "1121": "permission_denied",
+            "1301": "bad_request",
+            "1302": "rate_limit",
+        },
         retryable_codes=frozenset({"1302", "1234", "500"}),
+        code_table=CodeDoc.table(
+            ZHIPU_CODES_URL,
+            {
+                "500": (500, "internal error"),
+                "1000": (401, "authentication failed"),
+                "1110": (429, "account inactive"),
+                "1111": (429, "account does not exist"),
+                "1112": (429, "account locked"),
+                "1113": (429, "account in arrears: recharge"),
+                "1121": (429, "account locked for irregular activity"),
+                "1210": (400, "incorrect API call parameters (also a finished batch's cancel: a guess)"),
+                "1211": (400, "model does not exist (not an unknown batch)"),
+                "1214": (400, "invalid parameter"),
+                "1220": (434, "no permission to access the API"),
+                "1234": (None, "network error"),
+                "1301": (None, "unsafe or sensitive content"),
+                "1302": (429, "concurrency too high"),
+                # Only the HTTP status is documented for these; the emulator repeats it as the code, the
+                # way Zhipu's own code 500 does. The hook classifies them by the HTTP status.
+                "404": (404, "unknown batch or file: HTTP 404 ('task does not exist'), no code", False),
+                "435": (435, "file over 100 MB: HTTP 435, no business code", False),
+            },
+        ),
     ),
-    console_url="https://open.bigmodel.cn/console/batch?batch_id={batch_id}",
+    # The international console is not known: no link there rather than the Chinese account's console.
+    console_urls={"cn": "https://open.bigmodel.cn/console/batch?batch_id={batch_id}"},
 )
 
 MOONSHOT = VendorSpec(
@@ -126,10 +167,26 @@ MOONSHOT = VendorSpec(
             "rate_limit_reached_error": "rate_limit",
             "resource_not_found_error": "not_found",
         },
-        # platform.moonshot.cn error docs: rate limits, overload and server errors are transient.
+        # Rate limits, overload and server errors are transient.
         retryable_codes=frozenset({"rate_limit_reached_error", "engine_overloaded_error", "server_error"}),
+        code_table=CodeDoc.table(
+            MOONSHOT_CODES_URL,
+            {
+                "invalid_request_error": (400, "invalid request; also a file over 100 MB, or too many files"),
+                "invalid_authentication_error": (401, "authentication failed"),
+                "permission_denied_error": (403, "the API is not open to this account"),
+                "resource_not_found_error": (404, "model or resource not found"),
+                "rate_limit_reached_error": (429, "rate limit reached"),
+                "engine_overloaded_error": (429, "engine overloaded"),
+                "exceeded_current_quota_error": (429, "quota exceeded: check the balance"),
+                "server_error": (500, "server error"),
+            },
+        ),
     ),
-    console_url="https://platform.moonshot.cn/console/batch?batch_id={batch_id}",
+    console_urls={
+        "cn": "https://platform.moonshot.cn/console/batch?batch_id={batch_id}",
+        "intl": "https://platform.moonshot.ai/console/batch?batch_id={batch_id}",
+    },
 )
 
 DASHSCOPE = VendorSpec(
@@ -191,35 +248,50 @@ DASHSCOPE = VendorSpec(
     errors=ErrorDialect(
         request_id_headers=("x-request-id", "x-dashscope-request-id"),
         codes={
-            "bad_request": (400, "invalid_parameter_error"),
+            "bad_request": (400, "InvalidParameter"),
             "authentication": (401, "invalid_api_key"),
             "permission_denied": (403, "AccessDenied"),
             "not_found": (404, "NotFound"),
-            "conflict": (400, "invalid_parameter_error"),
-            "file_too_large": (400, "invalid_parameter_error"),
+            "conflict": (400, "InvalidParameter"),
+            "file_too_large": (400, "InvalidParameter"),
             "rate_limit": (429, "Throttling.RateQuota"),
-            "quota_exceeded": (429, "Arrearage"),
+            "quota_exceeded": (400, "Arrearage"),
             "server": (500, "InternalError"),
         },
         code_kinds={"Arrearage": "quota_exceeded", "Throttling.RateQuota": "rate_limit"},
-        # Alibaba Cloud Model Studio error codes: Throttling*, InternalError, RequestTimeOut and
-        # ServiceUnavailable are transient; the rest describe the request.
+        # Throttling*, InternalError*, RequestTimeOut and ServiceUnavailable are transient.
         retryable_codes=frozenset(
+            {"Throttling", "Throttling.RateQuota", "Throttling.AllocationQuota", "Throttling.BurstRate"}
+            | {"InternalError", "InternalError.Algo", "RequestTimeOut", "ServiceUnavailable"}
+        ),
+        code_table=CodeDoc.table(
+            DASHSCOPE_CODES_URL,
             {
-                "Throttling",
-                "Throttling.RateQuota",
-                "Throttling.AllocationQuota",
-                "Throttling.BurstRate",
-                "InternalError",
-                "InternalError.Algo",
-                "RequestTimeOut",
-                "ServiceUnavailable",
-            }
+                # Also what a cancel of a finished batch and a file over 500 MB get (a guess: undocumented).
+                "InvalidParameter": (400, "invalid parameter"),
+                "Arrearage": (400, "account overdue: access denied until it is in good standing"),
+                "invalid_api_key": (401, "invalid API key (InvalidApiKey in the native API)"),
+                "AccessDenied": (403, "access denied"),
+                "NotFound": (404, "model, resource or path not found"),
+                "Throttling": (429, "rate limited"),
+                "Throttling.RateQuota": (429, "request rate limit reached"),
+                "Throttling.AllocationQuota": (429, "token rate limit reached"),
+                "Throttling.BurstRate": (429, "burst rate limit reached"),
+                "InternalError": (500, "internal error"),
+                "InternalError.Algo": (500, "internal algorithm error"),
+                "RequestTimeOut": (None, "request timed out"),
+                "ServiceUnavailable": (503, "service unavailable"),
+            },
         ),
     ),
     # Doc: only output and error files can be downloaded.
     input_content_downloadable=False,
-    console_url="https://bailian.console.aliyun.com/?tab=model#/batch-inference?batch_id={batch_id}",
+    console_urls={
+        "cn-beijing": "https://bailian.console.aliyun.com/?tab=model#/batch-inference?batch_id={batch_id}",
+        "ap-singapore": (
+            "https://modelstudio.console.alibabacloud.com/?tab=model#/batch-inference?batch_id={batch_id}"
+        ),
+    },
     conn_fields=(
         ConnField(
             name="workspace",
@@ -265,29 +337,39 @@ OPENAI = VendorSpec(
             "server": (500, "server_error"),
         },
         code_kinds={"insufficient_quota": "quota_exceeded", "rate_limit_exceeded": "rate_limit"},
-        # OpenAI's error types and codes: rate limits and server faults are transient.
+        # Rate limits and server faults are transient.
         retryable_codes=frozenset({"rate_limit_exceeded", "server_error", "timeout", "service_unavailable"}),
+        code_table=CodeDoc.table(
+            OPENAI_CODES_URL,
+            {
+                "invalid_request_error": (400, "invalid request (an error type)"),
+                "invalid_api_key": (401, "incorrect API key"),
+                "rate_limit_exceeded": (429, "rate limit reached"),
+                "insufficient_quota": (429, "quota exceeded: check plan and billing"),
+                "server_error": (500, "server error (an error type)"),
+                "service_unavailable": (503, "overloaded or unavailable"),
+                # Compatible servers differ; these follow the HTTP status, the hook reads them by it.
+                "permission_denied": (403, "permission denied (compatible servers)", False),
+                "not_found": (404, "not found (compatible servers)", False),
+                "conflict": (409, "conflict (compatible servers)", False),
+                "file_too_large": (413, "file too large (compatible servers)", False),
+                "timeout": (None, "request timed out (a failed request's code)", False),
+            },
+        ),
     ),
     cancel_terminal_status=409,
-    console_url="https://platform.openai.com/batches/{batch_id}",
-    conn_fields=(
-        ConnField(
-            name="organization",
-            label="Organization",
-            description="Sent as OpenAI-Organization where the endpoint uses it.",
-            header="OpenAI-Organization",
-        ),
-        ConnField(
-            name="project",
-            label="Project",
-            description="Sent as OpenAI-Project where the endpoint uses it.",
-            header="OpenAI-Project",
-        ),
+    console_urls={"default": "https://platform.openai.com/batches/{batch_id}"},
+    conn_fields=tuple(
+        ConnField(name, label, f"Sent as {header} where the endpoint uses it.", header=header)
+        for name, label, header in (
+            ("organization", "Organization", "OpenAI-Organization"),
+            ("project", "Project", "OpenAI-Project"),
+        )
     ),
 )
 
 REGISTRY: Mapping[str, VendorSpec] = MappingProxyType(
-    {spec.name: spec for spec in (ZHIPU, MOONSHOT, DASHSCOPE, OPENAI)}
+    {s.name: s for s in (ZHIPU, MOONSHOT, DASHSCOPE, OPENAI)}
 )
 """Every supported vendor by name."""
 

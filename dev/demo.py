@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from airflow_provider_llmbatch.emulator.config import DEFAULT_TIME_SCALE
 from airflow_provider_llmbatch.vendors import REGISTRY
 from dev.local_airflow import PIPELINE_DAG_ID, DagTestRun, LocalAirflow
 
@@ -62,8 +63,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--time-scale",
         type=float,
-        default=3.0,
-        help="emulator time scale: a batch takes about 1.4 s times this (default: 3.0)",
+        default=DEFAULT_TIME_SCALE,
+        help=(
+            f"emulator time scale: a batch takes about 1.4 s times this (default: the emulator's,"
+            f" {DEFAULT_TIME_SCALE:g}: the sensor defers and its trigger polls for real)"
+        ),
     )
     parser.add_argument(
         "--poll-interval",

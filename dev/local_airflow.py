@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,27 @@ def _airflow_version() -> str:
 
 
 @dataclass(frozen=True)
+class PlannedRun:
+    """
+    One ``dag.test()`` of a plan, with the dates a scheduler or a manual trigger would give the run.
+
+    :param dag_id: the DAG to run.
+    :param env: variables set before the DAG is parsed (e.g. ``LLMBATCH_PIPELINE_VENDOR``).
+    :param dates: keyword arguments of ``dag.test()``: ``logical_date`` (None: a manual run without a
+        logical date; absent: now) and ``run_after`` (absent: now).
+    """
+
+    dag_id: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    dates: Mapping[str, datetime | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the plan entry the child process reads."""
+        dates = {key: None if value is None else value.isoformat() for key, value in self.dates.items()}
+        return {"dag_id": self.dag_id, "env": dict(self.env), "dates": dates}
+
+
+@dataclass(frozen=True)
 class DagTestRun:
     """
     The outcome of one ``dag.test()``, read back from the metadata database.
@@ -67,6 +89,8 @@ class DagTestRun:
     :param error: why the run could not be started or finished, if so.
     :param import_errors: DAG file -> error, for files of the DAGs folder that failed to parse.
     :param log_path: the full output of the process that ran it.
+    :param logical_date: the run's logical date as stored (None: the run has none).
+    :param run_after: the run's ``run_after`` as stored.
     """
 
     dag_id: str
@@ -79,6 +103,8 @@ class DagTestRun:
     error: str | None = None
     import_errors: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    logical_date: str | None = None
+    run_after: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -186,7 +212,7 @@ class LocalAirflow:
 
     def run_dag_tests(
         self,
-        runs: Sequence[str | tuple[str, Mapping[str, str]]],
+        runs: Sequence[str | tuple[str, Mapping[str, str]] | PlannedRun],
         *,
         env: Mapping[str, str] | None = None,
         timeout: float = 600.0,
@@ -199,21 +225,19 @@ class LocalAirflow:
         One process for all: starting Airflow's in-process execution API costs seconds, once. Deferrals
         run in line (``dag.test()`` builds the trigger from its serialized kwargs and runs it).
 
-        :param runs: DAG ids, or ``(dag_id, env)`` pairs whose variables are set before the DAG is
-            parsed (e.g. ``LLMBATCH_PIPELINE_VENDOR``).
+        :param runs: DAG ids, ``(dag_id, env)`` pairs whose variables are set before the DAG is
+            parsed (e.g. ``LLMBATCH_PIPELINE_VENDOR``), or :class:`PlannedRun` (with the run's dates).
         :param env: variables for the whole process (connections, poll interval).
         :param timeout: seconds for all runs together; runs not finished by then are reported so.
         :param log_path: where the process's output goes (default: under ``logs/``).
         :param on_run: called with each run as soon as it has finished.
         """
-        plan: list[tuple[str, dict[str, str]]] = [
-            (run, {}) if isinstance(run, str) else (run[0], dict(run[1])) for run in runs
-        ]
+        plan = [_planned(run) for run in runs]
         stamp = f"{os.getpid()}-{time.monotonic_ns()}"
         plan_path = self.home / "logs" / f"dag-test-plan-{stamp}.json"
         report_path = self.home / "logs" / f"dag-test-report-{stamp}.jsonl"
         log_path = log_path or self.home / "logs" / f"dag-test-{stamp}.log"
-        plan_path.write_text(json.dumps([{"dag_id": dag_id, "env": env} for dag_id, env in plan]))
+        plan_path.write_text(json.dumps([run.to_json() for run in plan]))
         results: list[DagTestRun] = []
         done = 0
 
@@ -249,8 +273,8 @@ class LocalAirflow:
                 status = child.wait()
         collect()
         reason = reason or f"the process running the DAGs exited early (status {status})"
-        for dag_id, _ in plan[len(results) :]:
-            missing = DagTestRun(dag_id, None, None, 0.0, error=reason, log_path=log_path)
+        for planned in plan[len(results) :]:
+            missing = DagTestRun(planned.dag_id, None, None, 0.0, error=reason, log_path=log_path)
             results.append(missing)
             if on_run is not None:
                 on_run(missing)
@@ -271,6 +295,7 @@ class LocalAirflow:
                 log_path=log_path,
             )
         reader = self.reader()
+        logical_date, run_after = reader.run_dates(dag_id, run_id)
         return DagTestRun(
             dag_id=dag_id,
             run_id=run_id,
@@ -285,7 +310,15 @@ class LocalAirflow:
             error=entry.get("error"),
             import_errors=import_errors,
             log_path=log_path,
+            logical_date=logical_date,
+            run_after=run_after,
         )
+
+
+def _planned(run: str | tuple[str, Mapping[str, str]] | PlannedRun) -> PlannedRun:
+    if isinstance(run, PlannedRun):
+        return run
+    return PlannedRun(run) if isinstance(run, str) else PlannedRun(run[0], run[1])
 
 
 def _run_plan(plan_path: Path, report_path: Path) -> int:
@@ -307,7 +340,12 @@ def _run_plan(plan_path: Path, report_path: Path) -> int:
             dag = bag.get_dag(item["dag_id"])
             if dag is None:
                 raise LookupError(f"DAG {item['dag_id']!r} not found; import errors: {bag.import_errors}")
-            dag_run = dag.test()
+            # Absent dates are dag.test()'s defaults (now); a null logical date is a run without one.
+            dates = {
+                key: None if value is None else datetime.fromisoformat(value)
+                for key, value in item.get("dates", {}).items()
+            }
+            dag_run = dag.test(**dates)
             state = getattr(dag_run.state, "value", dag_run.state)
             entry.update(run_id=dag_run.run_id, state=state)
         except Exception as exc:

@@ -38,6 +38,15 @@ class MetadataReader:
         )
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def run_dates(self, dag_id: str, run_id: str) -> tuple[str | None, str | None]:
+        """Return ``(logical_date, run_after)`` of a run as stored (None where the run has none)."""
+        rows = self._query(
+            "SELECT logical_date, run_after FROM dag_run WHERE dag_id = ? AND run_id = ?", dag_id, run_id
+        )
+        if not rows:
+            return None, None
+        return _text(rows[0][0]), _text(rows[0][1])
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """Return task id -> state for a run (mapped tasks: the last index read wins)."""
         rows = self._query(
@@ -75,6 +84,10 @@ class MetadataReader:
                 kwargs = None
             found.append(kwargs if isinstance(kwargs, dict) else None)
         return found
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _epoch(created: Any) -> float:

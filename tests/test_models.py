@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -264,3 +265,49 @@ def test_batch_reads_nested_and_flat_counts(raw, expected):
     batch = Batch.model_validate({"id": "b", "status": "in_progress", **raw})
     counts = batch.request_counts
     assert (counts.total, counts.completed, counts.failed) == expected
+
+
+# The batch object as Zhipu's API reference prints it (docs.bigmodel.cn, "获取批处理任务详情"): request_counts
+# typed as an integer, and the counts flat beside it. Values filled in where the page shows placeholders.
+ZHIPU_DOC_BATCH = json.loads(
+    """
+    {
+      "id": "batch_1", "object": "batch", "endpoint": "/v4/chat/completions", "input_file_id": "file_1",
+      "completion_window": "24h", "status": "completed", "output_file_id": "file_2", "error_file_id": "",
+      "created_at": 1735113344, "in_progress_at": 1735113345, "expires_at": 1735199744,
+      "finalizing_at": 1735113400, "completed_at": 1735113401, "failed_at": null, "expired_at": null,
+      "cancelling_at": null, "cancelled_at": null,
+      "request_counts": 10, "total": 10, "completed": 8, "failed": 2,
+      "metadata": {}
+    }
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("request_counts", "expected"),
+    [
+        (10, (10, 8, 2)),  # the page's shape: an integer beside the flat counts
+        (None, (10, 8, 2)),
+        ({}, (10, 8, 2)),
+        ({"total": None, "completed": None, "failed": None}, (10, 8, 2)),  # nulls never hide the flat counts
+        ({"total": 10, "completed": 8}, (10, 8, 2)),  # each count from where it is
+        ({"total": 10, "completed": 9, "failed": 1}, (10, 9, 1)),  # the object wins where it has a count
+    ],
+    ids=["doc-integer", "null", "empty", "all-null", "partial", "object-wins"],
+)
+def test_zhipu_documented_batch_shape(request_counts: Any, expected: tuple[int, int, int]) -> None:
+    batch = Batch.model_validate({**ZHIPU_DOC_BATCH, "request_counts": request_counts})
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == expected
+    assert batch.summary()["request_counts"] == dict(
+        zip(("total", "completed", "failed"), expected, strict=True)
+    )
+    assert batch.error_file_id is None
+
+
+def test_zhipu_validating_batch_with_every_count_null_reads_as_unknown() -> None:
+    raw = {**ZHIPU_DOC_BATCH, "status": "validating", "request_counts": None}
+    raw.update(total=None, completed=None, failed=None)
+    counts = Batch.model_validate(raw).request_counts
+    assert (counts.total, counts.completed, counts.failed) == (None, None, None)

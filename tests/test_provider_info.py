@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from packaging.utils import canonicalize_name
 
-from airflow_provider_llmbatch.get_provider_info import get_provider_info
+from airflow_provider_llmbatch.get_provider_info import PORT_PLACEHOLDER, get_provider_info
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +47,12 @@ def test_one_connection_type_per_vendor(info):
 def test_connection_type_entry(info, spec):
     entry = next(c for c in info["connection-types"] if c["connection-type"] == spec.conn_type)
     behaviour = entry["ui-field-behaviour"]
-    assert set(behaviour["hidden-fields"]) == {"schema", "port", "login"}
+    # Port stays in the form: Airflow 3.3.2's Test button is refused for a connection stored without one
+    # (tests/test_connection_test_button.py presses it).
+    assert set(behaviour["hidden-fields"]) == {"schema", "login"}
     assert behaviour["relabeling"] == {"password": "API Key", "host": "Base URL"}
     assert behaviour["placeholders"]["host"] == spec.default_base_url
+    assert behaviour["placeholders"]["port"] == PORT_PLACEHOLDER
     # Airflow validates the behaviour (in python-style keys) against this schema at discovery.
     jsonschema.validate(
         {

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from airflow_provider_llmbatch.emulator.config import DEFAULT_API_KEY, EmulatorConfig
+from airflow_provider_llmbatch.emulator.config import DEFAULT_API_KEY, DEFAULT_TIME_SCALE, EmulatorConfig
 from airflow_provider_llmbatch.emulator.server import Emulator
 
 API_KEY_ENV = "LLMBATCH_EMULATOR_API_KEY"
@@ -24,7 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port to bind, 0 for any (default: 8765)")
-    parser.add_argument("--time-scale", type=float, default=1.0, help="multiplier of phase durations")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=DEFAULT_TIME_SCALE,
+        help=(
+            "multiplier of phase durations: a batch lasts about 1.4 s times this"
+            f" (default: {DEFAULT_TIME_SCALE:g}, long enough for a sensor to defer; 0.1 for quick tests)"
+        ),
+    )
     parser.add_argument(
         "--api-key",
         default=None,

@@ -14,13 +14,22 @@ Clock = Callable[[], float]
 
 DEFAULT_API_KEY = "emulator-key"
 
+DEFAULT_TIME_SCALE = 15.0
+"""The time scale of ``EmulatorConfig()`` and ``llmbatch-emulator``: a batch lasts about 21 s, 15 s of it
+``in_progress``, so a sensor defers and its trigger polls for real. Tests pass a small scale (the pytest
+fixtures use 0.1: about 0.14 s a batch)."""
+
 
 @dataclass(frozen=True)
 class EmulatorConfig:
     """
     How the emulator behaves; every duration is multiplied by ``time_scale``.
 
+    A batch spends ``validating_seconds + in_progress_seconds + finalizing_seconds`` (1.4 s) times
+    ``time_scale`` before it completes.
+
     :param time_scale: multiplier of every phase duration and completion window (0 makes batches instant).
+        (default: 15, about 21 s a batch)
     :param validating_seconds: time a batch spends ``validating``.
     :param in_progress_seconds: time a batch spends ``in_progress``; request counts grow during it.
     :param finalizing_seconds: time a batch spends ``finalizing``.
@@ -42,7 +51,7 @@ class EmulatorConfig:
         does (TCP flow control slows the client down to it); None takes them as fast as loopback allows.
     """
 
-    time_scale: float = 1.0
+    time_scale: float = DEFAULT_TIME_SCALE
     validating_seconds: float = 0.2
     in_progress_seconds: float = 1.0
     finalizing_seconds: float = 0.2

@@ -80,6 +80,7 @@ def render_batch(spec: VendorSpec, batch: BatchRecord) -> dict[str, Any]:
         "created_at": timestamp(spec, batch.created_at),
         "expires_at": timestamp(spec, batch.expires_at),
         "request_counts": counts,
+        **(counts if dialect.flat_counts else {}),
         "metadata": batch.metadata,
     }
     for name in _TIMESTAMPS:
@@ -125,7 +126,8 @@ def error_payload(
         elif name == "code":
             error["code"] = code
         elif name == "type":
-            error["type"] = _ERROR_TYPES[kind] if "code" in shape.fields else code
+            typed = "code" in shape.fields and kind not in shape.type_is_code
+            error["type"] = _ERROR_TYPES[kind] if typed else code
         elif name == "param":
             error["param"] = param
     body: dict[str, Any] = {"error": error}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta, timezone
 from typing import Protocol, TypeVar
 
 from airflow_provider_llmbatch.emulator.errors import ApiError
@@ -11,8 +10,6 @@ from airflow_provider_llmbatch.emulator.records import BatchRecord, FileRecord
 from airflow_provider_llmbatch.emulator.vendor_dialects import PageShape
 from airflow_provider_llmbatch.vendors import ListSpec
 
-# The ``create_after``/``create_before`` filters are read as Beijing time (documented for DashScope).
-_FILTER_TZ = timezone(timedelta(hours=8))
 _MAX_FILE_IDS = 20
 
 
@@ -29,22 +26,23 @@ def _param(list_spec: ListSpec, query: Mapping[str, str], name: str) -> str | No
 
 
 def _instant(list_spec: ListSpec, query: Mapping[str, str], name: str) -> float | None:
-    value = _param(list_spec, query, name)
+    """Return a time filter as epoch seconds, read in the list's format and zone (DashScope: Beijing time)."""
+    value = _param(list_spec, query, name) if name in list_spec.time_params else None
     if value is None:
         return None
-    try:
-        parsed = datetime.strptime(value, "%Y%m%d%H%M%S").replace(tzinfo=_FILTER_TZ)
-    except ValueError:
-        raise ApiError(
-            "bad_request", f"expected {name} as yyyyMMddHHmmss, got {value!r}", param=name
-        ) from None
+    parsed = list_spec.parse_time(value)
+    if parsed is None:
+        example = list_spec.time_example()
+        raise ApiError("bad_request", f"expected {name} like {example}, got {value!r}", param=name)
     return parsed.timestamp()
 
 
-def _in_range(list_spec: ListSpec, query: Mapping[str, str], created_at: float) -> bool:
+def _creation_range(list_spec: ListSpec, query: Mapping[str, str]) -> tuple[float, float]:
+    """Return ``[start, end)`` of the creation filters; a malformed one is refused even for an empty list."""
     after = _instant(list_spec, query, "create_after")
     before = _instant(list_spec, query, "create_before")
-    return (after is None or created_at >= after) and (before is None or created_at <= before)
+    # The filters are read to the second: a creation within the named second is inside the range.
+    return (after if after is not None else float("-inf"), before + 1 if before is not None else float("inf"))
 
 
 def filter_files(
@@ -52,11 +50,8 @@ def filter_files(
 ) -> list[FileRecord]:
     """Apply the file filters the list accepts (``purpose``, ``order``, creation range)."""
     purpose = _param(list_spec, query, "purpose")
-    result = [
-        f
-        for f in files
-        if (purpose is None or f.purpose == purpose) and _in_range(list_spec, query, f.created_at)
-    ]
+    start, end = _creation_range(list_spec, query)
+    result = [f for f in files if (purpose is None or f.purpose == purpose) and start <= f.created_at < end]
     order = _param(list_spec, query, "order")
     if order not in (None, "asc", "desc"):
         raise ApiError("bad_request", f"expected order 'asc' or 'desc', got {order!r}", param="order")
@@ -75,6 +70,7 @@ def filter_batches(
         raise ApiError("bad_request", message, param="input_file_ids")
     statuses_raw = _param(list_spec, query, "status")
     statuses = {s.strip() for s in statuses_raw.split(",") if s.strip()} if statuses_raw else None
+    start, end = _creation_range(list_spec, query)
     result = []
     for batch in batches:
         if name is not None and name not in (batch.metadata or {}).get("ds_name", ""):
@@ -83,7 +79,7 @@ def filter_batches(
             continue
         if statuses is not None and batch.status not in statuses:
             continue
-        if _in_range(list_spec, query, batch.created_at):
+        if start <= batch.created_at < end:
             result.append(batch)
     return result
 

@@ -3,7 +3,8 @@ Pytest fixtures serving the emulator on loopback.
 
 ``emulator_server`` (session) starts one server for the whole run; ``emulator`` (function) is the same
 server, reset before each test. ``emulator_connections`` points an Airflow connection per vendor at it.
-The time scale comes from ``LLMBATCH_EMULATOR_TIME_SCALE`` (default 0.1: a batch completes in ~0.14 s).
+The time scale comes from ``LLMBATCH_EMULATOR_TIME_SCALE`` (default 0.1: a batch completes in ~0.14 s),
+never from the emulator's own default (about 21 s a batch), which is for watching a DAG defer.
 """
 
 from __future__ import annotations

@@ -61,11 +61,14 @@ class ErrorShape:
         ``error.code`` when there is one, else in ``error.type``.
     :param request_id_in_body: whether the body carries a top-level ``request_id``.
     :param sends_retry_after: whether a 429 carries ``Retry-After`` (``None``: unknown, not sent).
+    :param type_is_code: error kinds whose ``error.type`` repeats the code, where a body carries both
+        (DashScope's ``Arrearage``); the others get the OpenAI family's type words.
     """
 
     fields: tuple[ErrorBodyField, ...]
     request_id_in_body: bool = False
     sends_retry_after: bool | None = None
+    type_is_code: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class EmulatorDialect:
     :param timestamps_in_ms: timestamps come in milliseconds.
     :param empty_file_id: what an unset ``output_file_id``/``error_file_id`` looks like.
     :param null_counts_while_validating: ``request_counts`` values are null while validating.
+    :param flat_counts: the counts also come at the top level (``total``, ``completed``, ``failed``),
+        beside ``request_counts``.
     :param batch_has_errors: whether a batch carries an ``errors`` object.
     :param batch_has_expired_at: whether a batch carries ``expired_at``.
     :param completion_window_echo: what the vendor echoes as ``completion_window`` (None: the request's).
@@ -116,6 +121,7 @@ class EmulatorDialect:
     timestamps_in_ms: bool = False
     empty_file_id: Literal["null", "empty_string"] = "null"
     null_counts_while_validating: bool = False
+    flat_counts: bool = False
     batch_has_errors: bool = True
     batch_has_expired_at: bool = True
     completion_window_echo: str | None = None
@@ -134,6 +140,9 @@ ZHIPU = EmulatorDialect(
     timestamps_in_ms=True,
     empty_file_id="empty_string",
     null_counts_while_validating=True,
+    # Doc (docs.bigmodel.cn, batch object): flat total/completed/failed beside "request_counts" (typed
+    # there as an integer, its meaning unsaid: the emulator keeps the object; the client reads both).
+    flat_counts=True,
     # The window is deprecated upstream: whatever is sent, "24h" is echoed.
     completion_window_echo="24h",
     # A guess: a malformed file may already be refused at upload, with a business code.
@@ -155,7 +164,12 @@ MOONSHOT = EmulatorDialect(
 
 DASHSCOPE = EmulatorDialect(
     result_format=ResultFormat(line_id="uuid", request_id="uuid", error_key_on_success=True),
-    errors=ErrorShape(fields=("message", "type", "param", "code"), request_id_in_body=True),
+    # Doc (error codes page): an overdue account answers {"code": "Arrearage", "type": "Arrearage", ...}.
+    errors=ErrorShape(
+        fields=("message", "type", "param", "code"),
+        request_id_in_body=True,
+        type_is_code=frozenset({"quota_exceeded"}),
+    ),
     # Seen: an empty result says `data: null`.
     batch_pages=PageShape(data_null_when_empty=True),
     file_pages=PageShape(data_null_when_empty=True),

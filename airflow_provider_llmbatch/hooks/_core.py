@@ -12,7 +12,6 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -26,9 +25,10 @@ from airflow_provider_llmbatch.exceptions import (
 )
 from airflow_provider_llmbatch.hooks import errors
 from airflow_provider_llmbatch.hooks.arguments import create_body
+from airflow_provider_llmbatch.hooks.paging import Pager, filter_value
 from airflow_provider_llmbatch.hooks.settings import ConnSettings
 from airflow_provider_llmbatch.models import Batch, FileObject, Page
-from airflow_provider_llmbatch.vendors import ListSpec, VendorSpec
+from airflow_provider_llmbatch.vendors import ListSpec
 
 M = TypeVar("M", Batch, FileObject)
 
@@ -91,52 +91,6 @@ def _segment(name: str, value: str) -> str:
     return quote(value, safe="")
 
 
-class Pager:
-    """
-    The state of one paged listing; ends on ``has_more`` false or absent, a stuck cursor or a repeated page.
-
-    :param spec: how the vendor's list endpoint pages.
-    :param filters: query parameters besides ``after``/``limit``.
-    :param page_size: the requested page size (checked against the vendor's maximum by the caller).
-    :param after: the cursor to start after, if any.
-    """
-
-    def __init__(
-        self, spec: ListSpec, filters: Mapping[str, str], page_size: int | None, after: str | None = None
-    ) -> None:
-        self._spec = spec
-        self._filters = dict(filters)
-        self._limit = None
-        if page_size is not None and spec.max_limit is not None and "limit" in spec.params:
-            self._limit = min(page_size, spec.max_limit)
-        self._cursor: str | None = after
-        self._seen: set[str] = set()
-        self.done = False
-        self.pages = 0
-
-    def params(self) -> dict[str, str]:
-        """Return the query parameters of the next page."""
-        params = dict(self._filters)
-        if self._limit is not None:
-            params["limit"] = str(self._limit)
-        if self._cursor is not None and "after" in self._spec.params:
-            params["after"] = self._cursor
-        return params
-
-    def feed(self, page: Page[M]) -> list[M]:
-        """Return the items of ``page`` not seen before, and decide whether another page follows."""
-        self.pages += 1
-        fresh = [item for item in page.data if item.id not in self._seen]
-        self._seen.update(item.id for item in fresh)
-        cursor = page.last_id or (page.data[-1].id if page.data else None)
-        # A vendor that ignores `after` repeats itself; one without has_more never says stop.
-        stuck = cursor is None or cursor == self._cursor or "after" not in self._spec.params
-        if not page.has_more or not fresh or stuck:
-            self.done = True
-        self._cursor = cursor
-        return fresh
-
-
 class Core:
     """
     Build requests and read responses for one connection; no I/O.
@@ -179,15 +133,6 @@ class Core:
         """Return the request of one list page (``kind``: ``files`` or ``batches``)."""
         return Request(f"list_{kind}", "GET", f"/{kind}", params=dict(params))
 
-    def _filter_value(self, spec: ListSpec, name: str, value: Any) -> str:
-        if name in spec.time_params:
-            return _time_filter(self.vendor, spec, name, value)
-        if isinstance(value, bool):
-            return str(value).lower()
-        if isinstance(value, list | tuple | set | frozenset):
-            return ",".join(str(v) for v in value)
-        return str(value)
-
     def _pager(
         self, spec: ListSpec, what: str, page_size: int | None, filters: Mapping[str, Any], after: str | None
     ) -> Pager:
@@ -209,7 +154,7 @@ class Core:
                 f"{name} {what} list does not accept filter(s) {', '.join(unknown)}; "
                 f"allowed: {', '.join(allowed) or 'none'}"
             )
-        params = {k: self._filter_value(spec, k, v) for k, v in filters.items() if v is not None}
+        params = {k: filter_value(self.vendor, spec, k, v) for k, v in filters.items() if v is not None}
         return Pager(spec, params, page_size, after)
 
     def scan_page_size(self) -> int | None:
@@ -345,30 +290,6 @@ class Core:
                 request, reply, f"the {request.operation} page is malformed: {summary}"
             ) from None
         return page.model_copy(update={"data": valid})
-
-
-def _time_filter(vendor: VendorSpec, spec: ListSpec, name: str, value: Any) -> str:
-    """Return a point in time as the vendor's list filter writes it: an aware datetime, or checked text."""
-    zone = timezone(timedelta(hours=spec.time_zone))
-    example = datetime(2026, 1, 31, 8, 0, tzinfo=zone).strftime(spec.time_format)
-    expected = f"an aware datetime, or text like {example}"
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise InvalidInputError(
-                f"{name}: {vendor.display_name} reads it at UTC{spec.time_zone:+g}; give an aware datetime, "
-                f"got a naive one ({value.isoformat()})"
-            )
-        return value.astimezone(zone).strftime(spec.time_format)
-    if isinstance(value, str):
-        try:
-            # strptime takes "1" for "01": the length pins the form down.
-            datetime.strptime(value, spec.time_format)
-            if len(value) != len(example):
-                raise ValueError(value)
-        except ValueError:
-            raise InvalidInputError(f"{name}: expected {expected}, got {value!r}") from None
-        return value
-    raise InvalidInputError(f"{name}: expected {expected}, got {type(value).__name__}")
 
 
 # -- finding what a call of unknown effect made ---------------------------------------------------------

@@ -17,7 +17,8 @@ from airflow.sdk import BaseHook
 
 from airflow_provider_llmbatch.exceptions import VendorAPIError
 from airflow_provider_llmbatch.hooks import transport
-from airflow_provider_llmbatch.hooks._core import Core, M, Pager, Reply, Request
+from airflow_provider_llmbatch.hooks._core import Core, M, Reply, Request
+from airflow_provider_llmbatch.hooks.paging import Pager
 from airflow_provider_llmbatch.hooks.settings import ConnSettings, settings_from_connection
 from airflow_provider_llmbatch.models import Page
 from airflow_provider_llmbatch.retry import NO_RETRY, RetryPolicy, classify

@@ -149,10 +149,12 @@ class BatchHook(HookBase):
         Iterate over all files, page by page; ends even where the vendor pages badly.
 
         :param purpose: only files of this purpose (filtered locally where the vendor cannot).
-        :param page_size: items per page (more than the vendor's maximum is refused).
+        :param page_size: items per page (more than the vendor's maximum is refused, never capped).
         :param after: start after this id (a cursor from an earlier listing).
-        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``); a
-            time filter such as DashScope's ``create_after`` takes an aware ``datetime`` or the vendor's text.
+        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``). A
+            time filter (DashScope's ``create_after``/``create_before``) takes an aware ``datetime``, sent
+            in the registry's format and zone (DashScope: ``yyyyMMddHHmmss`` in Beijing time, UTC+8), or
+            text already in that format; a naive ``datetime`` or malformed text is refused before any call.
         """
         pager = self._core().file_pager(page_size, purpose, filters, after)
         for items in self._pages("files", pager, FileObject):
@@ -298,10 +300,12 @@ class BatchHook(HookBase):
         """
         Iterate over all batches, newest first as the vendor lists them; always terminates.
 
-        :param page_size: items per page (more than the vendor's maximum is refused).
+        :param page_size: items per page (more than the vendor's maximum is refused, never capped).
         :param after: start after this id (a cursor from an earlier listing).
-        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``); a
-            time filter such as DashScope's ``create_after`` takes an aware ``datetime`` or the vendor's text.
+        :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``). A
+            time filter (DashScope's ``create_after``/``create_before``) takes an aware ``datetime``, sent
+            in the registry's format and zone (DashScope: ``yyyyMMddHHmmss`` in Beijing time, UTC+8), or
+            text already in that format; a naive ``datetime`` or malformed text is refused before any call.
         """
         pager = self._core().batch_pager(page_size, filters, after)
         for items in self._pages("batches", pager, Batch):
@@ -327,8 +331,6 @@ class BatchHook(HookBase):
         except Exception as exc:
             return False, str(exc)
         return True, f"Connected to {core.vendor.display_name} at {core.settings.base_url}"
-
-    # -- async face: what a trigger needs ------------------------------------------------------------
 
     # -- async face: what a trigger needs ------------------------------------------------------------
 

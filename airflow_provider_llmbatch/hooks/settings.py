@@ -193,6 +193,28 @@ def _unsendable_host(base_url: str) -> str | None:
     return None
 
 
+def connection_region(vendor: VendorSpec, host: Any, extra: Any) -> str | None:
+    """
+    Return the vendor region a connection talks to, read without its secret.
+
+    A Base URL on one of the vendor's own hosts names its region. Any other host (a proxy, the emulator)
+    names none: then the ``region`` extra decides, and without it the vendor's default region. None for a
+    ``region`` extra the vendor does not have.
+
+    :param vendor: the connection's vendor.
+    :param host: the connection's host (Base URL), if any.
+    :param extra: the connection's extras.
+    """
+    if isinstance(host, str) and host.strip():
+        found = vendor.region_of(host.strip())
+        if found is not None:
+            return found
+    region = extra.get("region") if isinstance(extra, Mapping) else None
+    if region in (None, ""):
+        return vendor.default_region
+    return region if isinstance(region, str) and region in vendor.base_urls else None
+
+
 def settings_from_connection(
     conn_id: str,
     *,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator, conf
 
-from airflow_provider_llmbatch import waiting
+from airflow_provider_llmbatch import lineage, waiting
 from airflow_provider_llmbatch.checks import check_count
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.hooks.arguments import check_create_args, check_user_metadata
@@ -29,6 +29,7 @@ from airflow_provider_llmbatch.parts import Part, SplitInput, split_checked
 from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
     from airflow.sdk import Context, ObjectStoragePath
 
     from airflow_provider_llmbatch.vendors import VendorSpec
@@ -61,6 +62,8 @@ class CreateBatchOperator(BaseOperator):
     lists every part's batch), or with ``wait_for_completion`` the judged end of all of them merged over
     it. Retry-safe per part: a retry of the same task instance with the same input re-attaches to the
     batches it made and reuses its uploads (see :mod:`~airflow_provider_llmbatch.operators.reattach`).
+    With OpenLineage installed and configured, it reports the request file as an input dataset and the
+    batches as a run facet (see :mod:`~airflow_provider_llmbatch.lineage`).
 
     :param conn_id: the LLM batch connection; its type decides the vendor. (templated)
         (default: ``llmbatch_default``)
@@ -155,6 +158,7 @@ class CreateBatchOperator(BaseOperator):
             cancel_on_kill=cancel_on_kill,
         )
         self._batch_ids: list[str] = []
+        self._lineage: lineage.BatchLineage | None = None
 
     @cached_property
     def hook(self) -> BatchHook:
@@ -176,18 +180,20 @@ class CreateBatchOperator(BaseOperator):
         for key in PUSHED:
             _push(context, key, result[key])
         if not self.wait_for_completion:
-            return result
+            return self._reported(result)
         # dag.test() drops deferral kwargs on resume; execute_complete then reads the result back from XCom.
         _push(context, XCOM_CREATE_RESULT, result)
-        return waiting.wait_for_batch(
-            context,
-            self.hook,
-            self._batch_ids,
-            self.wait_settings,
-            deferrable=self.deferrable,
-            defer=self.defer,
-            log=self.log,
-            extra=result,
+        return self._reported(
+            waiting.wait_for_batch(
+                context,
+                self.hook,
+                self._batch_ids,
+                self.wait_settings,
+                deferrable=self.deferrable,
+                defer=self.defer,
+                log=self.log,
+                extra=result,
+            )
         )
 
     def _check_arguments(self, spec: VendorSpec) -> None:
@@ -288,7 +294,18 @@ class CreateBatchOperator(BaseOperator):
                 else None
             )
             extra = value if isinstance(value, Mapping) else None
-        return waiting.complete(context, event, self.wait_settings, extra, conn_id=self.conn_id)
+        return self._reported(
+            waiting.complete(context, event, self.wait_settings, extra, conn_id=self.conn_id)
+        )
+
+    def _reported(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Keep what lineage reports of ``result`` once the task has succeeded; return it."""
+        self._lineage = lineage.BatchLineage.of_create(result)
+        return result
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any] | None:
+        """Report the request file and the batches (None without OpenLineage)."""
+        return None if self._lineage is None else lineage.operator_lineage(self._lineage)
 
     def on_kill(self) -> None:
         """Cancel the batch this task instance created or re-attached to, if it still runs."""
@@ -310,6 +327,7 @@ def _result(
         "status": batch.status,
         "endpoint": batch.endpoint or report.endpoint,
         "request_count": report.lines,
+        "model": report.model,
         "request_counts": [f.report.lines for f, _ in made],
         "input_uri": uri,
         "reattached": all(f.batch is not None for f, _ in made),

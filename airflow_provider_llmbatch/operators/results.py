@@ -17,9 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset, AssetAlias, BaseOperator, conf
+from airflow.sdk import BaseOperator, conf
 
-from airflow_provider_llmbatch import waiting
+from airflow_provider_llmbatch import assets, lineage, waiting
 from airflow_provider_llmbatch.checks import check_batch_ids, check_count
 from airflow_provider_llmbatch.exceptions import (
     InvalidInputError,
@@ -30,6 +30,7 @@ from airflow_provider_llmbatch.exceptions import (
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
+from airflow_provider_llmbatch.manifest import build_manifest
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.operators.reattach import default_task_path
 from airflow_provider_llmbatch.outcomes import check_fraction, judge, request_counts
@@ -38,12 +39,10 @@ from airflow_provider_llmbatch.resubmit import retryable_ids, write_round
 from airflow_provider_llmbatch.results import BatchFiles, JoinReport, join_results
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.openlineage.extractors import OperatorLineage
+    from airflow.sdk import Asset, Context
 
     from airflow_provider_llmbatch.models import Batch
-
-RESULTS_ASSET_ALIAS = "llmbatch-results"
-"""The asset alias every results file is announced under, as ``Asset(<result URI>)``."""
 
 XCOM_RESULT_URI = "result_uri"
 """The XCom key of the landed results file's URI."""
@@ -57,8 +56,10 @@ class FetchBatchResultsOperator(BaseOperator):
     ``status`` one of ``succeeded``, ``failed``, ``expired``, ``cancelled``, ``missing``. Expired and
     cancelled batches are landed too. The file is written under a temporary name and moved into place.
     Returns a small manifest (``batch_id``, ``status``, ``result_uri``, ``counts``, ``usage``,
-    ``anomalies``) and emits an asset event for ``Asset(result_uri)`` through the ``llmbatch-results``
-    asset alias.
+    ``anomalies``) and emits an event of the task's results asset (one asset per task, see
+    :func:`~airflow_provider_llmbatch.assets.results_asset`) whose extra carries ``result_uri`` and the
+    manifest's summary. With OpenLineage installed and configured, it reports the request file and the
+    results file as datasets and the batches as a run facet.
 
     :param batch_id: the vendor's batch id, e.g. ``{{ ti.xcom_pull(task_ids='create', key='batch_id') }}``,
         or the list of a split job's batch ids (its ``batch_ids`` XCom), in input order. (templated)
@@ -82,6 +83,9 @@ class FetchBatchResultsOperator(BaseOperator):
         (default: ``[operators] default_deferrable``)
     :param poll_interval: the typical seconds between polls of a round's batch. (default: 30)
     :param timeout: seconds to wait for a round's batch. (default: 7 days)
+    :param results_asset: the asset each landing announces, added to the outlets. A mapped task announces
+        it only when ``partial()`` declares it in ``outlets`` too.
+        (default: ``llmbatch-results/<dag id>/<task id>``; none for a task made outside a DAG)
     """
 
     template_fields: Sequence[str] = ("batch_id", "conn_id", "input_file", "destination")
@@ -103,13 +107,21 @@ class FetchBatchResultsOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         timeout: float | timedelta = waiting.DEFAULT_TIMEOUT,
+        results_asset: Asset | None = None,
         **kwargs: Any,
     ) -> None:
-        outlets = list(kwargs.pop("outlets", None) or [])
-        alias = AssetAlias(RESULTS_ASSET_ALIAS)
-        if alias not in outlets:
-            outlets.append(alias)
-        super().__init__(outlets=outlets, **kwargs)
+        super().__init__(**kwargs)
+        if results_asset is None and self.get_dag() is not None:
+            results_asset = assets.results_asset(self.dag_id, self.task_id)
+        if getattr(self, "_BaseOperator__from_mapped", False) and results_asset not in self.outlets:
+            # A mapped task's outlets are partial()'s, declared when the DAG was parsed: an asset added
+            # now would have no model. Declare it there: .partial(results_asset=a, outlets=[a]).
+            results_asset = None
+        # Declared, so the DAG processor registers it and each run's event lands on it.
+        self.results_asset = results_asset
+        if results_asset is not None and results_asset not in self.outlets:
+            self.outlets.append(results_asset)
+        self._lineage: lineage.BatchLineage | None = None
         self.batch_id = batch_id
         self.conn_id = conn_id
         self.input_file = input_file
@@ -252,26 +264,11 @@ class FetchBatchResultsOperator(BaseOperator):
         parts = batches[0]
         if not report.reconciled:  # pragma: no cover - join_results writes one row per request by design
             raise LLMBatchError(f"Results do not reconcile: {report.counts}")
-        manifest = {
-            "batch_id": parts[0].id,
-            "batch_ids": [b.id for b in parts],
-            "status": parts[0].status,
-            "result_uri": report.result_uri,
-            "counts": report.counts,
-            "usage": report.usage,
-            "anomalies": report.anomalies,
-            "input_uri": input_file,
-            "output_file_id": parts[0].output_file_id,
-            "error_file_id": parts[0].error_file_id,
-            "parts": [_described(b) for b in parts],
-            "rounds": [
-                {"round": n, "batches": [_described(b) for b in r]} for n, r in enumerate(batches[1:], 1)
-            ],
-        }
+        manifest = build_manifest(batches, report, input_file)
         ti = context.get("ti")
         if ti is not None:
             ti.xcom_push(key=XCOM_RESULT_URI, value=report.result_uri)
-        self._emit_asset_event(context, manifest)
+        self._announce(context, hook, manifest, parts[0])
         for batch in (b for r in batches for b in r):
             if self.delete_remote_files:
                 self._delete_remote_files(hook, batch)
@@ -341,16 +338,21 @@ class FetchBatchResultsOperator(BaseOperator):
                     ", ".join(report.samples.get(kind, [])),
                 )
 
-    def _emit_asset_event(self, context: Context, manifest: dict[str, Any]) -> None:
+    def _announce(self, context: Context, hook: BatchHook, manifest: dict[str, Any], first: Batch) -> None:
+        """Emit the results asset's event; keep what lineage reports once the task has succeeded."""
         events = context.get("outlet_events")
-        if events is None:
-            return
-        extra = {
-            "batch_id": manifest["batch_id"],
-            "status": manifest["status"],
-            "counts": manifest["counts"],
-        }
-        events[AssetAlias(RESULTS_ASSET_ALIAS)].add(Asset(uri=manifest["result_uri"]), extra=extra)
+        if events is not None and self.results_asset is not None:
+            events[self.results_asset].extra = assets.event_extra(manifest)
+        self._lineage = lineage.BatchLineage.of_fetch(
+            manifest,
+            conn_type=hook.vendor.conn_type,
+            endpoint=first.endpoint,
+            input_file=self._rendered("input_file"),
+        )
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any] | None:
+        """Report the request file, the landed results file and the batches (None without OpenLineage)."""
+        return None if self._lineage is None else lineage.operator_lineage(self._lineage)
 
     def _delete_remote_files(self, hook: BatchHook, batch: Batch) -> None:
         self._delete_files(hook, [batch.output_file_id, batch.error_file_id, batch.input_file_id])
@@ -377,15 +379,6 @@ def _round_file(destination: str, number: int) -> str:
     """Return where round ``number``'s request file is kept: beside the results file."""
     stem = destination.removesuffix(".jsonl")
     return f"{stem}.round-{number}.requests.jsonl"
-
-
-def _described(batch: Batch) -> dict[str, Any]:
-    counts = batch.request_counts
-    return {
-        "batch_id": batch.id,
-        "status": batch.status,
-        "request_counts": {"total": counts.total, "completed": counts.completed, "failed": counts.failed},
-    }
 
 
 def _pulled(context: Context, key: str) -> Any:

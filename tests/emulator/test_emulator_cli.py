@@ -10,16 +10,51 @@ from pathlib import Path
 import httpx
 import pytest
 
+from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.emulator.cli import build_parser
+from airflow_provider_llmbatch.emulator.config import DEFAULT_TIME_SCALE, EmulatorConfig
+from airflow_provider_llmbatch.emulator.testing import VendorClient
 from airflow_provider_llmbatch.emulator.vendor_dialects import emulator_prefix
-from airflow_provider_llmbatch.vendors import REGISTRY
+from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_parser_defaults_to_loopback() -> None:
     args = build_parser().parse_args([])
-    assert (args.host, args.port, args.time_scale) == ("127.0.0.1", 8765, 1.0)
+    assert (args.host, args.port) == ("127.0.0.1", 8765)
+
+
+def test_cli_and_config_share_the_default_time_scale() -> None:
+    assert build_parser().parse_args([]).time_scale == DEFAULT_TIME_SCALE == EmulatorConfig().time_scale
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=list(REGISTRY))
+def test_default_batch_stays_in_progress_long_enough_to_defer(spec: VendorSpec) -> None:
+    # The default emulator (CLI, demo): a batch runs tens of seconds, so a sensor defers and its trigger
+    # polls it while it runs. Read on a clock the test moves, never the wall clock.
+    config = EmulatorConfig()
+    validating = config.phase_seconds("validating")
+    in_progress = config.phase_seconds("in_progress")
+    total = validating + in_progress + config.phase_seconds("finalizing")
+    assert in_progress >= 15
+    with Emulator(config, clock=lambda: 1_800_000_000.0) as emulator:
+        client = VendorClient(emulator, spec)
+        try:
+            batch_id = client.batch_from(["a", "b", "c", "d"])["id"]
+            emulator.advance_clock(validating + in_progress / 2)
+            halfway = client.get(batch_id)
+            emulator.advance_clock(total - validating - in_progress / 2 - 0.01)
+            still = client.get(batch_id)["status"]
+            emulator.advance_clock(0.02)
+            done = client.get(batch_id)["status"]
+        finally:
+            client.close()
+    assert halfway["status"] == "in_progress"
+    assert 0 < halfway["request_counts"]["completed"] < 4
+    assert still == "finalizing"
+    assert done == "completed"
 
 
 @pytest.mark.integration

@@ -5,13 +5,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk import Asset, AssetAlias
+from airflow.sdk import DAG, Asset
 
+from airflow_provider_llmbatch.assets import results_asset
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.exceptions import InvalidInputError, LLMBatchError
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
-from airflow_provider_llmbatch.operators.results import RESULTS_ASSET_ALIAS, FetchBatchResultsOperator
+from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
 from airflow_provider_llmbatch.vendors import REGISTRY
 from tests.operators.conftest import CONN_ID, FakeTI, make_context, write_requests
 
@@ -53,9 +54,9 @@ def test_completed_batch_is_landed_with_failures(connect: Any, tmp_path: Path, v
     context = make_context(ti)
     destination = tmp_path / "out" / "results.jsonl"
 
-    manifest = _fetch(
-        batch_id=created["batch_id"], input_file=str(path), destination=str(destination)
-    ).execute(context)
+    with DAG("llmbatch_dag", schedule=None):
+        fetch = _fetch(batch_id=created["batch_id"], input_file=str(path), destination=str(destination))
+    manifest = fetch.execute(context)
 
     rows = _rows(manifest["result_uri"])
     assert manifest["result_uri"] == f"file://{destination.absolute()}"
@@ -76,10 +77,9 @@ def test_completed_batch_is_landed_with_failures(connect: Any, tmp_path: Path, v
     assert not any(manifest["anomalies"].values())
     assert ti.xcom("result_uri") == manifest["result_uri"]
     assert len(json.dumps(manifest)) < 2000
-    [event] = context["outlet_events"][AssetAlias(RESULTS_ASSET_ALIAS)].asset_alias_events
-    assert event.source_alias_name == RESULTS_ASSET_ALIAS
-    assert event.dest_asset_key.uri == manifest["result_uri"]
-    assert event.extra["batch_id"] == created["batch_id"]
+    extra = context["outlet_events"][results_asset("llmbatch_dag", "fetch")].extra
+    assert extra["result_uri"] == manifest["result_uri"]
+    assert extra["batch_id"] == created["batch_id"]
 
 
 def test_expired_batch_lands_done_and_expired_rows(connect: Any, tmp_path: Path) -> None:
@@ -224,11 +224,11 @@ def test_include_request(connect: Any, tmp_path: Path) -> None:
     assert _rows(manifest["result_uri"])[0]["request"]["messages"][0]["content"] == "say a"
 
 
-def test_outlets_keep_user_assets_and_add_the_alias() -> None:
-    op = _fetch(batch_id="b", outlets=[Asset(uri="s3://bucket/other")])
-    assert AssetAlias(RESULTS_ASSET_ALIAS) in op.outlets
-    assert Asset(uri="s3://bucket/other") in op.outlets
-    assert _fetch(batch_id="b").outlets == [AssetAlias(RESULTS_ASSET_ALIAS)]
+def test_outlets_keep_user_assets_and_add_the_results_asset() -> None:
+    with DAG("llmbatch_dag", schedule=None):
+        op = _fetch(batch_id="b", outlets=[Asset(uri="s3://bucket/other")])
+    assert op.outlets == [Asset(uri="s3://bucket/other"), results_asset("llmbatch_dag", "fetch")]
+    assert _fetch(batch_id="b").outlets == []  # outside a DAG: no asset to name
     assert set(FetchBatchResultsOperator.template_fields) == {
         "batch_id",
         "conn_id",
