@@ -80,6 +80,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_provider_llmbatch.operators.cancel",
                     "airflow_provider_llmbatch.operators.cleanup",
                     "airflow_provider_llmbatch.operators.results",
+                    "airflow_provider_llmbatch.operators.run",
                 ],
             }
         ],
@@ -98,4 +99,7 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "connection-types": [connection_type(spec) for spec in REGISTRY.values()],
         "extra-links": ["airflow_provider_llmbatch.links.batch.BatchConsoleLink"],
+        "task-decorators": [
+            {"name": "llmbatch", "class-name": "airflow_provider_llmbatch.decorators.llmbatch.llmbatch_task"}
+        ],
     }

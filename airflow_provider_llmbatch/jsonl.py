@@ -40,6 +40,7 @@ from airflow_provider_llmbatch.jsonl_lines import (
     resolve_vendor,
     show,
 )
+from airflow_provider_llmbatch.jsonl_records import request_for, structured_for
 from airflow_provider_llmbatch.locations import (
     Location,
     as_path,
@@ -53,7 +54,7 @@ from airflow_provider_llmbatch.locations import (
 )
 from airflow_provider_llmbatch.locations import Source as RequestSource
 from airflow_provider_llmbatch.models import RequestLine
-from airflow_provider_llmbatch.vendors import EndpointSpec, VendorSpec
+from airflow_provider_llmbatch.vendors import VendorSpec
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -112,33 +113,6 @@ def iter_request_lines(source: RequestSource) -> Iterator[RequestLine]:
             yield request
 
 
-def _body_for(record: Mapping[str, Any], kind: str, system: str | None) -> dict[str, Any] | str:
-    """Return a request body built from a prompt record, or why it cannot be built."""
-    system = record.get("system", system)
-    if kind in ("chat", "test"):
-        messages = record.get("messages")
-        if messages is None:
-            if record.get("prompt") is None:
-                return "prompt or messages"
-            messages = [{"role": "user", "content": record["prompt"]}]
-        if system is not None and not any(
-            isinstance(m, Mapping) and m.get("role") == "system" for m in messages
-        ):
-            messages = [{"role": "system", "content": system}, *messages]
-        return {"messages": messages}
-    if kind == "responses":
-        body: dict[str, Any] = {"input": record.get("input", record.get("prompt", record.get("messages")))}
-        if body["input"] is None:
-            return "input, prompt or messages"
-        if system is not None:
-            body["instructions"] = system
-        return body
-    key = "input" if kind == "embeddings" else "prompt"
-    if record.get(key) is None:
-        return key
-    return {key: record[key]}
-
-
 def build_request_file(
     records: Iterable[Mapping[str, Any]],
     destination: Location,
@@ -151,6 +125,7 @@ def build_request_file(
     params: Mapping[str, Any] | None = None,
     max_problems: int = 20,
     whole_input: bool = False,
+    output_schema: Any = None,
 ) -> RequestFileReport:
     """
     Write records as a request file, streaming, and check the result against the vendor's rules.
@@ -176,10 +151,18 @@ def build_request_file(
     :param whole_input: build an input that :func:`~airflow_provider_llmbatch.parts.split_checked` splits
         into files within the vendor's limits: no per-file request or size limit, and custom ids are left
         to the split to check over the whole input.
+    :param output_schema: a JSON Schema dict, a pydantic model class or an
+        :class:`~airflow_provider_llmbatch.schema.OutputSchema`: every chat request whose body has no
+        ``response_format`` asks for it the way the vendor takes structured output
+        (``VendorSpec.structured_output``: the schema in ``response_format``, or JSON mode with the schema
+        in the system prompt).
     :raises InvalidRequestFileError: when a record cannot be turned into a valid request line.
+    :raises InvalidInputError: when ``output_schema`` is not a schema, or the vendor or endpoint has no
+        structured output.
     """
     spec = resolve_vendor(vendor)
     endpoint_spec = resolve_endpoint(spec, endpoint)
+    structured = structured_for(spec, endpoint_spec, output_schema)
     checker = RequestChecker(
         spec, endpoint_spec, file_name(destination), max_problems=max_problems, whole_input=whole_input
     )
@@ -187,8 +170,8 @@ def build_request_file(
     with _open_write(destination) as handle:
         write, update, dumps = handle.write, tally.update, codec.dumps
         for number, record in enumerate(records, start=1):
-            line = _request_for(
-                record, number, endpoint_spec, checker, model, custom_id_field, system, params
+            line = request_for(
+                record, number, endpoint_spec, checker, model, custom_id_field, system, params, structured
             )
             if line is None:
                 checker.skip()
@@ -205,66 +188,6 @@ def build_request_file(
             update(raw)
         # Inside the block: a file that breaks a rule is never committed.
         return finish_check(checker, tally, label(destination))
-
-
-def _request_for(
-    record: Any,
-    number: int,
-    endpoint: EndpointSpec,
-    checker: RequestChecker,
-    model: str | None,
-    custom_id_field: str | None,
-    system: str | None,
-    params: Mapping[str, Any] | None,
-) -> dict[str, Any] | None:
-    """Return the request line for one record, or None after reporting why there is none."""
-    where = f"record {number}"
-    if not isinstance(record, Mapping):
-        checker.problem(where, "record", "a mapping", show(record))
-        return None
-    if custom_id_field is None:
-        custom_id = record.get("custom_id") or f"request-{number}"
-    else:
-        custom_id = record.get(custom_id_field)
-        if isinstance(custom_id, int) and not isinstance(custom_id, bool):
-            custom_id = str(custom_id)
-        if custom_id is None:
-            checker.problem(where, custom_id_field, "the request's custom id", "nothing (the key is missing)")
-            return None
-    if "body" in record:
-        body = record["body"]
-        if not isinstance(body, Mapping):
-            checker.problem(where, "body", "an object", show(body))
-            return None
-        body = dict(body)
-    else:
-        built = _body_for(record, endpoint.kind, system)
-        if isinstance(built, str):
-            keys = ", ".join(sorted(map(str, record))) or "none"
-            checker.problem(
-                where, "record", f"body or {built} for a {endpoint.kind} endpoint", f"the keys {keys}"
-            )
-            return None
-        own = record.get("params") or {}
-        if not isinstance(own, Mapping):
-            checker.problem(where, "params", "an object of body fields", show(own))
-            return None
-        body = {**(params or {}), **built, **own}
-    if model is not None and body.setdefault("model", model) != model:
-        checker.problem(where, "body.model", f"{model!r} (the model argument)", show(body["model"]))
-    line = {
-        "custom_id": custom_id,
-        "method": record.get("method", "POST"),
-        "url": record.get("url", endpoint.path),
-        "body": body,
-    }
-    # Every field, not only the body: bytes or a UUID as custom_id would otherwise arrive as other text.
-    for name, value in line.items():
-        changed = codec.inexact(value, name)
-        if changed is not None:
-            checker.problem(where, changed[0], "a value JSON carries as it is", changed[1])
-            return None
-    return line
 
 
 @contextmanager

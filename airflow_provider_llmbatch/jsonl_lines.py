@@ -1,12 +1,11 @@
 """
 The rules of a request file, line by line, and the problems they report.
 
-:class:`RequestChecker` holds the state of one pass over a request file (line numbers, the first
-model, keys of the custom ids seen) and turns every broken rule into one readable problem:
-``line N: <field>: expected <...>, got <...>`` or ``file: <field>: ...``. It never sees the whole
-file: :mod:`airflow_provider_llmbatch.jsonl_check` feeds it line by line while reading a file, and
-:func:`~airflow_provider_llmbatch.jsonl.build_request_file` while writing one. All vendor differences
-come from the :class:`VendorSpec`.
+:class:`RequestChecker` holds the state of one pass over a request file (line numbers, the first model,
+keys of the custom ids seen) and turns every broken rule into one readable problem: ``line N: <field>:
+expected <...>, got <...>`` or ``file: <field>: ...``. :mod:`airflow_provider_llmbatch.jsonl_check` feeds
+it line by line while reading a file, :func:`~airflow_provider_llmbatch.jsonl.build_request_file` while
+writing one. All vendor differences (``response_format`` support too) come from the :class:`VendorSpec`.
 """
 
 from __future__ import annotations
@@ -31,15 +30,8 @@ _OPEN_BRACE = 0x7B
 _MISSING: Any = object()
 _crc32 = zlib.crc32
 _MSGSPEC_OFFSET = re.compile(r"\(byte (\d+)\)")
-_JSON_TYPES: dict[type, str] = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}
+_JSON_TYPES: dict[type, str] = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+_JSON_TYPES |= {bool: "boolean", type(None): "null"}
 
 
 def id_key(custom_id: str) -> int:
@@ -102,8 +94,7 @@ def show(value: Any) -> str:
     if isinstance(value, dict | list):
         return f"{kind} of {len(value)} item(s)"
     text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
+    text = text if len(text) <= 60 else text[:57] + "..."
     return f"{kind} {text}"
 
 
@@ -180,7 +171,12 @@ class RequestChecker:
         """Set once the repeated ids are listed line by line: ``finish`` then does not count them again."""
         self._url = endpoint.path
         self._forbidden = spec.forbidden_body_keys
-        self._shape, self._forbidden_names = shape_decoder(self._forbidden)
+        self._output = spec.structured_output
+        # A line asking for a response format takes the full parse, where the vendor's support is checked.
+        watched = self._forbidden | ({"response_format"} if self._output else frozenset())
+        self._shape, names = shape_decoder(watched)
+        fields = dict(zip(sorted(watched), names, strict=True))
+        self._format_name, self._forbidden_names = fields.pop("response_format", None), tuple(fields.values())
         if file_name is not None and not file_name.endswith(".jsonl"):
             self.file_problem("name", "a file name ending in '.jsonl'", repr(file_name))
 
@@ -246,6 +242,7 @@ class RequestChecker:
                 self._forbidden_names
                 and any(getattr(body, name) is not UNSET for name in self._forbidden_names)
             )
+            and (self._format_name is None or getattr(body, self._format_name) is UNSET)
             and (raw.isascii() or is_utf8(raw))
         ):
             self._check_unique(custom_id, lineno)
@@ -290,6 +287,9 @@ class RequestChecker:
                     f"no {key!r} ({self.spec.display_name} rejects it in batch requests)",
                     show(body[key]),
                 )
+        if self._output is not None and (found := self._output.check(body)) is not None:
+            where, expected, got = found
+            self.problem(f"line {lineno}", where, f"{expected} ({self.spec.display_name})", got)
 
     def _odd_start(self, raw: bytes, lineno: int) -> bytes | None:
         """Handle a line not starting with ``{``: report a BOM and blank lines; None skips the line."""

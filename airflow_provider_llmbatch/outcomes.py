@@ -158,7 +158,7 @@ def judge_parts(
         failed, total = failed + counts[1], total + counts[2]
     whole = lines[0] if len(lines) == 1 else f"{len(lines)} batches: {failed} failed of {total} requests"
     fraction = failed / total if total else 0.0
-    if not unknown and fraction > max_failed_fraction:
+    if not unknown and exceeds(failed, total, max_failed_fraction):
         headline = f"{whole}; {fraction:.2%} failed, more than the {max_failed_fraction:.2%} allowed"
         log.error("%s", headline)
         first = summaries[0]
@@ -169,6 +169,57 @@ def judge_parts(
             summary=first,
         )
     log.info("%s", whole)
+
+
+def exceeds(failed: int, total: int, max_failed_fraction: float) -> bool:
+    """Return whether ``failed`` of ``total`` is more than the share allowed (nothing of nothing is not)."""
+    return total > 0 and failed / total > max_failed_fraction
+
+
+def row_failures(counts: Mapping[str, int], *, invalid_output_fails: bool = True) -> tuple[int, int]:
+    """
+    Return ``(failed, total)`` of a landing's row counts: every row that did not succeed is failed,
+    ``invalid_output`` rows only when ``invalid_output_fails``.
+    """
+    total = int(counts.get("total", 0))
+    ok = int(counts.get("succeeded", 0))
+    if not invalid_output_fails:
+        ok += int(counts.get("invalid_output", 0))
+    return max(total - ok, 0), total
+
+
+def judge_rows(
+    counts: Mapping[str, int],
+    *,
+    batch_id: str,
+    max_failed_fraction: float = 0.0,
+    invalid_output_fails: bool = True,
+) -> None:
+    """
+    Raise unless the landed rows of a job count as success: its failed rows within the share allowed.
+
+    The fetch calls it after landing rows an output schema validated (an ``invalid_output`` row is one
+    only the fetch can see), and for batches that did not report their request counts.
+
+    :param counts: the rows per status and ``total``, as the join reports them.
+    :param batch_id: the job's first batch, for the message.
+    :param max_failed_fraction: the share of failed rows allowed (0.0 to 1.0).
+    :param invalid_output_fails: count ``invalid_output`` rows as failed. (default: True)
+    :raises TooManyFailedRequestsError: naming the rows per status, the share and the limit.
+    """
+    check_fraction(max_failed_fraction)
+    failed, total = row_failures(counts, invalid_output_fails=invalid_output_fails)
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("total", "succeeded") and v)
+    line = f"landed rows of batch {batch_id}: {failed} of {total} failed ({shown or 'none'})"
+    if not invalid_output_fails and counts.get("invalid_output"):
+        line += "; invalid_output rows are not counted as failed (invalid_output_fails=False)"
+    if not exceeds(failed, total, max_failed_fraction):
+        log.info("%s", line)
+        return
+    headline = f"{line}; {failed / total:.2%} failed, more than the {max_failed_fraction:.2%} allowed"
+    log.error("%s", headline)
+    summary = {"batch_id": batch_id, "status": "completed", "request_counts": dict(counts)}
+    raise TooManyFailedRequestsError(headline, batch_id=batch_id, status="completed", summary=summary)
 
 
 def _part_line(summary: Mapping[str, Any], index: int, parts: int) -> str:

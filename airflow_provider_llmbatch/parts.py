@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -113,6 +114,7 @@ def split_checked(
     max_requests: int | None = None,
     max_bytes: int | None = None,
     max_problems: int = 20,
+    on_line: Callable[[bytes], None] | None = None,
 ) -> SplitInput:
     """
     Check a request file as one and write it into parts within the vendor's limits, in one pass.
@@ -124,6 +126,8 @@ def split_checked(
     :param max_requests: requests per part (default and most: the vendor's per-file limit).
     :param max_bytes: bytes per part (default and most: the vendor's per-file limit).
     :param max_problems: how many problems to list; further ones are counted.
+    :param on_line: called with each line kept, in the same pass (e.g. a token estimate's
+        :meth:`~airflow_provider_llmbatch.budget.TokenEstimator.line`).
     :raises InvalidRequestFileError: listing every problem of the input (``line N: field: ...``).
     :raises InvalidInputError: for limits out of range.
     """
@@ -152,6 +156,8 @@ def split_checked(
         checker.line(line, size)
         if line.strip() and not checker.failed:
             writer.add(line.rstrip(b"\r") + b"\n")
+            if on_line is not None:
+                on_line(line)
 
     feed = LineFeed(checker.max_line_bytes, Tally(), take)
     try:

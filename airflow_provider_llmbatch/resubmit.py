@@ -4,7 +4,9 @@ Which failed requests are worth sending again, and the request file of a resubmi
 A request is resubmitted when it failed for a reason that may not last: the vendor rate limited it,
 was overloaded or failed on its side (the vendor's ``retryable_codes`` in the registry), or it never
 ran because its batch expired or was cancelled. A request refused for what it is (invalid, filtered,
-too long) is never sent again: it would fail the same way.
+too long) is never sent again: it would fail the same way. Nor is an ``invalid_output`` row (an answer
+that did not match the output schema): the vendor ran it and bills it, and asking again is the user's
+call (a better prompt, a stricter schema), not a transient failure's remedy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from airflow_provider_llmbatch import codec
 from airflow_provider_llmbatch.locations import Location, atomic_writer, open_read
+from airflow_provider_llmbatch.parquet_out import ResultFormat, iter_rows
 from airflow_provider_llmbatch.vendors import VendorSpec
 
 UNRUN_CODES = frozenset({"batch_expired", "batch_cancelled"})
@@ -35,8 +38,13 @@ def worth_resubmitting(row: dict[str, Any], vendor: VendorSpec) -> bool:
     )
 
 
-def retryable_ids(results: Location, vendor: VendorSpec) -> Iterator[str]:
-    """Yield the custom ids of the rows of a results file worth sending again, in file order."""
+def retryable_ids(results: Location, vendor: VendorSpec, format: ResultFormat = "jsonl") -> Iterator[str]:
+    """Yield the custom ids of the rows of a results file (JSONL or Parquet) worth sending again, in order."""
+    if format == "parquet":
+        for row in iter_rows(results, ("custom_id", "status", "error")):
+            if worth_resubmitting(row, vendor):
+                yield str(row["custom_id"])
+        return
     with open_read(results) as handle:
         for raw in handle:
             if raw.isspace():

@@ -12,7 +12,11 @@ The join streams and keeps its working state on disk, so memory stays flat whate
 The index is :mod:`airflow_provider_llmbatch.results_index`; this module says what the lines mean.
 
 Each row is ``{"custom_id", "status", "response", "error", "usage"}`` (plus ``"request"`` when asked),
-with ``status`` one of ``succeeded``, ``failed``, ``expired``, ``cancelled``, ``missing``. The rows are
+with ``status`` one of ``succeeded``, ``failed``, ``expired``, ``cancelled``, ``missing``. With an output
+schema every row has ``output`` too: the answer of a succeeded response, parsed and validated on our
+side (:mod:`~airflow_provider_llmbatch.typed_output`); an answer that does not parse or validate makes
+the row ``invalid_output``, with the reason in ``error``. Rows land as JSONL, or as Parquet with typed
+columns (:mod:`~airflow_provider_llmbatch.parquet_out`). They are
 written to a temporary name next to the destination and then moved into place, so a crash never leaves
 a partial file at the destination. The index is removed when the join ends, whether it succeeded or not;
 it takes about as much disk as the output files (plus the request bodies with ``include_request``).
@@ -28,14 +32,25 @@ from typing import Any, Literal
 
 from airflow_provider_llmbatch import codec
 from airflow_provider_llmbatch.locations import Location, atomic_writer, open_read, result_uri
+from airflow_provider_llmbatch.parquet_out import (
+    DEFAULT_ROW_GROUP_ROWS,
+    ParquetSink,
+    ResultFormat,
+    check_format,
+)
 from airflow_provider_llmbatch.result_lines import read_result_line
 from airflow_provider_llmbatch.results_index import FinishedLine, open_index
+from airflow_provider_llmbatch.schema import OutputSchema
+from airflow_provider_llmbatch.typed_output import INVALID_OUTPUT, typed_output
 
-RowStatus = Literal["succeeded", "failed", "expired", "cancelled", "missing"]
-"""The closed set of result-row statuses."""
+RowStatus = Literal["succeeded", "invalid_output", "failed", "expired", "cancelled", "missing"]
+"""The closed set of result-row statuses (``invalid_output`` only with an output schema)."""
 
 ROW_STATUSES: tuple[RowStatus, ...] = ("succeeded", "failed", "expired", "cancelled", "missing")
-"""Every row status, in the order counts are reported."""
+"""Every row status of a join without an output schema, in the order counts are reported."""
+
+TYPED_ROW_STATUSES: tuple[RowStatus, ...] = ("succeeded", "invalid_output", *ROW_STATUSES[1:])
+"""Every row status of a join with an output schema, in the order counts are reported."""
 
 ANOMALY_KINDS: tuple[str, ...] = (
     "duplicates",
@@ -65,8 +80,11 @@ class JoinReport:
     What a join produced.
 
     :param result_uri: where the results file was committed.
-    :param counts: rows per status, plus ``total`` (the request lines).
+    :param counts: rows per status, plus ``total`` (the request lines); ``invalid_output`` only with an
+        output schema.
     :param usage: token totals over the rows (``prompt_tokens``, ``completion_tokens``, ``total_tokens``).
+    :param batch_usage: the same totals per batch, in the order of the join's ``batches``: the tokens of
+        the rows whose line came from that batch (they add up to ``usage``).
     :param anomalies: vendor-file oddities: ``duplicates`` (an id repeated in the output/error files;
         the first line is kept), ``unknown_ids`` (ids not in the request file), ``no_custom_id`` (lines
         without an id), ``malformed_lines`` (lines that are not a JSON object), ``duplicate_requests``
@@ -77,13 +95,14 @@ class JoinReport:
     result_uri: str
     counts: dict[str, int] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
+    batch_usage: list[dict[str, int]] = field(default_factory=list)
     anomalies: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def reconciled(self) -> bool:
         """Return True when every request line got exactly one row."""
-        return sum(self.counts.get(s, 0) for s in ROW_STATUSES) == self.counts.get("total", -1)
+        return sum(self.counts.get(s, 0) for s in TYPED_ROW_STATUSES) == self.counts.get("total", -1)
 
 
 class Anomalies:
@@ -105,13 +124,16 @@ class Anomalies:
         return len(self.samples.get(kind, ())) >= _SAMPLES
 
 
-def _finish(data: Mapping[str, Any]) -> tuple[RowStatus, int, int, int, bytes]:
+def _finish(
+    data: Mapping[str, Any], schema: OutputSchema | None = None
+) -> tuple[RowStatus, int, int, int, bytes]:
     """
     Turn one parsed output or error line into its result row, all but the custom_id (the request's).
 
     :param data: the parsed line.
+    :param schema: the output schema a succeeded response's answer is validated against, if any.
     :return: the row's status; its prompt, completion and total tokens; and the row's ``status``,
-        ``response``, ``error`` and ``usage`` members as JSON.
+        ``response``, ``error`` and ``usage`` members (and ``output`` with a schema) as JSON.
     """
     line = read_result_line(data)
     status: RowStatus = "succeeded"
@@ -122,32 +144,50 @@ def _finish(data: Mapping[str, Any]) -> tuple[RowStatus, int, int, int, bytes]:
         if not line.has_response:
             # A line without a response for a request that never ran carries the batch's outcome.
             status = _UNRUN_CODES.get(line.error_code or "", "failed")
+    output: Any = None
+    if schema is not None and status == "succeeded":
+        output, problem = typed_output(line.body, schema)
+        if problem is not None:
+            status, error = INVALID_OUTPUT, {"code": INVALID_OUTPUT, "message": problem}
     usage = line.usage
     # The responses endpoint names them input/output tokens; chat and embeddings prompt/completion.
     prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
     total = usage.get("total_tokens", prompt + completion)
-    members = codec.to_json({"status": status, "response": line.body, "error": error, "usage": usage})[1:-1]
-    return status, prompt, completion, total, members
+    row: dict[str, Any] = {"status": status, "response": line.body, "error": error, "usage": usage}
+    if schema is not None:
+        row["output"] = output
+    return status, prompt, completion, total, codec.to_json(row)[1:-1]
 
 
-def _missing(status: RowStatus) -> tuple[RowStatus, bytes]:
+def _missing(status: RowStatus, typed: bool = False) -> tuple[RowStatus, bytes]:
     """Return the status and the finished row members of a request that has no line."""
     code, message = _MISSING_ERROR[status]
-    error = {"code": code, "message": message}
-    return status, codec.to_json({"status": status, "response": None, "error": error, "usage": {}})[1:-1]
+    row: dict[str, Any] = {"status": status, "response": None, "error": {"code": code, "message": message}}
+    row["usage"] = {}
+    if typed:
+        row["output"] = None
+    return status, codec.to_json(row)[1:-1]
 
 
-def _finished_lines(batches: Sequence[BatchFiles], anomalies: Anomalies) -> Iterator[FinishedLine]:
+def _finished_lines(
+    batches: Sequence[BatchFiles], anomalies: Anomalies, schema: OutputSchema | None = None
+) -> Iterator[FinishedLine]:
     """
     Yield each line of the batches' output and error files that has a custom_id, finished (see
-    :func:`_finish`), with its batch's round.
+    :func:`_finish`), with its batch's round and the batch's place in ``batches``.
 
     Lines without an id and malformed lines (not a JSON object, not strict JSON, nested deeper than
     the parser allows) are counted, with ``file@offset`` samples.
     """
-    files = [(Path(p), b.round) for b in batches for p in (b.output_file, b.error_file) if p is not None]
-    for path, round_ in files:
+    files = [
+        (Path(p), b.round, n)
+        for n, b in enumerate(batches)
+        for p in (b.output_file, b.error_file)
+        if p is not None
+    ]
+    files.sort(key=lambda f: -f[1])  # newest round first: a resubmission's line replaces the earlier one
+    for path, round_, number in files:
         with open(path, "rb") as handle:
             offset = 0
             for raw in handle:
@@ -160,12 +200,12 @@ def _finished_lines(batches: Sequence[BatchFiles], anomalies: Anomalies) -> Iter
                     if value is None or value == "" or isinstance(value, dict | list):
                         anomalies.add("no_custom_id", f"{path.name}@{start}")
                         continue
-                    finished = _finish(data)
+                    finished = _finish(data, schema)
                 except (ValueError, RecursionError):
                     # RecursionError: nesting deeper than the parser allows, a malformed line like any other.
                     anomalies.add("malformed_lines", f"{path.name}@{start}")
                     continue
-                yield (str(value), round_, *finished)
+                yield (str(value), round_, number, *finished)
 
 
 def _iter_requests(source: Location, with_body: bool = True) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -218,6 +258,9 @@ def join_results(
     batch_status: str | None = None,
     include_request: bool = False,
     batches: Sequence[BatchFiles] | None = None,
+    output_schema: OutputSchema | None = None,
+    format: ResultFormat = "jsonl",
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
 ) -> JoinReport:
     """
     Write one result row per request line, joining the vendor's output and error lines by custom_id.
@@ -235,37 +278,54 @@ def join_results(
     :param include_request: add each request's body to its row as ``request``.
     :param batches: instead of the three above, every batch of a job: its parts (round 0, in input order,
         each with its ``requests`` count) and its resubmission rounds.
+    :param output_schema: validate each succeeded response's answer against it and add ``output`` to
+        every row; an answer that does not parse or validate makes the row ``invalid_output``.
+    :param format: ``jsonl``, or ``parquet`` (typed columns, in row groups; needs pyarrow).
+    :param row_group_rows: rows per Parquet row group, and the most rows held in memory.
     """
+    format = check_format(format)
     if batches is None:
         batches = [BatchFiles(batch_status, output_file, error_file)]
+    typed = output_schema is not None
     anomalies = Anomalies()
-    newest_first = sorted(batches, key=lambda b: -b.round)
     with open_index() as index:
-        index.add_lines(_finished_lines(newest_first, anomalies), anomalies)
+        index.add_lines(_finished_lines(batches, anomalies, output_schema), anomalies)
         for batch in batches:
             if batch.sent is not None:
                 index.add_sent(rid for rid, _ in _iter_requests(batch.sent, with_body=False))
         with atomic_writer(destination) as out:
-            rows, tokens = index.write_rows(
-                _with_missing(_iter_requests(requests, with_body=include_request), batches),
-                out,
+            sink = (
+                ParquetSink(
+                    out, output_schema, include_request=include_request, row_group_rows=row_group_rows
+                )
+                if format == "parquet"
+                else None
+            )
+            rows, tokens, per_batch = index.write_rows(
+                _with_missing(_iter_requests(requests, with_body=include_request), batches, typed),
+                sink or out,
                 include_request=include_request,
                 anomalies=anomalies,
             )
+            if sink is not None:
+                sink.close()
         index.count_unknown(anomalies)
-    counts: dict[str, int] = {status: rows[status] for status in ROW_STATUSES}
+    counts: dict[str, int] = {s: rows[s] for s in (TYPED_ROW_STATUSES if typed else ROW_STATUSES)}
     counts["total"] = sum(counts.values())
     return JoinReport(
         result_uri=result_uri(destination),
         counts=counts,
         usage=dict(zip(_TOKEN_FIELDS, tokens, strict=True)),
+        batch_usage=[
+            dict(zip(_TOKEN_FIELDS, per_batch.get(n, (0, 0, 0)), strict=True)) for n in range(len(batches))
+        ],
         anomalies=anomalies.counts,
         samples=anomalies.samples,
     )
 
 
 def _with_missing(
-    requests: Iterator[tuple[str, dict[str, Any] | None]], batches: Sequence[BatchFiles]
+    requests: Iterator[tuple[str, dict[str, Any] | None]], batches: Sequence[BatchFiles], typed: bool = False
 ) -> Iterator[tuple[str, dict[str, Any] | None, tuple[str, bytes]]]:
     """Add to each request what it became without a line: by the end of the input part that held it."""
     parts = [b for b in batches if b.round == 0]
@@ -273,8 +333,8 @@ def _with_missing(
     held = 0
     for part in parts:
         held += part.requests if part.requests is not None else 0
-        ends.append((held, _missing(_MISSING_STATUS.get(part.status or "", "missing"))))
-    last = ends[-1][1] if ends else _missing("missing")
+        ends.append((held, _missing(_MISSING_STATUS.get(part.status or "", "missing"), typed)))
+    last = ends[-1][1] if ends else _missing("missing", typed)
     index = 0
     for number, (custom_id, body) in enumerate(requests, start=1):
         while index < len(ends) - 1 and number > ends[index][0]:

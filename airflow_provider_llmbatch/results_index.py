@@ -16,16 +16,17 @@ import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from airflow_provider_llmbatch.codec import to_json
 
 if TYPE_CHECKING:
     from airflow_provider_llmbatch.results import Anomalies
 
-FinishedLine: TypeAlias = tuple[str, int, str, int, int, int, bytes]
-"""An output or error line as a row: custom_id, its batch's round, status, prompt, completion and total
-tokens, and the row's other members as JSON (``"status":...,"response":...,"error":...,"usage":...``)."""
+FinishedLine: TypeAlias = tuple[str, int, int, str, int, int, int, bytes]
+"""An output or error line as a row: custom_id, its batch's round, its batch's number (its place in the
+join's batches), status, prompt, completion and total tokens, and the row's other members as JSON
+(``"status":...,"response":...,"error":...,"usage":...``)."""
 
 # Lines are stored, requests looked up and rows written in batches of at most this many lines or bytes.
 _BATCH_LINES = 512
@@ -41,7 +42,7 @@ _PRAGMAS = (
 )
 # ``lines``: one row per custom_id of the output and error files, for its first line (lines come newest
 # round first, so a resubmission's line replaces the earlier one): the line's place among them (``seq``),
-# its round, status and tokens, and where its finished row is in the spool file. ``sent``: how many
+# its round, its batch, status and tokens, and where its finished row is in the spool file. ``sent``: how many
 # resubmission rounds sent each request again.
 # ``missing``: the request ids that have no line, to tell a repeated one. Ids are UTF-8 blobs (lone
 # surrogates kept); the token columns have no type, so a count beyond 64 bits can be stored as text.
@@ -50,6 +51,7 @@ CREATE TABLE lines (
     id BLOB PRIMARY KEY,
     seq INTEGER NOT NULL,
     round INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
     status TEXT NOT NULL,
     prompt,
     completion,
@@ -60,11 +62,20 @@ CREATE TABLE lines (
 CREATE TABLE missing (id BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE sent (id BLOB PRIMARY KEY, times INTEGER NOT NULL) WITHOUT ROWID;
 """
-_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_SENT = "INSERT INTO sent VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET times = times + 1"
-_LOOKUP_LINES = "SELECT id, seq, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
+_LOOKUP_LINES = (
+    "SELECT id, seq, batch, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
+)
 _LOOKUP_MISSING = "SELECT id FROM missing WHERE id IN ({})"
 _LOOKUP_SENT = "SELECT id, times FROM sent WHERE id IN ({})"
+
+
+class RowSink(Protocol):
+    """Where rows are written: a binary file, or anything else that takes JSONL bytes."""
+
+    def write(self, data: bytes, /) -> Any:
+        """Take the bytes of whole rows."""
 
 
 def _key(custom_id: str) -> bytes:
@@ -109,12 +120,12 @@ class ResultIndex:
         rows: list[bytes] = []
         pos = spooled = 0
         with open(self.spool_path, "wb") as spool:
-            for custom_id, round_, status, prompt, completion, total, members in lines:
+            for custom_id, round_, number, status, prompt, completion, total, members in lines:
                 self.lines += 1
                 rows.append(members)
                 size = len(members)
                 tokens = _stored_int(prompt), _stored_int(completion), _stored_int(total)
-                batch.append((_key(custom_id), self.lines, round_, status, *tokens, pos, size))
+                batch.append((_key(custom_id), self.lines, round_, number, status, *tokens, pos, size))
                 pos += size
                 if len(batch) >= _BATCH_LINES or pos - spooled >= _BATCH_BYTES:
                     spool.write(b"".join(rows))
@@ -160,11 +171,11 @@ class ResultIndex:
     def write_rows(
         self,
         requests: Iterable[tuple[str, dict[str, Any] | None, tuple[str, bytes]]],
-        out: IO[bytes],
+        out: RowSink,
         *,
         include_request: bool,
         anomalies: Anomalies,
-    ) -> tuple[Counter[str], list[int]]:
+    ) -> tuple[Counter[str], list[int], dict[int, list[int]]]:
         """
         Write one row per request, in request order.
 
@@ -173,7 +184,8 @@ class ResultIndex:
         :param out: where the rows go.
         :param include_request: add each request's body to its row as ``request``.
         :param anomalies: counts the repeated request ids.
-        :return: the rows per status, and the prompt, completion and total tokens over them.
+        :return: the rows per status; the prompt, completion and total tokens over them; and the same
+            tokens per batch number (of the batches whose lines became rows).
         """
         writer = _RowWriter(self, out, anomalies)
         batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]] = []
@@ -189,7 +201,7 @@ class ResultIndex:
                     batch, size = [], 0
             writer.write(batch)
             writer.flush()
-        return writer.counts, writer.tokens
+        return writer.counts, writer.tokens, writer.batch_tokens
 
     def count_unknown(self, anomalies: Anomalies) -> None:
         """Count the ids of the output and error files that no request line has, in order of appearance."""
@@ -204,13 +216,14 @@ class ResultIndex:
 class _RowWriter:
     """Write the rows of batches of requests: look their ids up, read their rows from the spool."""
 
-    def __init__(self, index: ResultIndex, out: IO[bytes], anomalies: Anomalies) -> None:
+    def __init__(self, index: ResultIndex, out: RowSink, anomalies: Anomalies) -> None:
         self.index = index
         self.out = out
         self.spool: IO[bytes] | None = None
         self.anomalies = anomalies
         self.counts: Counter[str] = Counter()
         self.tokens = [0, 0, 0]
+        self.batch_tokens: dict[int, list[int]] = {}
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.at = 0
@@ -240,13 +253,16 @@ class _RowWriter:
                     self.anomalies.add("duplicate_requests", _id_of(key))
                 seen.add(key)
             else:
-                _, seq, status, prompt, completion, total, pos, size = line
+                _, seq, number, status, prompt, completion, total, pos, size = line
                 if used[seq]:
                     self.anomalies.add("duplicate_requests", _id_of(key))
                 used[seq] = 1
-                tokens[0] += int(prompt)
-                tokens[1] += int(completion)
-                tokens[2] += int(total)
+                per_batch = self.batch_tokens.get(number)
+                if per_batch is None:
+                    per_batch = self.batch_tokens[number] = [0, 0, 0]
+                for i, value in enumerate((int(prompt), int(completion), int(total))):
+                    tokens[i] += value
+                    per_batch[i] += value
                 if pos != self.at:
                     spool.seek(pos)
                 fragment = spool.read(size)

@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from airflow_provider_llmbatch.schema import StructuredOutputSpec
+
 ErrorKind = Literal[
     "bad_request",
     "authentication",
@@ -271,6 +273,8 @@ class VendorSpec:
     :param console_urls: region -> URL template of the vendor's console page for a batch
         (``{batch_id}``); a region without one gets no link (another region's console is another account).
     :param conn_fields: vendor-only connection fields (beyond the shared ones).
+    :param structured_output: how chat requests ask for structured output (None: the vendor has none,
+        and ``output_schema`` is refused).
     """
 
     name: str
@@ -288,6 +292,7 @@ class VendorSpec:
     input_content_downloadable: bool = True
     console_urls: Mapping[str, str] = field(default_factory=_frozen)
     conn_fields: tuple[ConnField, ...] = ()
+    structured_output: StructuredOutputSpec | None = None
 
     @property
     def conn_type(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from airflow_provider_llmbatch import vendor_outputs as outputs
 from airflow_provider_llmbatch.vendor_spec import (
     SHARED_CONN_FIELDS,
     CodeDoc,
@@ -133,6 +134,7 @@ ZHIPU = VendorSpec(
     ),
     # The international console is not known: no link there rather than the Chinese account's console.
     console_urls={"cn": "https://open.bigmodel.cn/console/batch?batch_id={batch_id}"},
+    structured_output=outputs.ZHIPU_OUTPUT,
 )
 
 MOONSHOT = VendorSpec(
@@ -187,6 +189,7 @@ MOONSHOT = VendorSpec(
         "cn": "https://platform.moonshot.cn/console/batch?batch_id={batch_id}",
         "intl": "https://platform.moonshot.ai/console/batch?batch_id={batch_id}",
     },
+    structured_output=outputs.MOONSHOT_OUTPUT,
 )
 
 DASHSCOPE = VendorSpec(
@@ -300,6 +303,7 @@ DASHSCOPE = VendorSpec(
             header="X-DashScope-WorkSpace",
         ),
     ),
+    structured_output=outputs.DASHSCOPE_OUTPUT,
 )
 
 OPENAI = VendorSpec(
@@ -366,6 +370,7 @@ OPENAI = VendorSpec(
             ("project", "Project", "OpenAI-Project"),
         )
     ),
+    structured_output=outputs.OPENAI_OUTPUT,
 )
 
 REGISTRY: Mapping[str, VendorSpec] = MappingProxyType(

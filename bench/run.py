@@ -33,12 +33,18 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENV = BENCH / ".venv"
 RESULTS_DIR = BENCH / "results"
-STEPS = ("polls", "triggers", "request-files", "results-out", "large-job", "report")
+STEPS = ("polls", "triggers", "request-files", "results-out", "large-job", "typed", "report")
 
 LINK_MBPS = 400
 """The upload link of the second request-file pass, in Mbit/s: a fast link from a data centre to a vendor."""
 TARGET_RESULT_LINES = 50_000
 """The results-out targets are set at this many requests (the issue's 50,000-line output file)."""
+TYPED_ROWS = 1_000_000
+"""Rows landed as Parquet and as JSONL with an output schema (section 6)."""
+TYPED_ROW_GROUPS = (16_384, 65_536)
+"""Row-group sizes ``parquet+schema`` is run again with, besides the default (section 6)."""
+TYPED_PEAK_RSS_MB = 200
+"""The target for landing typed results as Parquet: peak RSS of the whole process, imports included."""
 PACKAGES = (
     "airflow-provider-llmbatch",
     "apache-airflow",
@@ -446,12 +452,144 @@ def large_job_section() -> tuple[list[str], list[str]]:
     return tables, targets
 
 
+TYPED_OPERATIONS = {
+    "jsonl": "no schema, the landing as before",
+    "jsonl+schema": "each answer validated, `output` in the row",
+    "parquet+schema": "validated, typed columns",
+}
+
+
+def typed_section() -> tuple[list[str], list[str]]:
+    """Section 6: typed results landed as Parquet and as JSONL; and its target, the Parquet landing's peak RSS."""
+    data = _load("parquet_landing.json")
+    if data is None:
+        return ["(not run)"], []
+    default_group = data["default_row_group_rows"]
+    results = data["results"]
+    by = {
+        r["operation"]: r
+        for r in results
+        if r["operation"] != "parquet+schema" or r["row_group_rows"] == default_group
+    }
+    others = sorted(
+        (r for r in results if r["operation"] == "parquet+schema" and r["row_group_rows"] != default_group),
+        key=lambda r: r["row_group_rows"],
+    )
+    plain, typed, parquet = by.get("jsonl"), by.get("jsonl+schema"), by.get("parquet+schema")
+    machine, rows = data["machine"], data["rows"]
+    pyarrow = machine["packages"].get("pyarrow") or "not installed"
+    load = data["load_average_before"][0], data["load_average_after"][0]
+    out = [
+        f"Produced {data['started']} by `{data['command']}`, on {machine['cores']} cores ({machine['python']}, "
+        f"pyarrow {pyarrow}; load average {load[0]:.2f} when it started, {load[1]:.2f} when it ended), one run. "
+        f"The input: a request file of {rows:,} chat requests ({data['requests_bytes'] / 1e6:,.0f} MB) and an output "
+        f"file of their answers in OpenAI's line shape ({data['output_bytes'] / 1e6:,.0f} MB), already on local disk; "
+        "each answer a JSON object of a pydantic model (`label` a `Literal` of three, `score` float, `summary` str, "
+        f"`aspects` list of str), {data['invalid_answers']:,} of the {rows:,} not valid (prose, or a label outside "
+        "the `Literal`). What runs is `results.join_results`, the join the fetch runs after its downloads, each "
+        "operation in a fresh interpreter. Peak RSS is the whole process (`VmHWM`), imports included. Rows/s is "
+        "rows over wall time.",
+    ]
+    if plain and parquet:
+        out[-1] += (
+            f" Airflow and the package take {plain['imports_rss_mb']:.0f} MB, pyarrow another "
+            f"{parquet['imports_rss_mb'] - plain['imports_rss_mb']:.0f} MB ({parquet['imports_rss_mb']:.0f} MB "
+            "before the first row)."
+        )
+    out += [
+        "",
+        "| operation | rows | rows/s | wall (s) | CPU (s) | peak RSS, whole process (MB) | after imports (MB) "
+        "| file (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in [*by.values(), *others]:
+        what = TYPED_OPERATIONS.get(r["operation"], "")
+        if r["row_group_rows"]:
+            what += f", row groups of at most {r['row_group_rows']:,} rows"
+            if r.get("row_groups"):
+                what += f": {r['row_groups']:,} written"
+        out.append(
+            f"| `{r['operation']}` ({what}) | {r['rows']:,} | {r['rows_per_s']:,.0f} | {r['wall_s']:.1f} "
+            f"| {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['imports_rss_mb']:.0f} | {r['bytes_out'] / 1e6:,.0f} |"
+        )
+    out.append("")
+    targets = []
+    if parquet:
+        peak = parquet["peak_rss_mb"]
+        ok = peak < TYPED_PEAK_RSS_MB
+        room = ", with little room" if ok and peak > 0.9 * TYPED_PEAK_RSS_MB else ""
+        sweep = ""
+        if parquet.get("row_groups"):
+            sweep = f": {parquet['row_groups']:,} row groups written, about {rows / parquet['row_groups']:,.0f} rows each"
+        if others:
+            sweep += "".join(
+                f"; with a limit of {r['row_group_rows']:,} rows a group it wrote {r.get('row_groups') or 0:,} "
+                f"groups and peaked at {r['peak_rss_mb']:.0f} MB"
+                for r in others
+            )
+            groups = parquet.get("row_groups") or 0
+            if groups and all((r.get("row_groups") or 0) >= 0.9 * groups for r in others):
+                cap = data["default_row_group_bytes"] / 2**20
+                sweep += f" (the {cap:.0f} MB cap on a group's JSON binds first)"
+        out.append(
+            f"- Target: landing {rows:,} rows as Parquet with validation against a pydantic schema, peak RSS "
+            f"< {TYPED_PEAK_RSS_MB} MB: {_verdict(ok)} ({peak:.0f} MB){room}: {parquet['imports_rss_mb']:.0f} MB "
+            "of it is imports. The Parquet buffer holds one row group (at most "
+            f"{default_group:,} rows or about {data['default_row_group_bytes'] / 2**20:.0f} MB of their JSON) as "
+            f"Python values and then as Arrow arrays{sweep}. Memory does not grow with the row count: the join's "
+            "state is on disk (section 3), the Parquet writer holds one row group."
+        )
+        versus = ""
+        if typed:
+            versus = f" (JSONL with the same validation {typed['rows_per_s']:,.0f}"
+            versus += f", JSONL without {plain['rows_per_s']:,.0f})" if plain else ")"
+        targets.append(
+            f"| landing {rows:,} rows as Parquet with validation against a pydantic schema: peak RSS "
+            f"< {TYPED_PEAK_RSS_MB} MB (whole process, imports included; section 6) | {peak:.0f} MB; "
+            f"{parquet['rows_per_s']:,.0f} rows/s{versus} | {_verdict(ok)} |"
+        )
+    counted = [r for r in (typed, parquet, *others) if r]
+    if counted:
+        kinds = [
+            ", ".join(f"{n:,} `{status}`" for status, n in r["counts"].items() if status != "total" and n)
+            + f" of {r['counts']['total']:,}"
+            for r in counted
+        ]
+        if len(set(kinds)) == 1:
+            out.append(f"- Every landing with the schema counted {kinds[0]}.")
+        else:
+            out.append(
+                "- Counts: "
+                + "; ".join(f"`{r['operation']}` {k}" for r, k in zip(counted, kinds, strict=True))
+                + "."
+            )
+    if plain and typed and parquet:
+        per_million = 1_000_000 / rows
+        out.append(
+            "- Validation (`OutputSchema.parse`: `json.loads` and pydantic's `model_validate`, once per answer) "
+            f"costs about {(typed['cpu_s'] - plain['cpu_s']) * per_million:.1f} s of CPU per million rows; writing "
+            f"Parquet instead of JSONL {_more_or_less(parquet['cpu_s'] - typed['cpu_s'], per_million)}, and its file is "
+            f"{parquet['bytes_out'] / 1e6:,.0f} MB instead of {typed['bytes_out'] / 1e6:,.0f} MB (no `response` "
+            "column with a schema: the typed columns are the answer)."
+        )
+    out.append(
+        "- The wall time of each operation also holds whatever else the machine's cores were doing (see the load "
+        "average above), and moves between runs on a shared machine; compare the CPU seconds."
+    )
+    return out, targets
+
+
+def _more_or_less(seconds: float, scale: float) -> str:
+    return f"about {abs(seconds) * scale:.1f} s {'more' if seconds >= 0 else 'less'}"
+
+
 def report(command: str) -> None:
     polls, polls_targets = polls_section()
     out_rows, out_targets = results_out_section()
     req_rows, req_targets = request_files_section()
     link_rows, link_targets = request_files_section("request_file_link.md")
     large_rows, large_targets = large_job_section()
+    typed_rows, typed_targets = typed_section()
     lines = [
         "# Benchmark results",
         "",
@@ -471,6 +609,7 @@ def report(command: str) -> None:
         *out_targets,
         *polls_targets,
         *large_targets,
+        *typed_targets,
         "",
         "## 1. Triggerer load",
         "",
@@ -495,6 +634,10 @@ def report(command: str) -> None:
         "## 5. A large job end to end",
         "",
         *large_rows,
+        f"## 6. Typed results: {(_load('parquet_landing.json') or {}).get('rows', TYPED_ROWS):,} rows as Parquet and as JSONL",
+        "",
+        *typed_rows,
+        "",
     ]
     notes = RESULTS_DIR / "notes.md"
     if notes.exists():
@@ -552,6 +695,16 @@ def main() -> None:
         _run("results_out.py", "--lines", "10000", "25000", "50000", "--repeat", repeat)
     if "large-job" in args.steps:
         _run("large_job.py", "--requests", "1000000")
+    if "typed" in args.steps:
+        _run(
+            "parquet_landing.py",
+            "--rows",
+            str(TYPED_ROWS),
+            "--row-group-rows",
+            *(str(size) for size in TYPED_ROW_GROUPS),
+            "--json",
+            str(RESULTS_DIR / "parquet_landing.json"),
+        )
     if "report" in args.steps:
         report("python3 bench/run.py" + (f" --repeat {args.repeat}" if args.repeat != 3 else ""))
 

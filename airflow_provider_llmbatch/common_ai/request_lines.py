@@ -10,45 +10,22 @@ sent, with the line, field and what was expected.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.ai.exceptions import LLMBatchInputError
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.jsonl import RequestFileReport, build_request_file
+from airflow_provider_llmbatch.schema import OutputSchema, schema_name
 from airflow_provider_llmbatch.vendors import EndpointSpec, VendorSpec
 
 if TYPE_CHECKING:
     from airflow.providers.common.ai.batch.base import BatchRequest
     from airflow.providers.common.ai.batch.output_schema import OutputSpec
-
-StructuredMode = Literal["json_schema", "json_object"]
-"""How a vendor is asked for structured output: a JSON Schema it enforces, or JSON mode plus the schema."""
-
-JSON_SCHEMA_VENDORS: frozenset[str] = frozenset({"openai"})
-"""
-Registry vendor names whose Batch API documents ``response_format: {"type": "json_schema"}``.
-
-Only the OpenAI API documents it; Zhipu, Moonshot and DashScope document JSON mode
-(``{"type": "json_object"}``) only, so they get JSON mode with the schema in the system message, and
-common-ai validates every answer against the schema (``invalid_output`` rows). A vendor added to the
-registry starts in JSON mode, which every OpenAI-compatible API accepts.
-"""
-
-
-def structured_mode(vendor: VendorSpec) -> StructuredMode:
-    """Return how ``vendor`` is asked for structured output."""
-    return "json_schema" if vendor.name in JSON_SCHEMA_VENDORS else "json_object"
-
-
-SCHEMA_INSTRUCTION = (
-    "Answer with a single JSON object and nothing else. It must validate against this JSON Schema:\n{schema}"
-)
-"""The system-message text that carries the schema to a vendor in JSON mode."""
 
 
 def chat_endpoint(vendor: VendorSpec) -> EndpointSpec:
@@ -84,22 +61,31 @@ class LineSettings:
         return chat_endpoint(self.vendor)
 
 
+def output_schema(vendor: VendorSpec, spec: OutputSpec) -> OutputSchema | None:
+    """
+    Return common-ai's output spec as the provider's :class:`OutputSchema`, or None for plain text.
+
+    How it is asked for is the registry's (``VendorSpec.structured_output``), as for the provider's own
+    operators. ``strict`` stays false, as in common-ai's own OpenAI adapter (strict mode would refuse
+    many user schemas); common-ai validates every answer itself (``invalid_output`` rows).
+    :raises LLMBatchInputError: the vendor has no structured output in the registry.
+    """
+    if not spec.is_structured:
+        return None
+    if vendor.structured_output is None:
+        raise LLMBatchInputError(f"{vendor.display_name} has no structured output; remove output_type")
+    schema = OutputSchema.of(spec.json_schema)
+    return dataclasses.replace(schema, name=schema_name(spec.schema_name), strict=False)
+
+
 def output_directive(vendor: VendorSpec, spec: OutputSpec) -> dict[str, Any]:
     """Return the body fields that ask ``vendor`` for ``spec``'s structured output (``{}`` for plain text)."""
-    if not spec.is_structured:
+    schema = output_schema(vendor, spec)
+    if schema is None or vendor.structured_output is None:
         return {}
-    if structured_mode(vendor) == "json_schema":
-        # strict=False, as common-ai's own OpenAI adapter: strict mode rewrites the user's schema.
-        schema = {"name": spec.schema_name, "schema": spec.json_schema, "strict": False}
-        return {"response_format": {"type": "json_schema", "json_schema": schema}}
-    return {"response_format": {"type": "json_object"}}
-
-
-def schema_instruction(vendor: VendorSpec, spec: OutputSpec) -> str | None:
-    """Return the system-message text a vendor in JSON mode needs to know the schema, or None."""
-    if not spec.is_structured or structured_mode(vendor) == "json_schema":
-        return None
-    return SCHEMA_INSTRUCTION.format(schema=json.dumps(spec.json_schema, ensure_ascii=False))
+    body: dict[str, Any] = {"messages": []}
+    vendor.structured_output.apply(body, schema)
+    return {"response_format": body["response_format"]}
 
 
 def iter_lines(
@@ -112,13 +98,11 @@ def iter_lines(
     :param settings: what the lines share.
     :param models: each request's resolved bare model (one per request).
     """
-    directive = output_directive(settings.vendor, settings.output_spec)
-    instruction = schema_instruction(settings.vendor, settings.output_spec)
+    schema = output_schema(settings.vendor, settings.output_spec)
+    structured = settings.vendor.structured_output
     url = settings.endpoint.path
     for index, (request, model) in enumerate(zip(requests, models, strict=True)):
         system = request.get("system_prompt") or settings.system_prompt
-        if instruction:
-            system = f"{system}\n\n{instruction}" if system else instruction
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": request["prompt"]})
         # User params first, then the fields the adapter manages, so a stray "model" or "messages" in the
@@ -129,8 +113,10 @@ def iter_lines(
             "model": model,
             "messages": messages,
             "max_tokens": request.get("max_tokens") or settings.max_tokens,
-            **directive,
         }
+        if schema is not None and structured is not None:
+            body.pop("response_format", None)  # the output type decides it, not a stray request param
+            structured.apply(body, schema)
         yield {"custom_id": f"{settings.key16}-{index}", "method": "POST", "url": url, "body": body}
 
 

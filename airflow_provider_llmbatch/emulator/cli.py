@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX=TEXT",
         help="a canned chat answer for prompts matching REGEX (repeatable; first match wins)",
     )
+    parser.add_argument(
+        "--invalid-output-pattern",
+        default="^badjson",
+        help="custom_id regex of JSON requests answered invalidly (not JSON, or a required field missing)",
+    )
     parser.add_argument("--rate-limits", action="store_true", help="enforce documented per-minute limits")
     parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults")
     parser.add_argument(
@@ -83,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate_limits=args.rate_limits,
         seed=args.seed,
         replies=tuple(_reply(rule, parser) for rule in args.reply),
+        invalid_output_custom_id_pattern=args.invalid_output_pattern,
         upload_bytes_per_second=args.upload_mbps * 125_000 if args.upload_mbps else None,
     )
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or DEFAULT_API_KEY

@@ -44,7 +44,11 @@ class EmulatorConfig:
     :param max_problems: validation problems reported per file.
     :param vendors: the vendor specs served, by name (default: the registry).
     :param replies: canned chat answers as ``(regex, reply)`` pairs, tried in order on the last user
-        message (first match wins); a request that matches none gets an echo of its prompt.
+        message (first match wins); a request that matches none gets an echo of its prompt, or, when it
+        asks for JSON (``response_format``), a JSON object built from its schema
+        (:mod:`~airflow_provider_llmbatch.emulator.structured`).
+    :param invalid_output_custom_id_pattern: requests asking for JSON whose ``custom_id`` matches get an
+        invalid answer (not JSON, or JSON missing a required field) unless a canned reply matches.
     :param echo_credentials: answer a wrong key with a 401 that quotes the ``Authorization`` header it got,
         as careless gateways do (to prove clients redact it; default: off).
     :param upload_bytes_per_second: take upload bodies in no faster than this, as a link to the vendor
@@ -64,6 +68,7 @@ class EmulatorConfig:
     max_problems: int = 20
     vendors: Mapping[str, VendorSpec] = field(default_factory=lambda: dict(REGISTRY))
     replies: tuple[tuple[str, str], ...] = ()
+    invalid_output_custom_id_pattern: str = "^badjson"
     echo_credentials: bool = False
     upload_bytes_per_second: float | None = None
 
@@ -74,12 +79,17 @@ class EmulatorConfig:
             raise ValueError(f"upload_bytes_per_second must be > 0, got {self.upload_bytes_per_second}")
         re.compile(self.fail_custom_id_pattern)
         re.compile(self.transient_custom_id_pattern)
+        re.compile(self.invalid_output_custom_id_pattern)
         for pattern, _ in self.replies:
             re.compile(pattern)
 
     def reply_to(self, text: str) -> str | None:
         """Return the canned reply for a prompt, or None when no pattern matches."""
         return next((reply for pattern, reply in self.replies if re.search(pattern, text)), None)
+
+    def invalid_output(self, custom_id: str) -> bool:
+        """Return whether a request asking for JSON gets an invalid answer (no canned reply matching)."""
+        return re.search(self.invalid_output_custom_id_pattern, custom_id) is not None
 
     def scaled(self, seconds: float) -> float:
         """Return a duration on the emulator's time scale."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_llmbatch.emulator.records import BatchRecord
+from airflow_provider_llmbatch.emulator.structured import json_answer, rejection
 from airflow_provider_llmbatch.emulator.vendor_dialects import dialect_of
 from airflow_provider_llmbatch.vendors import VendorSpec
 
@@ -61,11 +62,16 @@ def fake_body(
     body: dict[str, Any],
     created: int,
     reply_to: Callable[[str], str | None] = lambda _: None,
+    invalid_output: Callable[[str], bool] = lambda _: False,
 ) -> dict[str, Any]:
     """Return a deterministic response body for one request of an endpoint kind."""
     text, prompt_tokens = _prompt(body)
     model = str(body.get("model", ""))
-    reply = reply_to(text) or f"echo: {text}"[:_ECHO_CHARS]
+    reply = (
+        reply_to(text)
+        or json_answer(body, custom_id, invalid_output(custom_id))
+        or f"echo: {text}"[:_ECHO_CHARS]
+    )
     completion_tokens = _words(reply)
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -197,6 +203,7 @@ def write_results(
     created: int,
     unfinished_code: str | None,
     reply_to: Callable[[str], str | None] = lambda _: None,
+    invalid_output: Callable[[str], bool] = lambda _: False,
 ) -> tuple[int, int]:
     """
     Write a finished batch's output and error files line by line; return the lines in each.
@@ -231,6 +238,14 @@ def write_results(
                     )
                     err.write(json.dumps(line, ensure_ascii=False) + "\n")
                     written_err += 1
+                elif flags[index] == 3:
+                    _, message = rejection(spec, body) or ("body", "invalid response_format")
+                    status, code = spec.errors.codes["bad_request"]
+                    line = error_line(
+                        spec, batch.id, custom_id, code, message, with_response=True, status=status
+                    )
+                    err.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    written_err += 1
                 elif flags[index]:
                     line = error_line(
                         spec,
@@ -243,7 +258,7 @@ def write_results(
                     err.write(json.dumps(line, ensure_ascii=False) + "\n")
                     written_err += 1
                 else:
-                    answer = fake_body(kind, custom_id, body, created, reply_to)
+                    answer = fake_body(kind, custom_id, body, created, reply_to, invalid_output)
                     line = success_line(spec, batch.id, custom_id, answer)
                     out.write(json.dumps(line, ensure_ascii=False) + "\n")
                     written_ok += 1

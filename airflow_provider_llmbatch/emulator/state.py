@@ -284,6 +284,7 @@ class Store:
                 created=int(at),
                 unfinished_code=unfinished_code,
                 reply_to=self.config.reply_to,
+                invalid_output=self.config.invalid_output,
             )
             if ok:
                 batch.output_file_id = self._result_file(vendor, out_path, batch, "output", "file-", at)

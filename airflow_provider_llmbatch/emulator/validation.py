@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from airflow_provider_llmbatch.emulator.records import FileInfo, Problem
+from airflow_provider_llmbatch.emulator.structured import rejected_at_upload, rejection
 from airflow_provider_llmbatch.vendors import VendorSpec
 
 
@@ -19,6 +20,10 @@ class _Collector:
     def add(self, code: str, message: str, line: int | None = None, param: str | None = None) -> None:
         if len(self.info.problems) < self.cap:
             self.info.problems.append(Problem(code, message, line, param))
+
+
+REJECTED_FORMAT = 3
+"""The ``fail_flags`` value of a request the vendor fails for its ``response_format``."""
 
 
 def scan_request_file(
@@ -75,7 +80,8 @@ def scan_request_file(
             seen.add(custom_id)
             flag = 1 if custom_id and fail_pattern.search(custom_id) else 0
             info.fail_flags.append(2 if not flag and custom_id and fails_once(custom_id) else flag)
-            _check_line(record, number, spec, endpoint, info, out)
+            if _check_line(record, number, spec, endpoint, info, out):
+                info.fail_flags[-1] = REJECTED_FORMAT
     if info.lines == 0:
         out.add("empty_file", "expected at least one request line, got an empty file")
     _check_limits(spec, endpoint or info.url, info, out)
@@ -89,7 +95,8 @@ def _check_line(
     endpoint: str | None,
     info: FileInfo,
     out: _Collector,
-) -> None:
+) -> bool:
+    """Check one line; return True when the vendor fails this request for its ``response_format``."""
     method = record.get("method")
     if method != "POST":
         out.add("invalid_method", f"expected method 'POST', got {method!r}", number, "method")
@@ -107,7 +114,7 @@ def _check_line(
     body = record.get("body")
     if not isinstance(body, dict):
         out.add("invalid_body", f"expected body to be an object, got {type(body).__name__}", number, "body")
-        return
+        return False
     model = body.get("model")
     if not isinstance(model, str) or not model:
         out.add("missing_model", "expected body.model to be a non-empty string", number, "body.model")
@@ -128,6 +135,11 @@ def _check_line(
         out.add(
             "invalid_model", f"expected model {required!r} for {url}, got {model!r}", number, "body.model"
         )
+    rejected = rejection(spec, body)
+    if rejected is not None and rejected_at_upload(spec):
+        out.add("invalid_response_format", rejected[1], number, rejected[0])
+        return False
+    return rejected is not None
 
 
 def _check_limits(spec: VendorSpec, endpoint: str | None, info: FileInfo, out: _Collector) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator, conf
 
-from airflow_provider_llmbatch import lineage, waiting
+from airflow_provider_llmbatch import budget, lineage, waiting
 from airflow_provider_llmbatch.checks import check_count
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.hooks.arguments import check_create_args, check_user_metadata
@@ -27,6 +27,8 @@ from airflow_provider_llmbatch.models import Batch
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.parts import Part, SplitInput, split_checked
 from airflow_provider_llmbatch.polling import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_POLL_INTERVAL
+from airflow_provider_llmbatch.pricing import PriceTable, resolve_prices
+from airflow_provider_llmbatch.schema import OutputSchema
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -90,6 +92,17 @@ class CreateBatchOperator(BaseOperator):
     :param reattach: look for this task instance's earlier batch before creating one. (default: True)
     :param max_batches: the most batches an input may be split into (over a vendor's per-file limits);
         checked before anything is uploaded. (default: 10)
+    :param max_input_tokens: refuse, before anything is uploaded, an input estimated above this many
+        input tokens (see :mod:`~airflow_provider_llmbatch.budget`). (default: no limit)
+    :param max_cost: refuse, before anything is uploaded, a job estimated to cost more than this, in the
+        price table's currency: estimated input tokens at the input price, plus each request's
+        ``max_tokens`` at the output price where it sets one. Needs a price for the model. (default: no limit)
+    :param prices: the batch prices per model (see :class:`~airflow_provider_llmbatch.pricing.PriceTable`),
+        a mapping or its JSON text; wins over the connection extra ``prices``. (templated)
+    :param output_schema: the answer's shape, a JSON Schema dict or a pydantic model class: requests built
+        from ``requests`` ask for it as the vendor takes structured output (see
+        :mod:`~airflow_provider_llmbatch.vendor_outputs`); a request file given as ``input_file`` is sent
+        as written. Not templated (a class stays a class). (default: None)
     """
 
     template_fields: Sequence[str] = (
@@ -102,6 +115,7 @@ class CreateBatchOperator(BaseOperator):
         "metadata",
         "vendor_options",
         "request_file_destination",
+        "prices",
     )
     template_fields_renderers: ClassVar[dict[str, str]] = {
         "metadata": "json",
@@ -133,9 +147,19 @@ class CreateBatchOperator(BaseOperator):
         cancel_on_timeout: bool = True,
         reattach: bool = True,
         max_batches: int = 10,
+        max_input_tokens: int | None = None,
+        max_cost: float | None = None,
+        prices: PriceTable | Mapping[str, Any] | str | None = None,
+        output_schema: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Checked now (no I/O), so a wrong schema fails the DAG file; kept as given (a class stays a class).
+        if output_schema is not None:
+            OutputSchema.of(output_schema)
+        self.output_schema = output_schema
+        self.budget = budget.Budget.checked(max_input_tokens=max_input_tokens, max_cost=max_cost)
+        self.prices = prices
         self.conn_id = conn_id
         self.input_file = input_file
         self.requests = requests
@@ -173,10 +197,12 @@ class CreateBatchOperator(BaseOperator):
         uri, source = self._request_file(context, spec)
         self._batch_ids = []
         with tempfile.TemporaryDirectory(prefix="llmbatch-parts-") as folder:
-            split = split_checked(source, spec, self.endpoint, folder=folder)
+            estimator = budget.TokenEstimator()
+            split = split_checked(source, spec, self.endpoint, folder=folder, on_line=estimator.line)
+            estimate = self._check_budget(split, estimator.estimate())
             self._check_room(split, tracker)
             made = [self._submit(context, tracker, split, part) for part in split.parts]
-        result = _result(spec, uri, split, made)
+        result = {**_result(spec, uri, split, made), "estimate": estimate}
         for key in PUSHED:
             _push(context, key, result[key])
         if not self.wait_for_completion:
@@ -233,8 +259,24 @@ class CreateBatchOperator(BaseOperator):
             return _as_uri(self.input_file), self._source()
         path = self.request_file_destination or reattach.default_task_path("llmbatch-requests", context)
         # Checked as one input: the split that follows applies the per-file limits, part by part.
-        build_request_file(list(self.requests), path, spec, self.endpoint, model=self.model, whole_input=True)
+        build_request_file(
+            list(self.requests),
+            path,
+            spec,
+            self.endpoint,
+            model=self.model,
+            whole_input=True,
+            output_schema=self.output_schema,
+        )
         return _as_uri(path), path
+
+    def _check_budget(self, split: SplitInput, estimate: budget.TokenEstimate) -> dict[str, Any]:
+        """Refuse, before the first upload, a job estimated above ``max_input_tokens`` or ``max_cost``."""
+        extra = None if self.prices else self.hook.get_connection(self.conn_id).extra_dejson
+        prices = resolve_prices(self.prices, extra)
+        cost = budget.check_budget(self.budget, estimate, split.report.model, prices)
+        self.log.info("Estimate: %s", budget.describe(estimate, cost))
+        return budget.as_record(estimate, cost)
 
     def _check_room(self, split: SplitInput, tracker: reattach.Tracker) -> None:
         """Refuse, before the first upload, more parts than ``max_batches`` or the vendor's file quota."""

@@ -6,6 +6,10 @@ in input order. With ``resubmit_failed=N``, rows that failed for a reason that m
 request file and a new batch (a round), up to N rounds; their results replace the failed rows and each
 row carries ``attempts``. A round's request file is kept beside the results file, and its batch is
 named by this task instance and the round's requests, so a retried task re-attaches to it.
+
+With ``output_schema`` each succeeded answer is validated on our side and lands as ``output`` (or the row
+as ``invalid_output``); ``format="parquet"`` lands typed columns. The manifest gives tokens per batch and
+in total, and the cost at the user's prices.
 """
 
 from __future__ import annotations
@@ -21,22 +25,23 @@ from airflow.sdk import BaseOperator, conf
 
 from airflow_provider_llmbatch import assets, lineage, waiting
 from airflow_provider_llmbatch.checks import check_batch_ids, check_count
-from airflow_provider_llmbatch.exceptions import (
-    InvalidInputError,
-    LLMBatchError,
-    NotFoundError,
-    VendorAPIError,
-)
+from airflow_provider_llmbatch.exceptions import InvalidInputError, LLMBatchError
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.manifest import build_manifest
 from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.operators.reattach import default_task_path
-from airflow_provider_llmbatch.outcomes import check_fraction, judge, request_counts
+from airflow_provider_llmbatch.operators.remote_files import delete_files, download, download_input
+from airflow_provider_llmbatch.outcomes import check_fraction, judge, judge_rows, request_counts, row_failures
+from airflow_provider_llmbatch.parquet_out import ResultFormat, check_format, output_columns, pyarrow_modules
 from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL
+from airflow_provider_llmbatch.pricing import PriceTable, resolve_prices
 from airflow_provider_llmbatch.resubmit import retryable_ids, write_round
 from airflow_provider_llmbatch.results import BatchFiles, JoinReport, join_results
+from airflow_provider_llmbatch.schema import OutputSchema
+from airflow_provider_llmbatch.typed_output import UNTYPED_KINDS
+from airflow_provider_llmbatch.usage import job_model, log_landing, log_usage
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -50,16 +55,17 @@ XCOM_RESULT_URI = "result_uri"
 
 class FetchBatchResultsOperator(BaseOperator):
     """
-    Download a finished batch's output and error files and land one results JSONL, one row per request.
+    Download a finished batch's output and error files and land one results file, one row per request.
 
     Rows follow the request file's order: ``{"custom_id", "status", "response", "error", "usage"}`` with
-    ``status`` one of ``succeeded``, ``failed``, ``expired``, ``cancelled``, ``missing``. Expired and
+    ``status`` one of ``succeeded``, ``failed``, ``expired``, ``cancelled``, ``missing`` (and ``output``,
+    and status ``invalid_output``, with an ``output_schema``). Expired and
     cancelled batches are landed too. The file is written under a temporary name and moved into place.
-    Returns a small manifest (``batch_id``, ``status``, ``result_uri``, ``counts``, ``usage``,
-    ``anomalies``) and emits an event of the task's results asset (one asset per task, see
-    :func:`~airflow_provider_llmbatch.assets.results_asset`) whose extra carries ``result_uri`` and the
-    manifest's summary. With OpenLineage installed and configured, it reports the request file and the
-    results file as datasets and the batches as a run facet.
+    Returns a small manifest (``batch_id``, ``status``, ``result_uri``, ``counts``, ``usage`` in total
+    and per batch, ``cost``, ``anomalies``) and emits an event of the task's results asset (one asset
+    per task, see :func:`~airflow_provider_llmbatch.assets.results_asset`) whose extra carries
+    ``result_uri`` and the manifest's summary. With OpenLineage installed and configured, it reports the
+    request file and the results file as datasets and the batches as a run facet.
 
     :param batch_id: the vendor's batch id, e.g. ``{{ ti.xcom_pull(task_ids='create', key='batch_id') }}``,
         or the list of a split job's batch ids (its ``batch_ids`` XCom), in input order. (templated)
@@ -68,13 +74,25 @@ class FetchBatchResultsOperator(BaseOperator):
         ``create.output["input_uri"]``. (templated) (default: the batch's input
         file downloaded from the vendor, where the vendor allows it)
     :param destination: the results file (path or URI). (templated)
-        (default: ``$AIRFLOW_HOME/llmbatch-results/<dag>/<run>/<task>.jsonl``)
+        (default: ``$AIRFLOW_HOME/llmbatch-results/<dag>/<run>/<task>.jsonl``, ``.parquet`` for Parquet)
     :param delete_remote_files: delete the batch's input, output and error files at the vendor once the
         results are landed. (default: False)
     :param include_request: add each request's body to its row as ``request``. (default: False)
-    :param max_failed_fraction: the share of failed rows allowed when the batch itself did not report its
-        request counts (the sensor could not judge it; the rows are judged here, as the sensor would
-        have, after they are landed). (default: 0.0)
+    :param max_failed_fraction: the share of failed rows allowed, judged here over the landed rows when
+        the batch itself did not report its request counts (the sensor could not judge it), and with an
+        ``output_schema`` (an invalid output shows only here): every row that did not succeed counts,
+        ``invalid_output`` ones as ``invalid_output_fails`` says. (default: 0.0)
+    :param output_schema: the answer's shape, a JSON Schema dict or a pydantic model class: each
+        succeeded answer is parsed and validated against it and lands as the row's ``output``; one that
+        does not parse or validate lands as ``invalid_output`` with the reason in ``error``. Not for
+        embeddings or image batches. (default: None)
+    :param invalid_output_fails: count ``invalid_output`` rows against ``max_failed_fraction``; they are
+        never resubmitted. (default: True)
+    :param prices: the batch prices per model (see :class:`~airflow_provider_llmbatch.pricing.PriceTable`),
+        a mapping or its JSON text; wins over the connection extra ``prices``. Without either the
+        manifest's ``cost`` says why there is none. (default: None)
+    :param format: ``jsonl``, or ``parquet`` (the ``parquet`` extra): typed columns from
+        ``output_schema``, written in row groups. (default: ``jsonl``)
     :param resubmit_failed: rounds of resubmitting the rows worth it (rate limited, server errors, never
         run because their batch expired or was cancelled); 0 lands the results as they are. (default: 0)
     :param delete_input_file: delete each batch's request file at the vendor once the results are landed
@@ -108,6 +126,10 @@ class FetchBatchResultsOperator(BaseOperator):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         timeout: float | timedelta = waiting.DEFAULT_TIMEOUT,
         results_asset: Asset | None = None,
+        output_schema: Any = None,
+        invalid_output_fails: bool = True,
+        prices: PriceTable | dict[str, Any] | str | None = None,
+        format: ResultFormat = "jsonl",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -131,6 +153,12 @@ class FetchBatchResultsOperator(BaseOperator):
         self.max_failed_fraction = check_fraction(max_failed_fraction)
         self.resubmit_failed = check_count("resubmit_failed", resubmit_failed)
         self.delete_input_file = delete_input_file
+        if output_schema is not None:
+            OutputSchema.of(output_schema)  # checked now (no I/O); kept as given, a class stays a class
+        self.output_schema = output_schema
+        self.invalid_output_fails = bool(invalid_output_fails)
+        self.prices = prices
+        self.format = check_format(format)
         self.deferrable = deferrable
         # A round's batch is waited for, not judged: whatever it ran replaces the rows it ran.
         self.round_wait = waiting.WaitSettings.checked(
@@ -178,6 +206,25 @@ class FetchBatchResultsOperator(BaseOperator):
             raise LLMBatchError("the rounds of this fetch were lost across the deferral")
         return self._fetch(context, BatchHook(self._required("conn_id")), rounds)
 
+    def _schema(self) -> OutputSchema | None:
+        return None if self.output_schema is None else OutputSchema.of(self.output_schema)
+
+    def _check_typed(self, hook: BatchHook, batches: list[list[Batch]]) -> OutputSchema | None:
+        """Check the output schema and the format against the batches before anything is downloaded."""
+        schema = self._schema()
+        if self.format == "parquet":
+            pa, _ = pyarrow_modules()
+            if schema is not None:
+                output_columns(pa, schema)
+        for batch in (b for r in batches for b in r):
+            endpoint = hook.vendor.endpoint(batch.endpoint or "")
+            if schema is not None and endpoint is not None and endpoint.kind in UNTYPED_KINDS:
+                raise InvalidInputError(
+                    f"output_schema: batch {batch.id} ran {endpoint.path}, whose responses have no answer "
+                    "text to validate; drop output_schema for embeddings and image batches"
+                )
+        return schema
+
     def _fetch(self, context: Context, hook: BatchHook, rounds: list[list[str]]) -> dict[str, Any]:
         """Land the results of every round so far; resubmit another round when it is worth it."""
         batches = [[hook.get_batch(batch_id) for batch_id in ids] for ids in rounds]
@@ -187,15 +234,17 @@ class FetchBatchResultsOperator(BaseOperator):
             raise LLMBatchError(
                 f"{what} not ended; fetch the results once it has ended (wait with BatchSensor)"
             )
-        destination = self._rendered("destination") or default_task_path("llmbatch-results", context)
+        schema = self._check_typed(hook, batches)
+        destination = self._rendered("destination") or _default_destination(context, self.format)
         parts = batches[0]
         with tempfile.TemporaryDirectory(prefix="llmbatch-results-") as tmp:
-            input_file = self._rendered("input_file") or self._download_input(hook, parts[0], Path(tmp))
+            input_file = self._rendered("input_file") or download_input(hook, parts[0], Path(tmp))
+            model = job_model(input_file)
             files = [
                 BatchFiles(
                     batch.status,
-                    self._download(hook, batch.output_file_id, Path(tmp) / f"{n}-{i}.out.jsonl"),
-                    self._download(hook, batch.error_file_id, Path(tmp) / f"{n}-{i}.err.jsonl"),
+                    download(hook, batch.output_file_id, Path(tmp) / f"{n}-{i}.out.jsonl", self.log),
+                    download(hook, batch.error_file_id, Path(tmp) / f"{n}-{i}.err.jsonl", self.log),
                     requests=batch.request_counts.total if n == 0 and len(parts) > 1 else None,
                     round=n,
                     sent=_round_file(destination, n) if n else None,
@@ -204,20 +253,25 @@ class FetchBatchResultsOperator(BaseOperator):
                 for i, batch in enumerate(round_batches)
             ]
             report = join_results(
-                input_file, destination, batches=files, include_request=self.include_request
+                input_file,
+                destination,
+                batches=files,
+                include_request=self.include_request,
+                output_schema=schema,
+                format=self.format,
             )
-        self._log_report(", ".join(b.id for r in batches for b in r), report)
+        log_landing(self.log, ", ".join(b.id for r in batches for b in r), report)
         if len(rounds) <= self.resubmit_failed:
             again = self._resubmit(context, hook, input_file, destination, len(rounds))
             if again is not None:
                 return self._wait_round(context, hook, [*rounds, [again]])
-        return self._land(context, hook, batches, report, input_file)
+        return self._land(context, hook, batches, report, input_file, model)
 
     def _resubmit(
         self, context: Context, hook: BatchHook, input_file: str, destination: str, number: int
     ) -> str | None:
         """Create round ``number``'s batch of the rows worth resubmitting, or re-attach; None if none."""
-        ids = set(retryable_ids(destination, hook.vendor))
+        ids = set(retryable_ids(destination, hook.vendor, self.format))
         if not ids:
             return None
         path = _round_file(destination, number)
@@ -259,84 +313,43 @@ class FetchBatchResultsOperator(BaseOperator):
         batches: list[list[Batch]],
         report: JoinReport,
         input_file: str,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Announce the landed file, judge rows the batches did not count, tidy up; return the manifest."""
         parts = batches[0]
         if not report.reconciled:  # pragma: no cover - join_results writes one row per request by design
             raise LLMBatchError(f"Results do not reconcile: {report.counts}")
-        manifest = build_manifest(batches, report, input_file)
+        extra = None if self.prices else hook.get_connection(hook.conn_id).extra_dejson
+        prices = resolve_prices(self.prices, extra)
+        manifest = build_manifest(
+            batches, report, input_file, prices=prices, model=model, result_format=self.format
+        )
+        log_usage(self.log, manifest)
         ti = context.get("ti")
         if ti is not None:
             ti.xcom_push(key=XCOM_RESULT_URI, value=report.result_uri)
         self._announce(context, hook, manifest, parts[0])
         for batch in (b for r in batches for b in r):
             if self.delete_remote_files:
-                self._delete_remote_files(hook, batch)
+                delete_files(hook, [batch.output_file_id, batch.error_file_id, batch.input_file_id], self.log)
             elif self.delete_input_file:
-                self._delete_files(hook, [batch.input_file_id])
+                delete_files(hook, [batch.input_file_id], self.log)
         if any(request_counts(b.summary()) is None for b in parts):
             # The batches did not say how many requests failed: the landed rows do, judged like the sensor.
-            total, ok = report.counts.get("total", 0), report.counts.get("succeeded", 0)
-            counts = {"total": total, "completed": ok, "failed": total - ok}
+            failed, total = row_failures(report.counts, invalid_output_fails=self.invalid_output_fails)
+            counts = {"total": total, "completed": total - failed, "failed": failed}
             judge(
                 {**parts[0].summary(), "request_counts": counts}, max_failed_fraction=self.max_failed_fraction
             )
-        return manifest
-
-    def _download_input(self, hook: BatchHook, batch: Batch, tmp: Path) -> str:
-        spec = hook.vendor
-        if not batch.input_file_id:
-            raise InvalidInputError(f"Batch {batch.id} names no input file; pass input_file=")
-        if not spec.input_content_downloadable:
-            raise InvalidInputError(
-                f"{spec.display_name} does not serve the content of request files, so the results of "
-                f"batch {batch.id} cannot be joined without them; pass input_file= (for example "
-                "\"{{ ti.xcom_pull(task_ids='<create task>')['input_uri'] }}\")"
+        elif self.output_schema is not None:
+            # Invalid outputs show only here: the landed rows are judged, not the vendor's counts.
+            judge_rows(
+                report.counts,
+                batch_id=parts[0].id,
+                max_failed_fraction=self.max_failed_fraction,
+                invalid_output_fails=self.invalid_output_fails,
             )
-        path = tmp / "input.jsonl"
-        try:
-            hook.download_file(batch.input_file_id, path)
-        except NotFoundError as exc:
-            raise InvalidInputError(
-                f"The request file {batch.input_file_id} of batch {batch.id} is gone at the vendor "
-                f"(some vendors delete it after the batch); pass input_file=. ({exc})"
-            ) from exc
-        return str(path)
-
-    def _download(self, hook: BatchHook, file_id: str | None, path: Path) -> Path | None:
-        if not file_id:
-            return None
-        expected: int | None = None
-        try:
-            # The listed size lets the download refuse a garbled body that would land as the file.
-            expected = hook.get_file(file_id).bytes
-        except VendorAPIError as exc:
-            self.log.warning("Could not read the size of %s (%s); downloading unchecked", file_id, exc)
-        size = hook.download_file(file_id, path, expected_bytes=expected)
-        self.log.info("Downloaded %s (%d bytes)", file_id, size)
-        return path
-
-    def _log_report(self, batch_id: str, report: JoinReport) -> None:
-        counts, usage = report.counts, report.usage
-        self.log.info(
-            "Landed %d rows of batch %s at %s: %s; tokens %d prompt + %d completion = %d",
-            counts.get("total", 0),
-            batch_id,
-            report.result_uri,
-            ", ".join(f"{k} {v}" for k, v in counts.items() if k != "total" and v),
-            usage.get("prompt_tokens", 0),
-            usage.get("completion_tokens", 0),
-            usage.get("total_tokens", 0),
-        )
-        for kind, count in report.anomalies.items():
-            if count:
-                self.log.warning(
-                    "Vendor files of batch %s: %d %s (e.g. %s)",
-                    batch_id,
-                    count,
-                    kind.replace("_", " "),
-                    ", ".join(report.samples.get(kind, [])),
-                )
+        return manifest
 
     def _announce(self, context: Context, hook: BatchHook, manifest: dict[str, Any], first: Batch) -> None:
         """Emit the results asset's event; keep what lineage reports once the task has succeeded."""
@@ -354,22 +367,6 @@ class FetchBatchResultsOperator(BaseOperator):
         """Report the request file, the landed results file and the batches (None without OpenLineage)."""
         return None if self._lineage is None else lineage.operator_lineage(self._lineage)
 
-    def _delete_remote_files(self, hook: BatchHook, batch: Batch) -> None:
-        self._delete_files(hook, [batch.output_file_id, batch.error_file_id, batch.input_file_id])
-
-    def _delete_files(self, hook: BatchHook, file_ids: list[str | None]) -> None:
-        for file_id in file_ids:
-            if not file_id:
-                continue
-            try:
-                hook.delete_file(file_id)
-                self.log.info("Deleted remote file %s", file_id)
-            except NotFoundError:
-                self.log.info("Remote file %s was already gone", file_id)
-            except VendorAPIError as exc:
-                # The results are landed; a leftover remote file is not worth failing (and re-running) for.
-                self.log.warning("Could not delete remote file %s: %s", file_id, exc)
-
 
 XCOM_ROUNDS = "resubmission_rounds"
 """The XCom key of the batch ids of each round, pushed before a round is waited for."""
@@ -377,8 +374,13 @@ XCOM_ROUNDS = "resubmission_rounds"
 
 def _round_file(destination: str, number: int) -> str:
     """Return where round ``number``'s request file is kept: beside the results file."""
-    stem = destination.removesuffix(".jsonl")
+    stem = destination.removesuffix(".jsonl").removesuffix(".parquet")
     return f"{stem}.round-{number}.requests.jsonl"
+
+
+def _default_destination(context: Context, format: ResultFormat) -> str:
+    """Return ``$AIRFLOW_HOME/llmbatch-results/<dag>/<run>/<task>.<jsonl|parquet>``."""
+    return default_task_path("llmbatch-results", context).removesuffix(".jsonl") + f".{format}"
 
 
 def _pulled(context: Context, key: str) -> Any:

@@ -17,7 +17,8 @@ def instant_server() -> Iterator[Emulator]:
     config = EmulatorConfig(
         time_scale=0.0,
         fail_custom_id_pattern=FAIL_PATTERN,
-        replies=((rf"^{JSON_PROMPT}", JSON_ANSWER),),
+        # A JSON request no reply matches would get JSON built from its schema: "not json" stays prose.
+        replies=((rf"^{JSON_PROMPT}", JSON_ANSWER), (r"^not json", "echo: not json")),
     )
     with Emulator(config) as emulator:
         yield emulator

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from aikit import JSON_PROMPT
@@ -25,9 +26,7 @@ from pydantic import BaseModel
 from airflow_provider_llmbatch.common_ai import ADAPTERS, VendorBatchAdapter, model_prefix
 from airflow_provider_llmbatch.common_ai.adapter import orphan_key
 from airflow_provider_llmbatch.common_ai.request_lines import (
-    SCHEMA_INSTRUCTION,
     chat_endpoint,
-    structured_mode,
 )
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.emulator.faults import FaultRule
@@ -35,6 +34,7 @@ from airflow_provider_llmbatch.exceptions import AuthenticationError, NotFoundEr
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.hooks.uploads import upload_name
 from airflow_provider_llmbatch.operators.reattach import KEY_METADATA
+from airflow_provider_llmbatch.schema import OutputSchema, schema_name
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 pytestmark = pytest.mark.integration
@@ -258,26 +258,33 @@ def test_submit_uploads_the_lines_and_tags_the_batch(
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_structured_output_is_asked_for_as_the_vendor_documents(
+def test_structured_output_is_asked_for_as_the_registry_says(
     vendor: str, adapter_on: AdapterOn, instant: Emulator
 ) -> None:
     adapter = adapter_on(vendor)
+    structured = REGISTRY[vendor].structured_output
+    assert structured is not None
     directive = adapter.build_output_directive(STRUCTURED)
     assert adapter.build_output_directive(PLAIN) == {}
-    assert directive["response_format"]["type"] == structured_mode(REGISTRY[vendor])
+    assert directive["response_format"]["type"] == structured.request_type
     _submit(adapter, ["hello"], output_spec=STRUCTURED, system_prompt="triage")
     [uploaded] = instant.files(vendor)
     [line] = _uploaded_lines(instant, vendor, uploaded["id"])
     body = line["body"]
     assert body["response_format"] == directive["response_format"]  # type: ignore[index]
-    system = body["messages"][0]["content"]  # type: ignore[index]
-    instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(STRUCTURED.json_schema, ensure_ascii=False))
-    if structured_mode(REGISTRY[vendor]) == "json_object":
+    # What the provider's own operators send for the same schema and prompt: one decision, in the registry.
+    expected: dict[str, Any] = {"messages": [{"role": "system", "content": "triage"}]}
+    schema = OutputSchema.of(STRUCTURED.json_schema)
+    named = dataclasses.replace(schema, name=schema_name(STRUCTURED.schema_name), strict=False)
+    structured.apply(expected, named)
+    assert body["messages"][0] == expected["messages"][0]  # type: ignore[index]
+    assert body["response_format"] == expected["response_format"]  # type: ignore[index]
+    if structured.request_type == "json_object":
         # JSON mode enforces no schema: the model is told it, after the user's own system prompt.
-        assert system == f"triage\n\n{instruction}"
+        assert body["messages"][0]["content"].startswith("triage\n\n")  # type: ignore[index]
     else:
         assert directive["response_format"]["json_schema"]["schema"] == STRUCTURED.json_schema
-        assert system == "triage"
+        assert directive["response_format"]["json_schema"]["strict"] is False
 
 
 def test_a_window_the_vendor_refuses_is_refused_before_the_upload(

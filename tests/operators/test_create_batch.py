@@ -388,6 +388,7 @@ def test_template_fields_cover_user_arguments() -> None:
         "metadata",
         "vendor_options",
         "request_file_destination",
+        "prices",
     }
     assert _op(input_file="x").deferrable is conf.getboolean(
         "operators", "default_deferrable", fallback=False
