@@ -90,7 +90,7 @@ class FetchBatchResultsOperator(BaseOperator):
         never resubmitted. (default: True)
     :param prices: the batch prices per model (see :class:`~airflow_provider_llmbatch.pricing.PriceTable`),
         a mapping or its JSON text; wins over the connection extra ``prices``. Without either the
-        manifest's ``cost`` says why there is none. (default: None)
+        manifest's ``cost`` says why there is none. (templated; default: None)
     :param format: ``jsonl``, or ``parquet`` (the ``parquet`` extra): typed columns from
         ``output_schema``, written in row groups. (default: ``jsonl``)
     :param resubmit_failed: rounds of resubmitting the rows worth it (rate limited, server errors, never
@@ -106,7 +106,7 @@ class FetchBatchResultsOperator(BaseOperator):
         (default: ``llmbatch-results/<dag id>/<task id>``; none for a task made outside a DAG)
     """
 
-    template_fields: Sequence[str] = ("batch_id", "conn_id", "input_file", "destination")
+    template_fields: Sequence[str] = ("batch_id", "conn_id", "input_file", "destination", "prices")
     operator_extra_links = (BatchConsoleLink(),)
     ui_color = "#eef8e8"
 

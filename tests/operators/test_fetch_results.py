@@ -234,6 +234,7 @@ def test_outlets_keep_user_assets_and_add_the_results_asset() -> None:
         "conn_id",
         "input_file",
         "destination",
+        "prices",
     }
 
 

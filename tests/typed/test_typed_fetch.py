@@ -147,6 +147,20 @@ def test_cost_from_the_connection_extra(connect: Any, tmp_path: Path) -> None:
     assert manifest["cost"]["total"] > 0
 
 
+def test_prices_are_templated(connect: Any, tmp_path: Path) -> None:
+    emu = connect("zhipu")
+    batch_id, path = _create(emu, tmp_path, "zhipu")
+    fetch = _fetch(batch_id, path, tmp_path, prices="{{ params.prices }}", max_failed_fraction=1.0)
+    context = make_context(FakeTI())
+    context["params"] = {"prices": json.dumps(PRICES)}  # as a JSON Variable renders
+
+    fetch.render_template_fields(context)
+    manifest = fetch.execute(context)
+
+    assert (manifest["cost"]["currency"], manifest["cost"]["reason"]) == ("CNY", None)
+    assert manifest["cost"]["total"] > 0
+
+
 @pytest.mark.parametrize(
     ("prices", "reason"),
     [
