@@ -195,9 +195,9 @@ class Budget:
             isinstance(max_cost, bool)
             or not isinstance(max_cost, int | float)
             or not math.isfinite(max_cost)
-            or max_cost < 0
+            or max_cost <= 0
         ):
-            raise InvalidInputError(f"max_cost must be a finite number >= 0, got {max_cost!r}")
+            raise InvalidInputError(f"max_cost must be a finite number > 0, got {max_cost!r}")
         return cls(max_input_tokens, None if max_cost is None else float(max_cost))
 
     @property

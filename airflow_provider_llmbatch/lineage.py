@@ -29,19 +29,25 @@ RUN_FACET = "llmbatch"
 _SCHEMES = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}
 """Object storage schemes OpenLineage names otherwise (its S3 and GCS conventions)."""
 
+_CONTAINER_SCHEMES = frozenset({"abfs", "abfss", "wasb", "wasbs"})
+"""Azure schemes whose ``container@account`` names the container: part of the namespace, not a login."""
+
 
 def dataset_name(location: str | os.PathLike[str]) -> tuple[str, str]:
     """
     Return the OpenLineage ``(namespace, name)`` of a file: a local path or a URI.
 
-    User info in a URI (``s3://key:secret@bucket``) is dropped: a name is never a secret.
+    User info in a URI (``s3://key:secret@bucket``) is dropped: a name is never a secret. An Azure
+    container (``abfss://container@account.dfs.core.windows.net``) is kept, as OpenLineage names it.
     """
     text = os.fspath(location)
     if "://" not in text:
         return "file", os.path.abspath(text)
     parts = urlsplit(text)
     scheme = _SCHEMES.get(parts.scheme.lower(), parts.scheme.lower())
-    host = parts.netloc.rpartition("@")[2]
+    login, at, host = parts.netloc.rpartition("@")
+    if at and scheme in _CONTAINER_SCHEMES and login and ":" not in login:
+        host = f"{login}@{host}"
     if scheme == "file":
         return ("file" if host in ("", "localhost") else f"file://{host}"), parts.path or "/"
     return (f"{scheme}://{host}" if host else scheme), parts.path.lstrip("/") or "/"

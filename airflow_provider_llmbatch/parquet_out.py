@@ -17,7 +17,10 @@ int64, ``number`` -> float64, ``boolean`` -> bool, an ``enum`` of strings -> dic
 nullable type (``anyOf`` with ``null``, or ``type: [T, "null"]``) -> T, an object with ``properties`` ->
 struct, an object whose only schema is ``additionalProperties`` -> map(string, T), an array -> list(T).
 ``$ref`` is followed (pydantic's ``$defs``). Anything else (a union of several types, a free-form object,
-a recursive model) is kept as JSON text, so no answer is ever lost to the mapping.
+a recursive model) is kept as JSON text, so no answer is ever lost to the mapping; the one exception is
+an integer outside int64 (or a number outside float64), which Arrow cannot hold: that cell is null (the
+JSONL results keep it). A pydantic model's columns follow what lands as ``output``: its serialization
+schema, keys by alias.
 
 Memory stays flat: :class:`ParquetSink` buffers at most ``row_group_rows`` rows (and about
 ``row_group_bytes`` of their JSON) before it writes them out as one row group. pyarrow comes with the
@@ -91,9 +94,23 @@ def _json_text(value: Any) -> Any:
     return None if value is None else codec.dumps(value).decode("utf-8")
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
 def _int(value: Any) -> Any:
-    # JSON Schema counts 1.0 as an integer; Arrow's int64 does not take a float.
-    return int(value) if isinstance(value, float) else value
+    # JSON Schema counts 1.0 as an integer; Arrow's int64 does not take a float, nor a larger integer.
+    value = int(value) if isinstance(value, float) else value
+    return value if value in _INT64 else None
+
+
+def _float(value: Any) -> Any:
+    # Arrow's float64 takes a Python int only within int64; a larger one is converted here.
+    if isinstance(value, int) and value not in _INT64:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return value
 
 
 class _Mapper:
@@ -135,7 +152,7 @@ class _Mapper:
             if values and all(isinstance(v, str) for v in values):
                 return pa.dictionary(pa.int32(), pa.string()), None
             if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                return pa.int64(), None
+                return pa.int64(), _int
             return self.text()
         kind = node.get("type")
         if isinstance(kind, list):
@@ -144,7 +161,7 @@ class _Mapper:
         simple = {
             "string": (pa.string(), None),
             "integer": (pa.int64(), _int),
-            "number": (pa.float64(), None),
+            "number": (pa.float64(), _float),
         }
         if kind in simple:
             return simple[kind]
@@ -204,8 +221,10 @@ def output_columns(pa: Any, schema: OutputSchema) -> tuple[list[tuple[str, Any, 
 
     :raises InvalidInputError: when a field is named like a column every results file has.
     """
-    mapper = _Mapper(pa, schema.json_schema)
-    root, seen = mapper.resolve(schema.json_schema, ())
+    # The schema of the landed values: a pydantic model's serialization schema (keys by alias).
+    json_schema = schema.output_json_schema()
+    mapper = _Mapper(pa, json_schema)
+    root, seen = mapper.resolve(json_schema, ())
     props = root.get("properties") if isinstance(root, Mapping) else None
     if not isinstance(props, Mapping) or not props:
         return [("output", *mapper.map(root, seen))], False

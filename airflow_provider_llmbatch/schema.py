@@ -119,7 +119,8 @@ class OutputSchema:
         """Return ``(value ready for JSON, None)`` if ``value`` matches the schema, else ``(None, error)``."""
         if self.model is not None:
             try:
-                return self.model.model_validate(value).model_dump(mode="json"), None
+                # By alias: the output has the keys of the schema the vendor was sent (and Parquet columns).
+                return self.model.model_validate(value).model_dump(mode="json", by_alias=True), None
             except ValidationError as err:
                 errors = err.errors(include_url=False, include_input=False)
                 first = errors[0]
@@ -136,9 +137,10 @@ class OutputSchema:
         """
         Return the answer ``text`` decoded and validated: ``(value, None)`` or ``(None, error)``.
 
-        A Markdown code fence around the JSON (```` ```json ... ``` ````) is removed first.
+        A byte order mark and a Markdown code fence around the JSON (```` ```json ... ``` ````) are removed
+        first.
         """
-        stripped = text.strip()
+        stripped = text.strip().lstrip("\ufeff").strip()
         fenced = _FENCE.match(stripped)
         if fenced:
             stripped = fenced.group(1).strip()
@@ -151,6 +153,17 @@ class OutputSchema:
             )
             return None, f"the answer is not JSON: {reason}{where}"
         return self.validate(value)
+
+    def output_json_schema(self) -> dict[str, Any]:
+        """
+        Return the JSON Schema of the values :meth:`validate` returns (what lands as ``output``).
+
+        For a pydantic model it is the serialization schema (keys by alias, types as dumped to JSON);
+        for a dict schema it is the schema itself.
+        """
+        if self.model is not None:
+            return self.model.model_json_schema(mode="serialization")
+        return self.json_schema
 
     def prompt_text(self) -> str:
         """Return the schema as compact JSON text, for vendors that take it in the system prompt."""

@@ -172,8 +172,8 @@ class ListSpec:
     :param params: the query parameters it accepts, pagination included.
     :param max_limit: the largest ``limit`` accepted (``None``: no ``limit`` parameter).
     :param time_params: the filters that take a point in time.
-    :param time_format: how those are written (``strftime``); every field zero-padded, so a value of
-        another length is refused.
+    :param time_format: how those are written (``strftime``); text is accepted only as the format writes
+        it (every field zero-padded, no spaces).
     :param time_zone: the UTC offset, in hours, those are read in.
     """
 
@@ -198,8 +198,8 @@ class ListSpec:
             parsed = datetime.strptime(value, self.time_format)
         except ValueError:
             return None
-        # strptime takes "1" for "01": the length pins the zero-padded form down.
-        if len(value) != len(self.time_example()):
+        # strptime also takes "1" and " 1" for "01": only the text the format writes back is the vendor's.
+        if parsed.strftime(self.time_format) != value:
             return None
         return parsed.replace(tzinfo=self.tzinfo)
 

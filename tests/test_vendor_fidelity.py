@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -107,7 +108,16 @@ def test_a_naive_datetime_is_refused_naming_the_zone() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["2026-01-31 08:00:00", "2026013108000", "202601310800005", "2026131080000"]
+    "value",
+    # strptime reads " 1" and "1" as "01": text of the right length is still not the vendor's format.
+    [
+        "2026-01-31 08:00:00",
+        "2026013108000",
+        "202601310800005",
+        "2026131080000",
+        "202601 1080000",
+        "２０２６０１３１０８００００",
+    ],
 )
 def test_a_bad_time_text_is_refused_before_any_request(
     fixed_emulator: Emulator, hook_for: Callable[[Emulator, str], BatchHook], value: str
@@ -119,6 +129,33 @@ def test_a_bad_time_text_is_refused_before_any_request(
         list(hook.list_files(create_before=value))
     assert _list_requests(fixed_emulator, "dashscope") == 0
     assert _list_requests(fixed_emulator, "dashscope", "files") == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        # 01:30 happens twice in New York on 1 November 2026: EDT (fold 0), then EST (fold 1).
+        (datetime(2026, 11, 1, 1, 30, tzinfo=ZoneInfo("America/New_York")), "20261101133000"),
+        (datetime(2026, 11, 1, 1, 30, fold=1, tzinfo=ZoneInfo("America/New_York")), "20261101143000"),
+    ],
+    ids=["edt", "est"],
+)
+def test_a_datetime_in_a_dst_fold_is_sent_as_the_instant_it_names(value: datetime, sent: str) -> None:
+    assert _core(DASHSCOPE).batch_pager(None, {"create_after": value}).params()["create_after"] == sent
+
+
+@pytest.mark.parametrize(
+    "value",
+    [datetime(999, 12, 31, tzinfo=UTC), datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)],
+    ids=["year-999", "max", "min"],
+)
+def test_a_datetime_the_format_cannot_write_is_refused_before_any_request(
+    fixed_emulator: Emulator, hook_for: Callable[[Emulator, str], BatchHook], value: datetime
+) -> None:
+    hook = hook_for(fixed_emulator, "dashscope")
+    with pytest.raises(InvalidInputError, match=r"create_before: expected a time in the years 1000 to 9999"):
+        list(hook.list_batches(create_before=value))
+    assert _list_requests(fixed_emulator, "dashscope") == 0
 
 
 def test_the_emulator_filters_by_creation_time_read_in_beijing(
@@ -143,7 +180,7 @@ def test_the_emulator_filters_by_creation_time_read_in_beijing(
     }
 
 
-@pytest.mark.parametrize("value", ["2027-01-15", "202701150800", "20271315080000", "x"])
+@pytest.mark.parametrize("value", ["2027-01-15", "202701150800", "20271315080000", "x", "202701 1080000"])
 def test_the_emulator_refuses_a_malformed_time_filter_even_on_an_empty_list(
     fixed_emulator: Emulator, value: str
 ) -> None:
@@ -214,6 +251,17 @@ def test_a_file_listing_starts_after_a_cursor(
     listed = [f.id for f in hook.list_files()]
     assert len(listed) == 3
     assert [f.id for f in hook.list_files(after=listed[0])] == listed[1:]
+
+
+@pytest.mark.parametrize("spec", VENDORS, ids=[v.name for v in VENDORS])
+@pytest.mark.parametrize("after", ["", "  ", 7])
+def test_an_empty_or_non_text_cursor_is_refused_before_any_request(
+    fixed_emulator: Emulator, hook_for: Callable[[Emulator, str], BatchHook], spec: VendorSpec, after: Any
+) -> None:
+    hook = hook_for(fixed_emulator, spec.name)
+    with pytest.raises(InvalidInputError, match="after: expected the id of a listed batch"):
+        list(hook.list_batches(after=after))
+    assert _list_requests(fixed_emulator, spec.name) == 0
 
 
 def test_a_cursor_is_refused_where_the_vendor_has_none(

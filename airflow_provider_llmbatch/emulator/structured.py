@@ -27,6 +27,18 @@ from airflow_provider_llmbatch.vendors import VendorSpec
 _JSON_TYPES = frozenset({"json_object", "json_schema"})
 _PROMPT_HEAD = SCHEMA_PROMPT.split("{schema}", 1)[0]
 _DEPTH = 8
+# Strings of a `format` pydantic models use (date, datetime, UUID, ...): a value the format takes.
+_FORMATS = {
+    "date": "2026-01-02",
+    "date-time": "2026-01-02T03:04:05Z",
+    "time": "03:04:05",
+    "duration": "P1D",
+    "email": "reviewer@example.com",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+    "uri": "https://example.com/",
+    "ipv4": "192.0.2.1",
+    "ipv6": "2001:db8::1",
+}
 NOT_JSON_ANSWER = "Sorry, I can only answer this in prose: the review reads as mixed."
 """The invalid answer that is not JSON."""
 
@@ -114,13 +126,19 @@ def example(schema: Any, root: Mapping[str, Any], seed: str, depth: int = 0) -> 
     if kind in ("integer", "number"):
         low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
         high = schema.get("maximum", schema.get("exclusiveMaximum", low + 100))
+        if kind == "integer" and "minimum" not in schema and "exclusiveMinimum" in schema:
+            low += 1  # an integer above an exclusive minimum
         value = low + _digest(seed) % max(int(high - low), 1)
         return int(value) if kind == "integer" else float(value) + 0.5 * (value < high - 0.5)
     if kind == "boolean":
         return _digest(seed) % 2 == 0
     if kind == "null":
         return None
+    if schema.get("format") in _FORMATS:
+        return _FORMATS[schema["format"]]
     text = f"text-{_digest(seed) % 10_000}"
+    if isinstance(schema.get("minLength"), int):
+        text = text.ljust(schema["minLength"], "x")
     return text[: schema["maxLength"]] if isinstance(schema.get("maxLength"), int) else text
 
 

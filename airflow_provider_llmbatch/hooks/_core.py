@@ -145,6 +145,8 @@ class Core:
                 raise InvalidInputError(
                     f"page_size: {name} lists at most {most} {what}s a page, got {page_size}"
                 )
+        if after is not None and (not isinstance(after, str) or not after.strip()):
+            raise InvalidInputError(f"after: expected the id of a listed {what}, got {after!r}")
         if after is not None and "after" not in spec.params:
             raise InvalidInputError(f"after: the {name} {what} list has no cursor to start from")
         allowed = sorted(spec.params - {"after", "limit"})

@@ -91,7 +91,17 @@ def _time_filter(vendor: VendorSpec, spec: ListSpec, name: str, value: Any) -> s
                 f"{name}: {vendor.display_name} reads it at UTC{spec.time_zone:+g}; give an aware datetime, "
                 f"got a naive one ({value.isoformat()})"
             )
-        return value.astimezone(spec.tzinfo).strftime(spec.time_format)
+        try:
+            text = value.astimezone(spec.tzinfo).strftime(spec.time_format)
+        except (OverflowError, ValueError):  # beyond datetime's range once moved to the vendor's zone
+            text = ""
+        # A year before 1000 is written with fewer digits: text the vendor would refuse is never sent.
+        if spec.parse_time(text) is None:
+            raise InvalidInputError(
+                f"{name}: expected a time in the years 1000 to 9999 at UTC{spec.time_zone:+g} (written like "
+                f"{spec.time_example()}), got {value.isoformat()}"
+            )
+        return text
     if isinstance(value, str):
         if spec.parse_time(value) is None:
             raise InvalidInputError(f"{name}: expected {expected}, got {value!r}")

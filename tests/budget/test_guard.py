@@ -119,6 +119,8 @@ def test_the_estimate_is_made_in_the_split_pass(tmp_path: Path) -> None:
         ({"max_input_tokens": 1.5}, "max_input_tokens"),
         ({"max_input_tokens": True}, "max_input_tokens"),
         ({"max_cost": -1}, "max_cost"),
+        ({"max_cost": 0}, "max_cost"),
+        ({"max_cost": 0.0}, "max_cost"),
         ({"max_cost": float("nan")}, "max_cost"),
         ({"max_cost": "1"}, "max_cost"),
     ],

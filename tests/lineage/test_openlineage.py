@@ -44,6 +44,21 @@ CONN_ID = "llmbatch_lineage"
         ("gcs://bucket/a/b.jsonl", ("gs://bucket", "a/b.jsonl")),
         ("s3://AKIAKEY:s3cr3t@bucket/a.jsonl", ("s3://bucket", "a.jsonl")),
         ("s3://bucket", ("s3://bucket", "/")),
+        ("s3://bucket/dir/a b é.jsonl", ("s3://bucket", "dir/a b é.jsonl")),
+        ("/data/a b/日本.jsonl", ("file", "/data/a b/日本.jsonl")),
+        # An Azure URI's container is no login: it is part of the namespace, as OpenLineage names it.
+        (
+            "abfss://reviews@acct.dfs.core.windows.net/results/a.jsonl",
+            ("abfss://reviews@acct.dfs.core.windows.net", "results/a.jsonl"),
+        ),
+        (
+            "wasbs://reviews@acct.blob.core.windows.net/a.jsonl",
+            ("wasbs://reviews@acct.blob.core.windows.net", "a.jsonl"),
+        ),
+        (
+            "abfs://reviews:s3cr3t@acct.dfs.core.windows.net/a.jsonl",
+            ("abfs://acct.dfs.core.windows.net", "a.jsonl"),
+        ),
     ],
 )
 def test_dataset_names_follow_openlineage_naming(location: str, expected: tuple[str, str]) -> None:

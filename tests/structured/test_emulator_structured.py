@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import date, datetime
 from typing import Any
+from uuid import UUID
 
 import pytest
+from pydantic import BaseModel, Field
 
 from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
 from airflow_provider_llmbatch.emulator.structured import NOT_JSON_ANSWER, json_answer
@@ -129,3 +132,22 @@ def test_plain_requests_are_still_echoed() -> None:
     assert json_answer(body, "badjson-1", invalid=True) is None
     assert json_answer({**body, "response_format": {"type": "text"}}, "a", invalid=False) is None
     assert json_answer({**body, "response_format": {"type": "json_object"}}, "a", invalid=False) == "{}"
+
+
+class Dated(BaseModel):
+    when: date
+    at: datetime
+    id: UUID
+    count: int = Field(gt=0, lt=2)
+    code: str = Field(min_length=12)
+
+
+def test_answers_to_formatted_and_bounded_fields_are_valid(
+    emu: Emulator, spec: VendorSpec, tmp_path: Any
+) -> None:
+    ids = [f"ok-{i}" for i in range(6)]
+    batch, client = _run(emu, spec, _built(spec, tmp_path, ids, Dated))
+    schema = OutputSchema.of(Dated)
+    problems = {cid: schema.parse(text)[1] for cid, text in _answers(client, batch).items()}
+    assert problems == dict.fromkeys(ids)
+    client.close()

@@ -4,7 +4,7 @@ import json
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.schema import OutputSchema
@@ -122,3 +122,29 @@ def test_an_operator_refuses_a_wrong_schema_when_the_dag_is_parsed() -> None:
 
     with pytest.raises(InvalidInputError, match="output_schema"):
         CreateBatchOperator(task_id="create", requests=[], model="m", output_schema=["label"])
+
+
+@pytest.mark.parametrize("schema", [Review, REVIEW_DICT], ids=["pydantic", "dict"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '\ufeff{"label": "positive", "score": 4}',
+        ' \ufeff```json\n{"label": "positive", "score": 4}\n```\n',
+    ],
+    ids=["bom", "bom-fence"],
+)
+def test_a_byte_order_mark_before_the_answer_is_dropped(schema: Any, text: str) -> None:
+    if schema is Review:
+        text = text.replace("4}", '4, "topics": []}', 1)
+    value, problem = OutputSchema.of(schema).parse(text)
+    assert problem is None
+    assert value["label"] == "positive"
+
+
+def test_a_pydantic_output_has_the_keys_of_the_schema_sent() -> None:
+    class Aliased(BaseModel):
+        label: str = Field(alias="Label")
+
+    schema = OutputSchema.of(Aliased)
+    assert list(schema.json_schema["properties"]) == ["Label"]
+    assert schema.parse('{"Label": "x"}') == ({"Label": "x"}, None)

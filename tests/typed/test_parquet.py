@@ -6,14 +6,15 @@ import io
 import json
 import math
 import sys
-from datetime import datetime
+from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
@@ -294,3 +295,53 @@ def test_structured_requests_land_as_parquet(connect: Any, tmp_path: Path, vendo
     assert manifest["format"] == "parquet"
     assert manifest["counts"]["invalid_output"] == 2
     assert manifest["counts"]["total"] == 6
+
+
+class Aliased(BaseModel):
+    label: str = Field(alias="Label")
+    größe: int = Field(alias="Größe")
+    when: date
+    price: Decimal
+
+
+def test_aliased_fields_land_in_their_columns(tmp_path: Path) -> None:
+    answer = {"Label": "good", "Größe": 3, "when": "2026-01-02", "price": "1.50"}
+    requests, output = _files(tmp_path, {"a": json.dumps(answer, ensure_ascii=False)})
+    destination = tmp_path / "results.parquet"
+
+    join_results(
+        requests, destination, output_file=output, output_schema=OutputSchema.of(Aliased), format="parquet"
+    )
+
+    schema = pq.read_schema(destination)
+    assert schema.names[3:7] == ["Label", "Größe", "when", "price"]
+    assert schema.field("price").type == pa.string()
+    (row,) = pq.read_table(destination).to_pylist()
+    assert (row["Label"], row["Größe"], row["when"], row["price"]) == ("good", 3, "2026-01-02", "1.50")
+
+
+def test_numbers_arrow_cannot_hold_are_null_not_a_failed_landing(tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "f": {"type": "number"},
+            "e": {"enum": [1, 2**70]},
+            "ns": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+    answers = {
+        "big": json.dumps({"n": 2**70, "f": 2**70, "e": 2**70, "ns": [1, 2**64]}),
+        "huge": json.dumps({"n": 1, "f": 10**400, "e": 1, "ns": []}),
+    }
+    requests, output = _files(tmp_path, answers)
+    destination = tmp_path / "results.parquet"
+
+    report = join_results(
+        requests, destination, output_file=output, output_schema=OutputSchema.of(schema), format="parquet"
+    )
+
+    big, huge = pq.read_table(destination).to_pylist()
+    assert report.counts["succeeded"] == 2
+    assert (big["n"], big["f"], big["e"], big["ns"]) == (None, float(2**70), None, [1, None])
+    assert (huge["n"], huge["f"], huge["e"]) == (1, None, 1)
