@@ -8,8 +8,10 @@ read of the file, and it is judged before anything is uploaded.
 **How input tokens are estimated.** Over the texts a request sends the model: each message's ``content``
 (a string, or the ``text`` of its parts), ``input`` and ``prompt`` (embeddings and completions), and the
 JSON text of a ``response_format`` (a JSON Schema is sent too). In each text, a CJK character (Chinese,
-Japanese kana, Korean, full-width forms) counts as one token, and every other character as a quarter of
-one, rounded up per text; each message adds :data:`MESSAGE_OVERHEAD` tokens and each request
+Japanese kana, Korean, full-width forms: three UTF-8 bytes) counts as one token, an ASCII character as a
+quarter of one, a two-byte letter (Cyrillic, Greek, accented Latin) as five eighths, rounded up per text
+(:func:`text_tokens`: ``ceil((3 * bytes - characters) / 8)``, computed from the text's UTF-8 length);
+each message adds :data:`MESSAGE_OVERHEAD` tokens and each request
 :data:`REQUEST_OVERHEAD` (the chat template's role markers). It is a rule of thumb, not a tokenizer: no
 vendor's tokenizer is bundled, and English prose usually comes out a little high (which errs on the side
 of the budget).
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +43,6 @@ CHARS_PER_TOKEN = 4
 """Characters per token outside CJK text."""
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-# CJK ideographs, kana, Hangul, their punctuation and full-width forms: about a token per character.
-_CJK = re.compile(
-    "[\u1100-\u11ff\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
-    "\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f]"
-)
 
 
 class _Body(msgspec.Struct):
@@ -68,11 +63,17 @@ _decode_line = msgspec.json.Decoder(_Line).decode
 
 
 def text_tokens(text: str) -> int:
-    """Return the estimated tokens of one text: one per CJK character, a quarter per other character."""
+    """
+    Return the estimated tokens of one text: ``ceil((3 * B - N) / 8)`` for N characters in B UTF-8 bytes.
+
+    That is a quarter of a token per ASCII character and one per CJK character (Chinese, kana, Hangul:
+    three bytes each), a little over half a token per two-byte letter (Cyrillic, Greek, accented Latin);
+    measured in C (the text's UTF-8 length), not character by character.
+    """
     if not text:
         return 0
-    cjk = 0 if text.isascii() else _CJK.subn("", text)[1]
-    return cjk + math.ceil((len(text) - cjk) / CHARS_PER_TOKEN)
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    return -(-(3 * size - len(text)) // 8)
 
 
 def _content_tokens(content: Any) -> int:

@@ -45,6 +45,10 @@ PRICES = {
         ("안녕", 2),
         ("你好 ok", 2 + 1),  # two CJK + ceil(3 / 4)
         ("ＡＢ", 2),  # full-width forms count as CJK
+        ("привет", 4),  # two-byte letters: 6 of them in 12 bytes -> ceil(30 / 8)
+        ("👍", 2),  # four bytes, one character -> ceil(11 / 8)
+        ("“ok”", 3),  # curly quotes are three bytes: 4 characters in 8 bytes -> ceil(20 / 8)
+        ("\ud800", 1),  # a lone surrogate (JSON can carry one) is measured, not an error
     ],
 )
 def test_text_tokens_rule(text: str, tokens: int) -> None:
