@@ -54,6 +54,16 @@ def _location(path: Any) -> str:
     return ".".join(str(p) for p in path) or "(root)"
 
 
+def unwrap_answer(text: str) -> str:
+    """
+    Return a model's JSON answer without what models put around it: whitespace, a byte order mark and a
+    Markdown code fence (```` ```json ... ``` ````); any other text comes back stripped.
+    """
+    stripped = text.strip().lstrip("\ufeff").strip()
+    fenced = _FENCE.match(stripped)
+    return fenced.group(1).strip() if fenced else stripped
+
+
 @dataclass(frozen=True, eq=False)
 class OutputSchema:
     """
@@ -140,12 +150,8 @@ class OutputSchema:
         A byte order mark and a Markdown code fence around the JSON (```` ```json ... ``` ````) are removed
         first.
         """
-        stripped = text.strip().lstrip("\ufeff").strip()
-        fenced = _FENCE.match(stripped)
-        if fenced:
-            stripped = fenced.group(1).strip()
         try:
-            value = json.loads(stripped)
+            value = json.loads(unwrap_answer(text))
         except ValueError as err:
             reason = err.msg if isinstance(err, json.JSONDecodeError) else "not JSON"
             where = (

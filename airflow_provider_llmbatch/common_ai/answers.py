@@ -8,7 +8,6 @@ this module only says what each line means in common-ai's terms.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,8 @@ from airflow.providers.common.ai.batch.base import BatchState, ExtractedOutput, 
 
 from airflow_provider_llmbatch.models import Batch, BatchStatus
 from airflow_provider_llmbatch.result_lines import read_result_line
+from airflow_provider_llmbatch.schema import unwrap_answer
+from airflow_provider_llmbatch.typed_output import answer_text
 
 if TYPE_CHECKING:
     from airflow.providers.common.ai.batch.base import BatchStatus as AIStatus
@@ -31,8 +32,6 @@ TERMINAL: Mapping[BatchStatus, AIStatus] = {
 
 UNRUN_CODES: Mapping[str, str] = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
 """Error codes of a line for a request that never ran (no response), and what it means to common-ai."""
-
-_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(?P<body>.*?)\n?\s*```\s*$", re.DOTALL)
 
 
 def batch_state(batch: Batch) -> BatchState:
@@ -105,10 +104,9 @@ def result_item(data: Mapping[str, Any]) -> RawResultItem:
             },
             raw=None,
         )
+    content, _ = answer_text(body)  # one reading of a response's answer, as the provider's own fetch has
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], Mapping) else {}
-    message = choice.get("message")
-    content = message.get("content") if isinstance(message, Mapping) else None
     finish = choice.get("finish_reason")
     return RawResultItem(
         custom_id=custom_id,
@@ -118,7 +116,7 @@ def result_item(data: Mapping[str, Any]) -> RawResultItem:
         usage=usage,
         finish_reason=finish if isinstance(finish, str) else None,
         error=None,
-        raw=content if isinstance(content, str) else None,
+        raw=content,
     )
 
 
@@ -134,5 +132,4 @@ def extract(raw: RawResultItem, spec: OutputSpec) -> ExtractedOutput:
         return ExtractedOutput(kind="absent")
     if not spec.is_structured:
         return ExtractedOutput(kind="text", text=raw.raw)
-    fenced = _FENCE.match(raw.raw)
-    return ExtractedOutput(kind="json_text", text=fenced.group("body") if fenced else raw.raw)
+    return ExtractedOutput(kind="json_text", text=unwrap_answer(raw.raw))
