@@ -116,14 +116,23 @@ class LineFeed:
     :param cap: the longest line kept whole (the vendor's line limit).
     :param tally: counts and hashes the bytes.
     :param check: called once per line, in order.
+    :param block: offered the whole lines of each chunk first, as one block of bytes (each line ending
+        in ``\n``); it returns whether it took them, else they go to ``check`` one by one.
     """
 
-    __slots__ = ("_check", "_partial", "_update", "tally")
+    __slots__ = ("_block", "_check", "_partial", "_update", "tally")
 
-    def __init__(self, cap: int, tally: Tally, check: Callable[[bytes, int], None]) -> None:
+    def __init__(
+        self,
+        cap: int,
+        tally: Tally,
+        check: Callable[[bytes, int], None],
+        block: Callable[[bytes], bool] | None = None,
+    ) -> None:
         self.tally = tally
         self._update = tally.update
         self._check = check
+        self._block = block
         self._partial = _PartialLine(cap + 2)
 
     def feed(self, chunk: bytes) -> None:
@@ -133,17 +142,26 @@ class LineFeed:
         if not chunk:
             return
         self._update(chunk)
+        partial = self._partial
+        if self._block is not None and (end := chunk.rfind(b"\n") + 1):
+            start = 0
+            if partial.size:
+                start = chunk.index(b"\n") + 1
+                self._check(*partial.take(chunk[: start - 1]))
+            if start < end and self._block(chunk[start:end]):
+                start = end
+            if start:
+                chunk = chunk[start:]
         lines = chunk.split(b"\n")
         tail = lines.pop()
         if lines:
             check = self._check
-            partial = self._partial
             rest = iter(lines)
             if partial.size:
                 check(*partial.take(next(rest)))
             for line in rest:
                 check(line, len(line) - line.endswith(b"\r"))
-        self._partial.add(tail)
+        partial.add(tail)
 
     def end(self) -> None:
         """Check the last line when the file does not end with a newline, and finish hashing."""

@@ -10,16 +10,14 @@ writing one. All vendor differences (``response_format`` support too) come from 
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import re
 import zlib
-from array import array
 from typing import Any
 
 from airflow_provider_llmbatch.codec import CODEC_ERRORS, UNSET, is_utf8, json_loads, loads, shape_decoder
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
+from airflow_provider_llmbatch.id_keys import IdKeys
 from airflow_provider_llmbatch.vendors import REGISTRY, EndpointSpec, VendorSpec
 
 LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
@@ -32,16 +30,6 @@ _crc32 = zlib.crc32
 _MSGSPEC_OFFSET = re.compile(r"\(byte (\d+)\)")
 _JSON_TYPES: dict[type, str] = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
 _JSON_TYPES |= {bool: "boolean", type(None): "null"}
-
-
-def id_key(custom_id: str) -> int:
-    """Return a 64-bit key of a custom id, stable across processes (for uniqueness over a large input)."""
-    return int.from_bytes(hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
-
-
-_KEY_BUCKET_SHIFT = 58
-"""Keys are sorted in buckets by their top 6 bits (:meth:`RequestChecker.duplicated_keys`)."""
-_KEY_BUCKETS = 1 << (64 - _KEY_BUCKET_SHIFT)
 
 
 def resolve_vendor(vendor: VendorSpec | str) -> VendorSpec:
@@ -165,8 +153,7 @@ class RequestChecker:
         self._model_line = 0
         self._model_mismatch_seen = False
         self._seen: dict[int, int] = {}
-        self._keys: array[int] | None = array("Q") if whole_input else None
-        self._repeated: set[int] | None = None
+        self._keys: IdKeys | None = IdKeys() if whole_input else None
         self.duplicates_named = False
         """Set once the repeated ids are listed line by line: ``finish`` then does not count them again."""
         self._url = endpoint.path
@@ -179,6 +166,23 @@ class RequestChecker:
         self._format_name, self._forbidden_names = fields.pop("response_format", None), tuple(fields.values())
         if file_name is not None and not file_name.endswith(".jsonl"):
             self.file_problem("name", "a file name ending in '.jsonl'", repr(file_name))
+
+    @property
+    def expected_model(self) -> str | None:
+        """Return the model every line must name: the first line's (None before a model is seen)."""
+        return self.model
+
+    @property
+    def url(self) -> str:
+        """Return the batch endpoint every line must name."""
+        return self._url
+
+    def accept_block(self, custom_ids: list[str]) -> None:
+        """Count a block of lines that passed every check of :meth:`line` at once (``whole_input``)."""
+        assert self._keys is not None
+        self.lineno += len(custom_ids)
+        self.requests += len(custom_ids)
+        self._keys.add_all(custom_ids)
 
     @property
     def failed(self) -> bool:
@@ -311,7 +315,7 @@ class RequestChecker:
         # independent CRC-32 of its bytes. Cheaper than a cryptographic digest per line; a false
         # duplicate needs both to collide (about 1e-20 for 50,000 ids).
         if self._keys is not None:
-            self._keys.append(id_key(custom_id))
+            self._keys.add(custom_id)
             return
         digest = hash(custom_id) << 32 | _crc32(custom_id.encode("utf-8", "surrogatepass"))
         if self.requests > self.max_requests:
@@ -352,20 +356,10 @@ class RequestChecker:
             )
 
     def duplicated_keys(self) -> set[int]:
-        """Return the 64-bit keys (:func:`id_key`) of the custom ids used more than once (``whole_input``)."""
+        """Return the keys (:func:`~airflow_provider_llmbatch.id_keys.id_key`) of the ids used again."""
         if not self._keys or self.duplicates_named:
             return set()
-        if self._repeated is None:
-            # Sorted a bucket (by the top bits) at a time: sorting the whole table at once would hold a
-            # Python int per id (about 40 MB a million), the table itself holds 8 bytes per id.
-            buckets: list[array[int]] = [array("Q") for _ in range(_KEY_BUCKETS)]
-            for key in self._keys:
-                buckets[key >> _KEY_BUCKET_SHIFT].append(key)
-            self._repeated = set()
-            for bucket in buckets:
-                ordered = sorted(bucket)
-                self._repeated.update(a for a, b in itertools.pairwise(ordered) if a == b)
-        return self._repeated
+        return self._keys.repeated()
 
     def finish(self, total_bytes: int, source: str) -> None:
         """Add the file-level checks and raise :class:`InvalidRequestFileError` if anything is wrong."""

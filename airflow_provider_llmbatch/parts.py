@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from airflow_provider_llmbatch import codec
 from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.id_keys import id_key
 from airflow_provider_llmbatch.jsonl_check import (
     LineFeed,
     RequestFileReport,
@@ -30,12 +30,13 @@ from airflow_provider_llmbatch.jsonl_check import (
 from airflow_provider_llmbatch.jsonl_lines import (
     RequestChecker,
     byte_limit,
-    id_key,
     request_limit,
     resolve_endpoint,
     resolve_vendor,
 )
 from airflow_provider_llmbatch.locations import Source, file_name, label, open_read
+from airflow_provider_llmbatch.request_blocks import BlockPath
+from airflow_provider_llmbatch.token_estimate import TokenEstimator
 from airflow_provider_llmbatch.vendors import VendorSpec
 
 
@@ -71,6 +72,10 @@ class SplitInput:
     parts: tuple[Part, ...]
 
 
+_BUFFER = 1 << 20
+"""Bytes buffered per part file: lines are written a block at a time, not a system call per line."""
+
+
 class _PartWriter:
     """Write lines into numbered part files, starting a new one before a line would break a limit."""
 
@@ -84,15 +89,30 @@ class _PartWriter:
         self._lines = self._bytes = 0
 
     def add(self, line: bytes) -> None:
-        size = len(line)
-        if self._handle is None or self._lines >= self.max_requests or self._bytes + size > self.max_bytes:
+        """Write one line (with its newline)."""
+        self._write(line, 1)
+
+    def add_block(self, block: bytes, count: int) -> None:
+        """Write ``count`` whole lines at once when the current part has room for all, else line by line."""
+        if self._handle is None or not self._fits(len(block), count):
+            for line in block.splitlines(keepends=True):
+                self._write(line, 1)
+        else:
+            self._write(block, count)
+
+    def _fits(self, size: int, count: int) -> bool:
+        return self._lines + count <= self.max_requests and self._bytes + size <= self.max_bytes
+
+    def _write(self, data: bytes, count: int) -> None:
+        size = len(data)
+        if self._handle is None or not self._fits(size, count):
             self.close()
             self._path = self.folder / f"{self.stem}.part-{len(self.parts) + 1:04d}.jsonl"
-            self._handle = open(self._path, "wb")  # noqa: SIM115 - closed in close()
+            self._handle = open(self._path, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed in close()
         assert self._handle is not None
-        self._handle.write(line)
-        self._sha.update(line)
-        self._lines += 1
+        self._handle.write(data)
+        self._sha.update(data)
+        self._lines += count
         self._bytes += size
 
     def close(self) -> None:
@@ -114,7 +134,7 @@ def split_checked(
     max_requests: int | None = None,
     max_bytes: int | None = None,
     max_problems: int = 20,
-    on_line: Callable[[bytes], None] | None = None,
+    estimator: TokenEstimator | None = None,
 ) -> SplitInput:
     """
     Check a request file as one and write it into parts within the vendor's limits, in one pass.
@@ -126,8 +146,7 @@ def split_checked(
     :param max_requests: requests per part (default and most: the vendor's per-file limit).
     :param max_bytes: bytes per part (default and most: the vendor's per-file limit).
     :param max_problems: how many problems to list; further ones are counted.
-    :param on_line: called with each line kept, in the same pass (e.g. a token estimate's
-        :meth:`~airflow_provider_llmbatch.budget.TokenEstimator.line`).
+    :param estimator: a token estimate to add every line kept to, in the same pass.
     :raises InvalidRequestFileError: listing every problem of the input (``line N: field: ...``).
     :raises InvalidInputError: for limits out of range.
     """
@@ -156,10 +175,18 @@ def split_checked(
         checker.line(line, size)
         if line.strip() and not checker.failed:
             writer.add(line.rstrip(b"\r") + b"\n")
-            if on_line is not None:
-                on_line(line)
+            if estimator is not None:
+                estimator.line(line)
 
-    feed = LineFeed(checker.max_line_bytes, Tally(), take)
+    blocks = BlockPath(checker, estimator)
+
+    def take_block(block: bytes) -> bool:
+        count = blocks.take(block)
+        if count:
+            writer.add_block(block, count)
+        return bool(count)
+
+    feed = LineFeed(checker.max_line_bytes, Tally(), take, take_block)
     try:
         with open_read(source) as handle:
             while chunk := handle.read(chunk_bytes()):

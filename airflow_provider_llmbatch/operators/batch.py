@@ -198,7 +198,7 @@ class CreateBatchOperator(BaseOperator):
         self._batch_ids = []
         with tempfile.TemporaryDirectory(prefix="llmbatch-parts-") as folder:
             estimator = budget.TokenEstimator()
-            split = split_checked(source, spec, self.endpoint, folder=folder, on_line=estimator.line)
+            split = split_checked(source, spec, self.endpoint, folder=folder, estimator=estimator)
             estimate = self._check_budget(split, estimator.estimate())
             self._check_room(split, tracker)
             made = [self._submit(context, tracker, split, part) for part in split.parts]

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from airflow_provider_llmbatch.budget import (
     MESSAGE_OVERHEAD,
@@ -23,8 +25,10 @@ from airflow_provider_llmbatch.budget import (
     text_tokens,
 )
 from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.jsonl_lines import RequestChecker, resolve_endpoint
 from airflow_provider_llmbatch.parts import split_checked
 from airflow_provider_llmbatch.pricing import PriceTable
+from airflow_provider_llmbatch.request_blocks import BlockPath
 from airflow_provider_llmbatch.vendors import REGISTRY
 from tests.operators.conftest import FakeTI, create_op, make_context
 
@@ -110,7 +114,7 @@ def test_the_estimate_is_made_in_the_split_pass(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     estimator = TokenEstimator()
 
-    split_checked(path, spec, folder=tmp_path / "parts", on_line=estimator.line)
+    split_checked(path, spec, folder=tmp_path / "parts", estimator=estimator)
 
     assert estimator.estimate().requests == 5
     assert estimator.estimate().input_tokens == 5 * (REQUEST_OVERHEAD + MESSAGE_OVERHEAD + 10)
@@ -220,3 +224,26 @@ def test_a_job_within_budget_is_sent_with_its_estimate(connect: Any, emulator: A
     assert estimate["cost"]["currency"] == "CNY"
     assert estimate["cost"]["amount"] == pytest.approx(estimate["input_tokens"] * 1000 / 1e6)
     assert emulator.stats("zhipu")["batches_created"] == 1
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(texts=st.lists(st.text(max_size=40), min_size=1, max_size=4), ascii_only=st.booleans())
+def test_a_text_counts_by_the_rule_whether_written_plain_or_escaped(
+    texts: list[str], ascii_only: bool
+) -> None:
+    # Plain UTF-8 is counted from the JSON text without building the string; escapes are decoded first.
+    body = {"model": "m", "messages": [{"role": "user", "content": text} for text in texts]}
+    line = json.dumps(
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body},
+        ensure_ascii=ascii_only,
+    ).encode()
+    one, block = TokenEstimator(), TokenEstimator()
+    one.line(line)
+    spec = REGISTRY["openai"]
+    checker = RequestChecker(spec, resolve_endpoint(spec, None), None, whole_input=True)
+    checker.line(line.replace(b'"a"', b'"first"', 1), len(line))
+    assert BlockPath(checker, block).take(line + b"\n" + line.replace(b'"a"', b'"b"', 1) + b"\n") == 2
+
+    expected = REQUEST_OVERHEAD + len(texts) * MESSAGE_OVERHEAD + sum(map(text_tokens, texts))
+    assert one.estimate().input_tokens == expected
+    assert block.estimate().input_tokens == 2 * expected
