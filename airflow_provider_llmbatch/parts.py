@@ -10,7 +10,6 @@ goes to its part file on local disk as it passes, and custom ids are kept as 8-b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -49,14 +48,15 @@ class Part:
     :param path: the local file.
     :param lines: the requests it holds.
     :param bytes: its size.
-    :param sha256: the SHA-256 of its bytes.
+
+    A part has no hash of its own: it is named by the input's SHA-256 and its index, as its batch's
+    identity is, and the bytes are hashed once, as the input's.
     """
 
     index: int
     path: Path
     lines: int
     bytes: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,6 @@ class _PartWriter:
         self.parts: list[Part] = []
         self._handle: IO[bytes] | None = None
         self._path = Path()
-        self._sha = hashlib.sha256()
         self._lines = self._bytes = 0
 
     def add(self, line: bytes) -> None:
@@ -111,7 +110,6 @@ class _PartWriter:
             self._handle = open(self._path, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed in close()
         assert self._handle is not None
         self._handle.write(data)
-        self._sha.update(data)
         self._lines += count
         self._bytes += size
 
@@ -120,8 +118,7 @@ class _PartWriter:
             return
         self._handle.close()
         self._handle = None
-        self.parts.append(Part(len(self.parts), self._path, self._lines, self._bytes, self._sha.hexdigest()))
-        self._sha = hashlib.sha256()
+        self.parts.append(Part(len(self.parts), self._path, self._lines, self._bytes))
         self._lines = self._bytes = 0
 
 

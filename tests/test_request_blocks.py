@@ -61,7 +61,7 @@ def _outcome(path: Path, spec: VendorSpec, folder: Path) -> tuple[Any, ...]:
     except InvalidRequestFileError as exc:
         return ("refused", str(exc))
     parts = tuple(part.path.read_bytes() for part in split.parts)
-    shape = tuple((p.index, p.lines, p.bytes, p.sha256) for p in split.parts)
+    shape = tuple((p.index, p.lines, p.bytes) for p in split.parts)
     return ("split", split.report, shape, parts, estimator.estimate())
 
 

@@ -295,9 +295,8 @@ class CreateBatchOperator(BaseOperator):
         self, context: Context, tracker: reattach.Tracker, split: SplitInput, part: Part
     ) -> tuple[reattach.Found, Batch]:
         """Re-attach to, or upload and create, one part's batch; record it at once for a later try."""
-        report = dataclasses.replace(
-            split.report, source=str(part.path), lines=part.lines, bytes=part.bytes, sha256=part.sha256
-        )
+        # The part's report keeps the input's SHA-256: with the part's index (in its key), it names the part.
+        report = dataclasses.replace(split.report, source=str(part.path), lines=part.lines, bytes=part.bytes)
         key = reattach.batch_key(context, split.report.sha256, None if len(split.parts) == 1 else part.index)
         found = tracker.reuse_or_upload(part.path, report, key)
         batch = found.batch or self._create(found)
