@@ -33,7 +33,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENV = BENCH / ".venv"
 RESULTS_DIR = BENCH / "results"
-STEPS = ("polls", "triggers", "request-files", "results-out", "large-job", "typed", "report")
+STEPS = ("polls", "triggers", "request-files", "results-out", "large-job", "merge-floor", "typed", "report")
 
 LINK_MBPS = 400
 """The upload link of the second request-file pass, in Mbit/s: a fast link from a data centre to a vendor."""
@@ -452,6 +452,42 @@ def large_job_section() -> tuple[list[str], list[str]]:
     return tables, targets
 
 
+MERGE_OPERATIONS = {
+    "bare": "msgspec parse of every output line, nothing else",
+    "floor": "the least a Python join does (see `merge_floor.py`): not shippable",
+    "join": "`results.join_results`, what the fetch runs",
+}
+
+
+def merge_floor_section() -> list[str]:
+    """Where the merge's time could go: the bare parse, a Python join's floor, and the join, on one set of files."""
+    rows = _load("merge_floor.json")
+    if not rows:
+        return []
+    out = [
+        "The join alone (no download), on local files: N requests in parts of 50,000 and one output file per "
+        "part, every request answered, shuffled within its part. CPU seconds, each operation in a fresh "
+        "interpreter; peak RSS of the whole process (`join` with Airflow imported, as in a task).",
+        "",
+    ]
+    for row in rows:
+        bare = row["measured"]["bare"]["cpu_seconds"]
+        kind = f"{row['line_bytes']:,} B requests" if row.get("line_bytes") else "short requests"
+        out += [
+            f"#### {row['requests']:,} {kind} (output files {row['output_bytes'] / 1e6:,.0f} MB)",
+            "",
+            "| operation | what it does | CPU seconds | vs bare msgspec | peak RSS (MB) |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for name, what in MERGE_OPERATIONS.items():
+            m = row["measured"][name]
+            out.append(
+                f"| {name} | {what} | {m['cpu_seconds']:.2f} | {m['cpu_seconds'] / bare:.2f}x | {m['peak_rss_mb']:.0f} |"
+            )
+        out.append("")
+    return out
+
+
 TYPED_OPERATIONS = {
     "jsonl": "no schema, the landing as before",
     "jsonl+schema": "each answer validated, `output` in the row",
@@ -589,6 +625,7 @@ def report(command: str) -> None:
     req_rows, req_targets = request_files_section()
     link_rows, link_targets = request_files_section("request_file_link.md")
     large_rows, large_targets = large_job_section()
+    floor_rows = merge_floor_section()
     typed_rows, typed_targets = typed_section()
     lines = [
         "# Benchmark results",
@@ -634,6 +671,9 @@ def report(command: str) -> None:
         "## 5. A large job end to end",
         "",
         *large_rows,
+        "### Where the merge's time goes",
+        "",
+        *floor_rows,
         f"## 6. Typed results: {(_load('parquet_landing.json') or {}).get('rows', TYPED_ROWS):,} rows as Parquet and as JSONL",
         "",
         *typed_rows,
@@ -695,6 +735,8 @@ def main() -> None:
         _run("results_out.py", "--lines", "10000", "25000", "50000", "--repeat", repeat)
     if "large-job" in args.steps:
         _run("large_job.py", "--requests", "1000000")
+    if "merge-floor" in args.steps:
+        _run("merge_floor.py", "--requests", "1000000")
     if "typed" in args.steps:
         _run(
             "parquet_landing.py",
@@ -706,7 +748,8 @@ def main() -> None:
             str(RESULTS_DIR / "parquet_landing.json"),
         )
     if "report" in args.steps:
-        report("python3 bench/run.py" + (f" --repeat {args.repeat}" if args.repeat != 3 else ""))
+        steps = "" if args.steps == list(STEPS) else " --steps " + " ".join(args.steps)
+        report("python3 bench/run.py" + steps + (f" --repeat {args.repeat}" if args.repeat != 3 else ""))
 
 
 if __name__ == "__main__":
