@@ -174,6 +174,18 @@ def to_json(value: Any) -> bytes:
         return _utf8(_ENCODE(value))
 
 
+def request_id(raw: bytes) -> Any:
+    """
+    Return a request line's ``custom_id`` value (UNSET when missing), building nothing else.
+
+    The rest of the line is checked for syntax but skipped, as the line checks skip it, so a line they
+    read gives its id here too (a number too large to build elsewhere in the line does not matter).
+
+    :raises msgspec.DecodeError: the line is not JSON (one of :data:`CODEC_ERRORS`).
+    """
+    return _decode_request_id(raw).custom_id
+
+
 def _fast_request(raw: bytes, with_body: bool) -> tuple[str, dict[str, Any] | None] | None:
     """
     Read a request line's id (and body) with msgspec; None when json must decide.

@@ -15,6 +15,7 @@ block back untouched, and the block goes line by line, where the problem is foun
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -86,11 +87,16 @@ class BlockPath:
             return 0
         rows = block.split(b"\n")
         rows.pop()  # the block ends with a newline
-        # The smallest line starts with "{" only if every line does: whitespace sorts before it, and a
-        # line starting with a byte after it is no JSON (the decode fails). So no line is blank, and as
-        # many documents as lines means one per line.
-        if min(rows)[:1] != b"{" or (
-            len(block) > checker.max_line_bytes and max(map(len, rows)) > checker.max_line_bytes
+        # msgspec reads documents separated by any whitespace, newlines included. A row that starts with
+        # "{" and ends with "}" leaves no document open (after a "}" a document goes on only with "," or a
+        # bracket, never "{", and no string crosses a newline), so each row holds whole documents, at
+        # least one; as many documents as rows is then one per row. The smallest and the largest row
+        # start with "{" only if every row does (whitespace sorts before it, so no row is blank).
+        if (
+            min(rows)[:1] != b"{"
+            or max(rows)[:1] != b"{"
+            or sum(map(bytes.endswith, rows, repeat(b"}"))) != len(rows)
+            or (len(block) > checker.max_line_bytes and max(map(len, rows)) > checker.max_line_bytes)
         ):
             return 0
         try:

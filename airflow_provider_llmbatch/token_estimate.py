@@ -31,6 +31,8 @@ from typing import Any
 
 import msgspec
 
+from airflow_provider_llmbatch.codec import read_request
+
 MESSAGE_OVERHEAD = 3
 """Tokens added per chat message (role markers)."""
 
@@ -43,6 +45,7 @@ CHARS_PER_TOKEN = 4
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
+_RAW = msgspec.Raw
 _NULL = msgspec.Raw(b"null")
 
 
@@ -92,6 +95,7 @@ _decode_line = msgspec.json.Decoder(_Line).decode
 # For a body whose messages are not a list of objects (read as they are, counted by the same rule).
 _decode_loose_line = msgspec.json.Decoder(_LooseLine).decode
 _decode_value = msgspec.json.Decoder().decode
+_LOOSE_FIELDS = msgspec.structs.fields(_LooseBody)
 _ESTIMATE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
@@ -183,7 +187,10 @@ def _tally(bodies: list[Any]) -> tuple[int, int, int]:
     """
     texts = [message.content for body in bodies if body.messages for message in body.messages]
     tokens = REQUEST_OVERHEAD * len(bodies) + MESSAGE_OVERHEAD * len(texts) + _texts_tokens(texts)
-    others = [value for body in bodies for value in (body.input, body.prompt) if value is not _NULL]
+    # Raw texts only: a key the vendor forbids is read as UNSET (the line would not have passed with it).
+    others = [
+        v for body in bodies for v in (body.input, body.prompt) if type(v) is msgspec.Raw and v is not _NULL
+    ]
     tokens += sum(map(_raw_tokens, others))
     tokens += sum(
         _format_tokens(body.response_format) for body in bodies if isinstance(body.response_format, dict)
@@ -244,7 +251,12 @@ class TokenEstimator:
         self.unbounded_requests = 0
 
     def line(self, raw: bytes) -> None:
-        """Add one request line; a line that does not parse is left to the checks (it fails them)."""
+        """
+        Add one request line; a line that does not parse is left to the checks (it fails them).
+
+        A line msgspec will not read (a number out of its range, where the checks skip it) is read as
+        ``json.loads`` reads it: the number is then no count and no text, as if it were null.
+        """
         try:
             try:
                 body: Any = _decode_line(raw).body
@@ -253,6 +265,13 @@ class TokenEstimator:
                 # Messages that are not a list of objects: read as they are.
                 body = _decode_loose_line(raw).body
                 counted = (0, 0, 1) if body is None else _loose_tally(body)
+        except msgspec.DecodeError:
+            request = read_request(raw, with_body=True)
+            if request is None:
+                return
+            body = request[1]
+            loose = None if body is None else _LooseBody(**{f.name: body.get(f.name) for f in _LOOSE_FIELDS})
+            counted = (0, 0, 1) if loose is None else _loose_tally(loose)
         except _ESTIMATE_ERRORS:
             return
         self._add(1, *counted)

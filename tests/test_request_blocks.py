@@ -215,11 +215,16 @@ MUTATIONS: list[Callable[[bytes], bytes]] = [
     lambda line: line.replace("配送".encode(), b"\\u914d\\u9001"),
     lambda line: line[: len(line) // 2],
     lambda line: line + line,
+    lambda line: line + b" " + line,
+    lambda line: line[: len(line) // 2] + b"\n" + line[len(line) // 2 :],
+    lambda line: line[:-1],
+    lambda line: b"}" + line,
+    lambda line: line.replace(b'"body": ', b'"body": \n'),
 ]
 
 
 @settings(
-    max_examples=60,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,
@@ -227,9 +232,10 @@ MUTATIONS: list[Callable[[bytes], bytes]] = [
 )
 @given(
     vendor=st.sampled_from(sorted(REGISTRY)),
+    # Odd lines close together, so that several of them meet in one block.
     edits=st.lists(
-        st.tuples(st.integers(1, LINES - 1), st.integers(0, len(MUTATIONS) - 1)),
-        max_size=4,
+        st.tuples(st.integers(LINES // 3, LINES // 3 + 15), st.integers(0, len(MUTATIONS) - 1)),
+        max_size=5,
         unique_by=lambda e: e[0],
     ),
 )
