@@ -4,17 +4,23 @@ Split a request file into parts within a vendor's per-file limits, checking it, 
 An input of any size becomes as many files as the vendor's limits need (requests per file, bytes per
 file); a line is never split, and the per-line rules stay errors. The whole input is checked as one
 file would be (every custom id unique over all parts, one model, the vendor's line rules), with the
-problems named by their line in the input. Memory stays flat: the input is read in chunks, each line
-goes to its part file on local disk as it passes, and custom ids are kept as 8-byte keys.
+problems named by their line in the input. Memory stays flat: the input is read in chunks, and custom
+ids are kept as 8-byte keys.
+
+A local input is not copied: its parts are spans of the input file, read from it when they are sent (and
+refused then if the file changed since it was checked). The lines of any other input (object storage, a
+file object), and of a local one whose lines are sent otherwise than written (a CR before a newline is
+dropped, a last line gets its newline), go to part files on local disk as they pass.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from airflow_provider_llmbatch import codec
 from airflow_provider_llmbatch.exceptions import InvalidInputError
@@ -33,7 +39,7 @@ from airflow_provider_llmbatch.jsonl_lines import (
     resolve_endpoint,
     resolve_vendor,
 )
-from airflow_provider_llmbatch.locations import Source, file_name, label, open_read
+from airflow_provider_llmbatch.locations import Source, file_name, label, local_path, open_read, regular_file
 from airflow_provider_llmbatch.request_blocks import BlockPath
 from airflow_provider_llmbatch.token_estimate import TokenEstimator
 from airflow_provider_llmbatch.vendors import VendorSpec
@@ -42,12 +48,15 @@ from airflow_provider_llmbatch.vendors import VendorSpec
 @dataclass(frozen=True)
 class Part:
     """
-    One file of a split input.
+    One part of a split input: a span of a local file (the input itself, or a part file).
 
     :param index: its place among the parts, from 0.
-    :param path: the local file.
+    :param path: the local file that holds it.
     :param lines: the requests it holds.
     :param bytes: its size.
+    :param offset: where it starts in ``path``.
+    :param stamp: the size and modification time ``path`` had when it was checked (for a span of the
+        input): :meth:`open` refuses a file that changed since.
 
     A part has no hash of its own: it is named by the input's SHA-256 and its index, as its batch's
     identity is, and the bytes are hashed once, as the input's.
@@ -57,6 +66,70 @@ class Part:
     path: Path
     lines: int
     bytes: int
+    offset: int = 0
+    stamp: tuple[int, int] | None = None
+
+    def open(self) -> PartReader:
+        """Return a reader of exactly this part's bytes (seekable, so an upload can start over)."""
+        return PartReader(self.path, self.offset, self.bytes, self.stamp)
+
+
+def _stamp(handle: IO[bytes]) -> tuple[int, int]:
+    status = os.fstat(handle.fileno())
+    return status.st_size, status.st_mtime_ns
+
+
+class PartReader(io.RawIOBase):
+    """
+    A span of a local file, read as a file of its own: positions count from the span's start.
+
+    :raises InvalidInputError: the file changed (size or modification time) since it was checked.
+    """
+
+    def __init__(self, path: Path, offset: int, size: int, stamp: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        if stamp is not None and _stamp(self._file) != stamp:
+            self._file.close()
+            raise InvalidInputError(
+                f"{path} changed after it was checked; nothing of it was sent from the changed file "
+                "(run the task again to check and send it anew)"
+            )
+        self._start, self._size, self._at = offset, size, 0
+        self._file.seek(offset)
+
+    def readable(self) -> bool:
+        """Return True: a span is read."""
+        return True
+
+    def seekable(self) -> bool:
+        """Return True: an upload can start over."""
+        return True
+
+    def tell(self) -> int:
+        """Return the position in the span."""
+        return self._at
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        """Move within the span (a position past either end stops at it); return the new position."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
+        self._at = min(max(base + position, 0), self._size)
+        self._file.seek(self._start + self._at)
+        return self._at
+
+    def readinto(self, buffer: Any) -> int:
+        """Read into ``buffer`` up to the span's end; return the bytes read (0 at the end)."""
+        wanted = min(len(buffer), self._size - self._at)
+        if wanted <= 0:
+            return 0
+        got = self._file.readinto(memoryview(buffer)[:wanted]) or 0
+        self._at += got
+        return got
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -78,48 +151,99 @@ _BUFFER = 1 << 20
 
 
 class _PartWriter:
-    """Write lines into numbered part files, starting a new one before a line would break a limit."""
+    """
+    Cut lines into parts, starting a new one before a line would break a limit.
 
-    def __init__(self, folder: Path, stem: str, max_requests: int, max_bytes: int) -> None:
+    While every line is sent as the input has it, a part of a local input (``origin``) is only a span
+    of it; from the first line sent otherwise, the part so far is copied into a part file and every
+    later line goes to part files.
+    """
+
+    def __init__(
+        self, folder: Path, stem: str, max_requests: int, max_bytes: int, origin: Path | None = None
+    ) -> None:
         self.folder, self.stem = folder, stem
         self.max_requests, self.max_bytes = max_requests, max_bytes
         self.parts: list[Part] = []
+        self.files: list[Path] = []
+        """The part files written (a span of the input is not one)."""
+        self._origin = origin
+        self._stamp: tuple[int, int] | None = None
+        if origin is not None:
+            with open(origin, "rb") as handle:
+                self._stamp = _stamp(handle)
         self._handle: IO[bytes] | None = None
-        self._path = Path()
+        self._started = False
+        self._start = self._written = 0
         self._lines = self._bytes = 0
 
-    def add(self, line: bytes) -> None:
-        """Write one line (with its newline)."""
-        self._write(line, 1)
+    def add(self, line: bytes, as_written: bool = True) -> None:
+        """Add one line (with its newline); ``as_written``: the input has these very bytes here."""
+        self._add(line, 1, as_written)
 
     def add_block(self, block: bytes, count: int) -> None:
-        """Write ``count`` whole lines at once when the current part has room for all, else line by line."""
-        if self._handle is None or not self._fits(len(block), count):
+        """Add ``count`` whole lines, as written, at once when the current part has room for all."""
+        if not self._started or not self._fits(len(block), count):
             for line in block.splitlines(keepends=True):
-                self._write(line, 1)
+                self._add(line, 1, True)
         else:
-            self._write(block, count)
+            self._add(block, count, True)
+
+    def finish(self, input_bytes: int) -> None:
+        """Close the last part, once the whole input (``input_bytes``) has passed and was found good."""
+        if self._origin is not None and self._written == input_bytes + 1:
+            self._to_file(b"\n")  # the last line is sent with the newline the input does not end with
+        self.close()
 
     def _fits(self, size: int, count: int) -> bool:
         return self._lines + count <= self.max_requests and self._bytes + size <= self.max_bytes
 
-    def _write(self, data: bytes, count: int) -> None:
+    def _add(self, data: bytes, count: int, as_written: bool) -> None:
         size = len(data)
-        if self._handle is None or not self._fits(size, count):
+        if not self._started or not self._fits(size, count):
             self.close()
-            self._path = self.folder / f"{self.stem}.part-{len(self.parts) + 1:04d}.jsonl"
-            self._handle = open(self._path, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed in close()
-        assert self._handle is not None
-        self._handle.write(data)
+            self._begin()
+        if self._origin is not None and not as_written:
+            self._to_file()
+        if self._handle is not None:
+            self._handle.write(data)
         self._lines += count
         self._bytes += size
+        self._written += size
+
+    def _begin(self) -> None:
+        self._started = True
+        self._start = self._written
+        if self._origin is None:
+            self._handle = self._new_file()
+
+    def _new_file(self) -> IO[bytes]:
+        path = self.folder / f"{self.stem}.part-{len(self.parts) + 1:04d}.jsonl"
+        self.files.append(path)
+        return open(path, "wb", buffering=_BUFFER)
+
+    def _to_file(self, tail: bytes = b"") -> None:
+        """Copy the current part, a span of the input so far, into a part file; part files from now on."""
+        assert self._origin is not None
+        handle = self._new_file()
+        with Part(0, self._origin, 0, self._bytes - len(tail), self._start, self._stamp).open() as span:
+            while chunk := span.read(_BUFFER):
+                handle.write(chunk)
+        handle.write(tail)
+        self._handle, self._origin = handle, None
 
     def close(self) -> None:
-        if self._handle is None:
+        if not self._started:
             return
-        self._handle.close()
-        self._handle = None
-        self.parts.append(Part(len(self.parts), self._path, self._lines, self._bytes))
+        self._started = False
+        if self._handle is None:
+            assert self._origin is not None
+            part = Part(len(self.parts), self._origin, self._lines, self._bytes, self._start, self._stamp)
+        else:
+            self._handle.close()
+            self._handle = None
+            part = Part(len(self.parts), self.files[-1], self._lines, self._bytes)
+        self.parts.append(part)
         self._lines = self._bytes = 0
 
 
@@ -167,12 +291,14 @@ def split_checked(
     checker = RequestChecker(
         spec, endpoint_spec, file_name(source), max_problems=max_problems, whole_input=True
     )
-    writer = _PartWriter(where, stem, max_requests or most_requests, max_bytes or most_bytes)
+    local = local_path(source) if isinstance(source, str | os.PathLike) else None
+    origin = regular_file(local) if local is not None else None
+    writer = _PartWriter(where, stem, max_requests or most_requests, max_bytes or most_bytes, origin)
 
     def take(line: bytes, size: int) -> None:
         checker.line(line, size)
         if line.strip() and not checker.failed:
-            writer.add(line.rstrip(b"\r") + b"\n")
+            writer.add(line.rstrip(b"\r") + b"\n", as_written=not line.endswith(b"\r"))
             if estimator is not None:
                 estimator.line(line)
 
@@ -190,13 +316,13 @@ def split_checked(
             while chunk := handle.read(chunk_bytes()):
                 feed.feed(chunk)
         feed.end()
-        writer.close()
         _name_duplicates(source, checker, max_problems)
         report = finish_check(checker, feed.tally, label(source))
+        writer.finish(report.bytes)
     except BaseException:
         writer.close()
-        for part in writer.parts:
-            part.path.unlink(missing_ok=True)
+        for path in writer.files:
+            path.unlink(missing_ok=True)
         if folder is None:
             where.rmdir()
         feed.tally.close()

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from airflow_provider_llmbatch import jsonl_check
 from airflow_provider_llmbatch.exceptions import InvalidRequestFileError
-from airflow_provider_llmbatch.parts import split_checked
+from airflow_provider_llmbatch.parts import Part, split_checked
 from airflow_provider_llmbatch.request_blocks import BlockPath
 from airflow_provider_llmbatch.token_estimate import TokenEstimator
 from airflow_provider_llmbatch.vendors import REGISTRY, VendorSpec
@@ -54,13 +54,18 @@ def _file(tmp_path: Path, spec: VendorSpec, odd: list[bytes], at: int = LINES //
     return path
 
 
+def _read(part: Part) -> bytes:
+    with part.open() as reader:
+        return reader.read()
+
+
 def _outcome(path: Path, spec: VendorSpec, folder: Path) -> tuple[Any, ...]:
     estimator = TokenEstimator()
     try:
         split = split_checked(path, spec, folder=folder, estimator=estimator, max_requests=50)
     except InvalidRequestFileError as exc:
         return ("refused", str(exc))
-    parts = tuple(part.path.read_bytes() for part in split.parts)
+    parts = tuple(_read(part) for part in split.parts)
     shape = tuple((p.index, p.lines, p.bytes) for p in split.parts)
     return ("split", split.report, shape, parts, estimator.estimate())
 

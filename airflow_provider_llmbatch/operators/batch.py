@@ -298,7 +298,8 @@ class CreateBatchOperator(BaseOperator):
         # The part's report keeps the input's SHA-256: with the part's index (in its key), it names the part.
         report = dataclasses.replace(split.report, source=str(part.path), lines=part.lines, bytes=part.bytes)
         key = reattach.batch_key(context, split.report.sha256, None if len(split.parts) == 1 else part.index)
-        found = tracker.reuse_or_upload(part.path, report, key)
+        with part.open() as reader:  # a span of a local input, or a part file
+            found = tracker.reuse_or_upload(reader, report, key)
         batch = found.batch or self._create(found)
         # Known to on_kill at once: a kill while later parts upload still cancels this one.
         self._batch_ids.append(batch.id)
