@@ -11,6 +11,7 @@ blocks around the odd line.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -257,3 +258,30 @@ def test_any_mix_of_odd_lines_gets_the_line_paths_outcome(
         for part in (tmp_path / folder).glob("*"):
             part.unlink()
     _same(path, spec, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("odd", [[], [b"{not json"]])
+def test_the_garbage_collector_is_as_it_was_after_a_block(
+    enabled: bool, odd: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The block path pauses the collector while a block's objects live, and leaves it as it found it.
+    spec = REGISTRY["zhipu"]
+    monkeypatch.setattr(jsonl_check, "_CHUNK", CHUNK)
+    path = _file(tmp_path, spec, odd)
+    seen: list[bool] = []
+    real_take = BlockPath._take
+
+    def watching(self: BlockPath, block: bytes) -> int:
+        seen.append(gc.isenabled())
+        return real_take(self, block)
+
+    monkeypatch.setattr(BlockPath, "_take", watching)
+    (gc.enable if enabled else gc.disable)()
+    try:
+        _outcome(path, spec, tmp_path / "parts")
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+    assert seen
+    assert not any(seen)
