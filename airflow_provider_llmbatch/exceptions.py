@@ -50,6 +50,15 @@ class InvalidInputError(LLMBatchError, ValueError):
     """Raise when arguments or inputs are wrong, before anything is uploaded or paid for."""
 
 
+class InputChangedError(InvalidInputError):
+    """
+    Raise when a local input changed (or went) after it was checked: nothing is sent from the changed file.
+
+    A split input's parts are spans of the local input file, sent from it; a file that is no longer the
+    one checked is refused at every read.
+    """
+
+
 class InvalidRequestFileError(InvalidInputError):
     """
     Raise when a request file breaks the vendor's rules.

@@ -15,12 +15,11 @@ dropped, a last line gets its newline), go to part files on local disk as they p
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from airflow_provider_llmbatch import codec
 from airflow_provider_llmbatch.exceptions import InvalidInputError
@@ -41,6 +40,7 @@ from airflow_provider_llmbatch.jsonl_lines import (
 )
 from airflow_provider_llmbatch.locations import Source, file_name, label, local_path, open_read, regular_file
 from airflow_provider_llmbatch.request_blocks import BlockPath
+from airflow_provider_llmbatch.spans import PartReader, Stamp, stamp_of
 from airflow_provider_llmbatch.token_estimate import TokenEstimator
 from airflow_provider_llmbatch.vendors import VendorSpec
 
@@ -55,8 +55,8 @@ class Part:
     :param lines: the requests it holds.
     :param bytes: its size.
     :param offset: where it starts in ``path``.
-    :param stamp: the size and modification time ``path`` had when it was checked (for a span of the
-        input): :meth:`open` refuses a file that changed since.
+    :param stamp: what ``path`` was when it was checked (for a span of the input): reading refuses a
+        file that changed since (:class:`PartReader`).
 
     A part has no hash of its own: it is named by the input's SHA-256 and its index, as its batch's
     identity is, and the bytes are hashed once, as the input's.
@@ -67,69 +67,11 @@ class Part:
     lines: int
     bytes: int
     offset: int = 0
-    stamp: tuple[int, int] | None = None
+    stamp: Stamp | None = None
 
     def open(self) -> PartReader:
         """Return a reader of exactly this part's bytes (seekable, so an upload can start over)."""
         return PartReader(self.path, self.offset, self.bytes, self.stamp)
-
-
-def _stamp(handle: IO[bytes]) -> tuple[int, int]:
-    status = os.fstat(handle.fileno())
-    return status.st_size, status.st_mtime_ns
-
-
-class PartReader(io.RawIOBase):
-    """
-    A span of a local file, read as a file of its own: positions count from the span's start.
-
-    :raises InvalidInputError: the file changed (size or modification time) since it was checked.
-    """
-
-    def __init__(self, path: Path, offset: int, size: int, stamp: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
-        if stamp is not None and _stamp(self._file) != stamp:
-            self._file.close()
-            raise InvalidInputError(
-                f"{path} changed after it was checked; nothing of it was sent from the changed file "
-                "(run the task again to check and send it anew)"
-            )
-        self._start, self._size, self._at = offset, size, 0
-        self._file.seek(offset)
-
-    def readable(self) -> bool:
-        """Return True: a span is read."""
-        return True
-
-    def seekable(self) -> bool:
-        """Return True: an upload can start over."""
-        return True
-
-    def tell(self) -> int:
-        """Return the position in the span."""
-        return self._at
-
-    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
-        """Move within the span (a position past either end stops at it); return the new position."""
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
-        self._at = min(max(base + position, 0), self._size)
-        self._file.seek(self._start + self._at)
-        return self._at
-
-    def readinto(self, buffer: Any) -> int:
-        """Read into ``buffer`` up to the span's end; return the bytes read (0 at the end)."""
-        wanted = min(len(buffer), self._size - self._at)
-        if wanted <= 0:
-            return 0
-        got = self._file.readinto(memoryview(buffer)[:wanted]) or 0
-        self._at += got
-        return got
-
-    def close(self) -> None:
-        """Close the file."""
-        self._file.close()
-        super().close()
 
 
 @dataclass(frozen=True)
@@ -168,10 +110,10 @@ class _PartWriter:
         self.files: list[Path] = []
         """The part files written (a span of the input is not one)."""
         self._origin = origin
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: Stamp | None = None
         if origin is not None:
             with open(origin, "rb") as handle:
-                self._stamp = _stamp(handle)
+                self._stamp = stamp_of(handle)
         self._handle: IO[bytes] | None = None
         self._started = False
         self._start = self._written = 0
@@ -191,6 +133,9 @@ class _PartWriter:
 
     def finish(self, input_bytes: int) -> None:
         """Close the last part, once the whole input (``input_bytes``) has passed and was found good."""
+        if self._origin is not None:
+            # Changed while it was read: what was checked is not what the spans would send.
+            PartReader(self._origin, 0, 0, self._stamp).close()
         if self._origin is not None and self._written == input_bytes + 1:
             self._to_file(b"\n")  # the last line is sent with the newline the input does not end with
         self.close()
@@ -212,10 +157,9 @@ class _PartWriter:
         self._written += size
 
     def _begin(self) -> None:
-        self._started = True
+        self._handle = None if self._origin is not None else self._new_file()
         self._start = self._written
-        if self._origin is None:
-            self._handle = self._new_file()
+        self._started = True
 
     def _new_file(self) -> IO[bytes]:
         path = self.folder / f"{self.stem}.part-{len(self.parts) + 1:04d}.jsonl"
@@ -226,10 +170,14 @@ class _PartWriter:
         """Copy the current part, a span of the input so far, into a part file; part files from now on."""
         assert self._origin is not None
         handle = self._new_file()
-        with Part(0, self._origin, 0, self._bytes - len(tail), self._start, self._stamp).open() as span:
-            while chunk := span.read(_BUFFER):
-                handle.write(chunk)
-        handle.write(tail)
+        try:
+            with Part(0, self._origin, 0, self._bytes - len(tail), self._start, self._stamp).open() as span:
+                while chunk := span.read(_BUFFER):
+                    handle.write(chunk)
+            handle.write(tail)
+        except BaseException:
+            handle.close()
+            raise
         self._handle, self._origin = handle, None
 
     def close(self) -> None:
@@ -292,7 +240,8 @@ def split_checked(
         spec, endpoint_spec, file_name(source), max_problems=max_problems, whole_input=True
     )
     local = local_path(source) if isinstance(source, str | os.PathLike) else None
-    origin = regular_file(local) if local is not None else None
+    # Resolved: the spans are read from the file checked, whatever the working folder or a link later.
+    origin = regular_file(local).resolve() if local is not None else None
     writer = _PartWriter(where, stem, max_requests or most_requests, max_bytes or most_bytes, origin)
 
     def take(line: bytes, size: int) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError, InvalidRequestFileError
-from airflow_provider_llmbatch.parts import Part, PartReader, split_checked
+from airflow_provider_llmbatch.parts import Part, split_checked
+from airflow_provider_llmbatch.spans import PartReader
 from airflow_provider_llmbatch.vendors import REGISTRY
 
 SPEC = REGISTRY["zhipu"]

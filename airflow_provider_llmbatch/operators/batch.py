@@ -15,7 +15,7 @@ from airflow.sdk import BaseOperator, conf
 
 from airflow_provider_llmbatch import budget, lineage, waiting
 from airflow_provider_llmbatch.checks import check_count
-from airflow_provider_llmbatch.exceptions import InvalidInputError
+from airflow_provider_llmbatch.exceptions import InputChangedError, InvalidInputError
 from airflow_provider_llmbatch.hooks.arguments import check_create_args, check_user_metadata
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import (
@@ -201,7 +201,13 @@ class CreateBatchOperator(BaseOperator):
             split = split_checked(source, spec, self.endpoint, folder=folder, estimator=estimator)
             estimate = self._check_budget(split, estimator.estimate())
             self._check_room(split, tracker)
-            made = [self._submit(context, tracker, split, part) for part in split.parts]
+            try:
+                made = [self._submit(context, tracker, split, part) for part in split.parts]
+            except InputChangedError:
+                # The parts sent so far are of the input checked, the rest would not be: no half job runs.
+                for batch_id in self._batch_ids:
+                    waiting.cancel(self.hook, batch_id, "the input changed after it was checked", self.log)
+                raise
         result = {**_result(spec, uri, split, made), "estimate": estimate}
         for key in PUSHED:
             _push(context, key, result[key])
