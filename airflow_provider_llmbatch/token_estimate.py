@@ -146,21 +146,27 @@ def _raw_tokens(raw: msgspec.Raw) -> int:
 
 def _texts_tokens(texts: list[msgspec.Raw]) -> int:
     """
-    Return the sum of :func:`_raw_tokens` over raw JSON values, in C loops when all are plain strings.
+    Return the sum of :func:`_raw_tokens` over raw JSON values, in C loops for the plain strings.
 
     For a string of B bytes and N characters written as JSON without escapes (b = B + 2 bytes and
-    n = N + 2 characters with its quotes), ``ceil((3B - N) / 8)`` is ``(3b - n + 3) // 8``.
+    n = N + 2 characters with its quotes), ``ceil((3B - N) / 8)`` is ``(3b - n + 3) // 8``. That sum is
+    taken over all of them; then each value that is no plain string (escapes, a list, null) has its
+    share replaced by :func:`_raw_tokens`.
     """
     strings = list(map(str, texts, repeat("utf-8")))
-    if sum(map(str.startswith, strings, repeat('"'))) != len(strings) or "\\" in "".join(strings):
-        return sum(map(_raw_tokens, texts))
-    return sum(
+    total: int = sum(
         map(
             floordiv,
             map(add, map(sub, map(mul, map(len, texts), repeat(3)), map(len, strings)), repeat(3)),
             repeat(8),
         )
     )
+    if sum(map(str.startswith, strings, repeat('"'))) == len(strings) and "\\" not in "".join(strings):
+        return total
+    for raw, text in zip(texts, strings, strict=True):
+        if text[0] != '"' or "\\" in text:
+            total += _raw_tokens(raw) - (3 * len(raw) - len(text) + 3) // 8
+    return total
 
 
 def _format_tokens(response_format: Any) -> int:

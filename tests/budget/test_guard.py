@@ -242,7 +242,12 @@ def test_a_text_counts_by_the_rule_whether_written_plain_or_escaped(
     spec = REGISTRY["openai"]
     checker = RequestChecker(spec, resolve_endpoint(spec, None), None, whole_input=True)
     checker.line(line.replace(b'"a"', b'"first"', 1), len(line))
-    assert BlockPath(checker, block).take(line + b"\n" + line.replace(b'"a"', b'"b"', 1) + b"\n") == 2
+    # The same texts written the other way on the next line: a block of plain and escaped texts.
+    other = json.dumps(
+        {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": body},
+        ensure_ascii=not ascii_only,
+    ).encode()
+    assert BlockPath(checker, block).take(line + b"\n" + other + b"\n") == 2
 
     expected = REQUEST_OVERHEAD + len(texts) * MESSAGE_OVERHEAD + sum(map(text_tokens, texts))
     assert one.estimate().input_tokens == expected
