@@ -40,7 +40,7 @@ from airflow_provider_llmbatch.jsonl_lines import (
 )
 from airflow_provider_llmbatch.locations import Source, file_name, label, local_path, open_read, regular_file
 from airflow_provider_llmbatch.request_blocks import BlockPath
-from airflow_provider_llmbatch.spans import PartReader, Stamp, stamp_of
+from airflow_provider_llmbatch.spans import PartReader, Stamp, refuse_if_changed, stamp_of
 from airflow_provider_llmbatch.token_estimate import TokenEstimator
 from airflow_provider_llmbatch.vendors import VendorSpec
 
@@ -135,7 +135,8 @@ class _PartWriter:
         """Close the last part, once the whole input (``input_bytes``) has passed and was found good."""
         if self._origin is not None:
             # Changed while it was read: what was checked is not what the spans would send.
-            PartReader(self._origin, 0, 0, self._stamp).close()
+            assert self._stamp is not None
+            refuse_if_changed(self._origin, self._stamp)
         if self._origin is not None and self._written == input_bytes + 1:
             self._to_file(b"\n")  # the last line is sent with the newline the input does not end with
         self.close()
@@ -171,7 +172,7 @@ class _PartWriter:
         assert self._origin is not None
         handle = self._new_file()
         try:
-            with Part(0, self._origin, 0, self._bytes - len(tail), self._start, self._stamp).open() as span:
+            with PartReader(self._origin, self._start, self._bytes - len(tail), self._stamp) as span:
                 while chunk := span.read(_BUFFER):
                     handle.write(chunk)
             handle.write(tail)

@@ -31,6 +31,20 @@ def _changed(path: Path) -> InputChangedError:
     )
 
 
+def refuse_if_changed(path: Path, stamp: Stamp) -> None:
+    """
+    Raise :class:`~airflow_provider_llmbatch.exceptions.InputChangedError` unless ``path`` is the file
+    stamped.
+    """
+    try:
+        with open(path, "rb") as handle:
+            same = stamp_of(handle) == stamp
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise _changed(path)
+
+
 class PartReader(io.RawIOBase):
     """
     A span of a local file, read as a file of its own: positions count from the span's start.

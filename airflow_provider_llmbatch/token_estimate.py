@@ -127,31 +127,16 @@ def _content_tokens(content: Any) -> int:
     return 0
 
 
-def _raw_tokens(raw: msgspec.Raw) -> int:
-    """
-    Return :func:`_content_tokens` of a raw JSON value.
-
-    A string without escapes is counted from its JSON text (its bytes and characters less the quotes),
-    as :func:`text_tokens` counts the string; anything else is decoded first.
-
-    :raises ValueError: the value is not UTF-8, or does not decode (a lone surrogate escape).
-    """
-    text = str(raw, "utf-8")
-    if text[:1] == '"' and "\\" not in text:
-        return -(-(3 * (len(raw) - 2) - (len(text) - 2)) // 8)
-    if text == "null":
-        return 0
-    return _content_tokens(_decode_value(raw))
-
-
 def _texts_tokens(texts: list[msgspec.Raw]) -> int:
     """
-    Return the sum of :func:`_raw_tokens` over raw JSON values, in C loops for the plain strings.
+    Return the sum of :func:`_content_tokens` over raw JSON values, in C loops for the plain strings.
 
     For a string of B bytes and N characters written as JSON without escapes (b = B + 2 bytes and
     n = N + 2 characters with its quotes), ``ceil((3B - N) / 8)`` is ``(3b - n + 3) // 8``. That sum is
     taken over all of them; then each value that is no plain string (escapes, a list, null) has its
-    share replaced by :func:`_raw_tokens`.
+    share replaced by the tokens of the value decoded.
+
+    :raises ValueError: a value is not UTF-8, or does not decode (a lone surrogate escape).
     """
     strings = list(map(str, texts, repeat("utf-8")))
     total: int = sum(
@@ -165,7 +150,7 @@ def _texts_tokens(texts: list[msgspec.Raw]) -> int:
         return total
     for raw, text in zip(texts, strings, strict=True):
         if text[0] != '"' or "\\" in text:
-            total += _raw_tokens(raw) - (3 * len(raw) - len(text) + 3) // 8
+            total += _content_tokens(_decode_value(raw)) - (3 * len(raw) - len(text) + 3) // 8
     return total
 
 
@@ -197,7 +182,7 @@ def _tally(bodies: list[Any]) -> tuple[int, int, int]:
     others = [
         v for body in bodies for v in (body.input, body.prompt) if type(v) is msgspec.Raw and v is not _NULL
     ]
-    tokens += sum(map(_raw_tokens, others))
+    tokens += _texts_tokens(others)
     tokens += sum(
         _format_tokens(body.response_format) for body in bodies if isinstance(body.response_format, dict)
     )

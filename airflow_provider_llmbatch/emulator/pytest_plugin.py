@@ -25,12 +25,8 @@ DEFAULT_TEST_TIME_SCALE = 0.1
 def emulator_server() -> Iterator[Emulator]:
     """Start the emulator once per session and stop it at the end."""
     scale = float(os.environ.get(TIME_SCALE_ENV, DEFAULT_TEST_TIME_SCALE))
-    server = Emulator(EmulatorConfig(time_scale=scale))
-    server.start()
-    try:
+    with Emulator(EmulatorConfig(time_scale=scale)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

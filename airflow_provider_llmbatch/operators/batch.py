@@ -205,8 +205,7 @@ class CreateBatchOperator(BaseOperator):
                 made = [self._submit(context, tracker, split, part) for part in split.parts]
             except InputChangedError:
                 # The parts sent so far are of the input checked, the rest would not be: no half job runs.
-                for batch_id in self._batch_ids:
-                    waiting.cancel(self.hook, batch_id, "the input changed after it was checked", self.log)
+                self._cancel_made("the input changed after it was checked")
                 raise
         result = {**_result(spec, uri, split, made), "estimate": estimate}
         for key in PUSHED:
@@ -358,8 +357,12 @@ class CreateBatchOperator(BaseOperator):
     def on_kill(self) -> None:
         """Cancel the batch this task instance created or re-attached to, if it still runs."""
         if self.wait_settings.cancel_on_kill:
-            for batch_id in self._batch_ids:
-                waiting.cancel(self.hook, batch_id, "the task was killed", self.log)
+            self._cancel_made("the task was killed")
+
+    def _cancel_made(self, reason: str) -> None:
+        """Cancel every batch this try created or re-attached to, if it still runs."""
+        for batch_id in self._batch_ids:
+            waiting.cancel(self.hook, batch_id, reason, self.log)
 
 
 def _result(

@@ -144,12 +144,8 @@ def state_store(kind: str) -> FakeStateStore | None:
 @pytest.fixture(scope="session")
 def slow_emulator_server() -> Iterator[Emulator]:
     """An emulator whose batches stay put (validating 20 s, in progress 100 s) until a test moves them."""
-    server = Emulator(EmulatorConfig(time_scale=100.0))
-    server.start()
-    try:
+    with Emulator(EmulatorConfig(time_scale=100.0)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -39,12 +39,8 @@ class Review(BaseModel):
 @pytest.fixture(scope="session")
 def typed_emulator_server() -> Iterator[Emulator]:
     """An emulator whose batches stay put until a test moves them, answering with :data:`REPLIES`."""
-    server = Emulator(EmulatorConfig(time_scale=100.0, replies=REPLIES))
-    server.start()
-    try:
+    with Emulator(EmulatorConfig(time_scale=100.0, replies=REPLIES)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
