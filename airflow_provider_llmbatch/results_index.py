@@ -16,7 +16,7 @@ import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from airflow_provider_llmbatch.codec import to_json
 
@@ -86,10 +86,6 @@ def _id_of(key: bytes) -> str:
     return key.decode("utf-8", "surrogatepass")
 
 
-def _stored_int(value: int) -> int | str:
-    return value if -_INT64 <= value < _INT64 else str(value)
-
-
 class ResultIndex:
     """
     The spool and the index of one join, in a temporary directory (see :func:`open_index`).
@@ -109,6 +105,7 @@ class ResultIndex:
         self.lines = 0
         self.stored = 0
         self.used = bytearray()
+        self.resent = False
 
     def close(self) -> None:
         """Close the database."""
@@ -124,7 +121,9 @@ class ResultIndex:
                 self.lines += 1
                 rows.append(members)
                 size = len(members)
-                tokens = _stored_int(prompt), _stored_int(completion), _stored_int(total)
+                tokens: tuple[int | str, ...] = (prompt, completion, total)
+                if min(prompt, completion, total) < -_INT64 or max(prompt, completion, total) >= _INT64:
+                    tokens = (str(prompt), str(completion), str(total))  # past SQLite's 64 bits
                 batch.append((_key(custom_id), self.lines, round_, number, status, *tokens, pos, size))
                 pos += size
                 if len(batch) >= _BATCH_LINES or pos - spooled >= _BATCH_BYTES:
@@ -161,6 +160,7 @@ class ResultIndex:
     def add_sent(self, custom_ids: Iterable[str]) -> None:
         """Count one more attempt for each request a resubmission round sent again."""
         batch: list[tuple[bytes]] = []
+        self.resent = True
         for custom_id in custom_ids:
             batch.append((_key(custom_id),))
             if len(batch) >= _BATCH_LINES:
@@ -190,8 +190,8 @@ class ResultIndex:
         writer = _RowWriter(self, out, anomalies)
         batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]] = []
         size = 0
-        with open(self.spool_path, "rb") as spool:
-            writer.spool = spool
+        with open(self.spool_path, "rb", buffering=0) as spool:
+            writer.spool = spool.fileno()
             for custom_id, body, missing in requests:
                 request = to_json(body) if include_request else None
                 batch.append((_key(custom_id), to_json(custom_id), request, missing))
@@ -219,25 +219,23 @@ class _RowWriter:
     def __init__(self, index: ResultIndex, out: RowSink, anomalies: Anomalies) -> None:
         self.index = index
         self.out = out
-        self.spool: IO[bytes] | None = None
+        self.spool = -1  # the spool's file descriptor, read with os.pread
         self.anomalies = anomalies
         self.counts: Counter[str] = Counter()
         self.tokens = [0, 0, 0]
         self.batch_tokens: dict[int, list[int]] = {}
         self.pending: list[bytes] = []
         self.pending_bytes = 0
-        self.at = 0
 
     def write(self, batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]]) -> None:
         """Write the rows of requests: (key, JSON of the id, JSON of the body or None, row without a line)."""
         if not batch:
             return
         db, used, spool = self.index.db, self.index.used, self.spool
-        assert spool is not None
         keys = list(dict.fromkeys(key for key, _, _, _ in batch))
         marks = ",".join("?" * len(keys))
         found = {row[0]: row for row in db.execute(_LOOKUP_LINES.format(marks), keys)}
-        sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys))
+        sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys)) if self.index.resent else {}
         absent = [key for key in keys if key not in found]
         seen: set[bytes] = set()
         if absent:
@@ -260,13 +258,14 @@ class _RowWriter:
                 per_batch = self.batch_tokens.get(number)
                 if per_batch is None:
                     per_batch = self.batch_tokens[number] = [0, 0, 0]
-                for i, value in enumerate((int(prompt), int(completion), int(total))):
-                    tokens[i] += value
-                    per_batch[i] += value
-                if pos != self.at:
-                    spool.seek(pos)
-                fragment = spool.read(size)
-                self.at = pos + size
+                prompt, completion, total = int(prompt), int(completion), int(total)
+                tokens[0] += prompt
+                tokens[1] += completion
+                tokens[2] += total
+                per_batch[0] += prompt
+                per_batch[1] += completion
+                per_batch[2] += total
+                fragment = os.pread(spool, size, pos)
             counts[status] += 1
             row = _row(label, fragment, request, 1 + sent.get(key, 0))
             pending.append(row)
