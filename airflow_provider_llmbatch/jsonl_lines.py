@@ -64,6 +64,15 @@ def byte_limit(spec: VendorSpec, endpoint: EndpointSpec) -> int:
     return min(spec.limits.max_file_bytes, endpoint.max_file_bytes or spec.limits.max_file_bytes)
 
 
+def line_limit(spec: VendorSpec, endpoint: EndpointSpec, file_bytes: int | None = None) -> tuple[int, str]:
+    """Return the most bytes of a line without its newline, and why: with it, it must fit in one file."""
+    most, line = (file_bytes or byte_limit(spec, endpoint)) - 1, spec.limits.max_line_bytes
+    if line is not None and line <= most:
+        return line, f"at most {line} bytes ({human_bytes(line)}) per line"
+    where = f"max_bytes={most + 1}" if file_bytes else f"{human_bytes(most + 1)} for {endpoint.path}"
+    return most, f"at most {most} bytes per line (with its newline a line must fit in one file: {where})"
+
+
 def human_bytes(size: int) -> str:
     """Return a byte count as people say it (``100 MiB``), exact where it is not round."""
     for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
@@ -125,6 +134,8 @@ class RequestChecker:
     :param whole_input: check an input that will be split into files: no per-file request or size
         limit, and custom ids kept as 64-bit keys only (8 bytes each), unique over the whole input
         (:meth:`duplicated_keys` names the repeated ones at the end).
+    :param part_bytes: the bytes one part may hold when asked below the endpoint's file limit (a split's
+        ``max_bytes``): a line must fit in one.
     """
 
     def __init__(
@@ -135,12 +146,13 @@ class RequestChecker:
         *,
         max_problems: int = 20,
         whole_input: bool = False,
+        part_bytes: int | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.max_requests = request_limit(spec, endpoint)
         self.max_file_bytes = byte_limit(spec, endpoint)
-        self.max_line_bytes = spec.limits.max_line_bytes or self.max_file_bytes
+        self.max_line_bytes, self._line_rule = line_limit(spec, endpoint, part_bytes)
         self.max_problems = max(max_problems, 0)
         self.lineno = 0
         self.requests = 0
@@ -220,12 +232,7 @@ class RequestChecker:
             raw = stripped
         self.requests += 1
         if size > self.max_line_bytes:
-            self.problem(
-                f"line {lineno}",
-                "line",
-                f"at most {self.max_line_bytes} bytes ({human_bytes(self.max_line_bytes)}) per line",
-                f"{size} bytes",
-            )
+            self.problem(f"line {lineno}", "line", self._line_rule, f"{size} bytes")
             if len(raw) < size:
                 return
         try:

@@ -146,6 +146,9 @@ class _PartWriter:
 
     def _add(self, data: bytes, count: int, as_written: bool) -> None:
         size = len(data)
+        if size > self.max_bytes:
+            # The checker names such a line (its line limit is the part's); no part is ever made over one.
+            raise InvalidInputError(f"a line of {size} bytes fits in no part of at most {self.max_bytes}")
         if not self._started or not self._fits(size, count):
             self.close()
             self._begin()
@@ -238,7 +241,12 @@ def split_checked(
     where.mkdir(parents=True, exist_ok=True)
     stem = Path(file_name(source) or "requests.jsonl").name.removesuffix(".jsonl")
     checker = RequestChecker(
-        spec, endpoint_spec, file_name(source), max_problems=max_problems, whole_input=True
+        spec,
+        endpoint_spec,
+        file_name(source),
+        max_problems=max_problems,
+        whole_input=True,
+        part_bytes=max_bytes,
     )
     local = local_path(source) if isinstance(source, str | os.PathLike) else None
     # Resolved: the spans are read from the file checked, whatever the working folder or a link later.

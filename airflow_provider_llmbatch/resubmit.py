@@ -34,7 +34,7 @@ def worth_resubmitting(row: dict[str, Any], vendor: VendorSpec) -> bool:
     return (
         status == "failed"
         and isinstance(code, str)
-        and (code in vendor.errors.retryable_codes or code in UNRUN_CODES)
+        and (vendor.errors.is_retryable(code) or code in UNRUN_CODES)
     )
 
 

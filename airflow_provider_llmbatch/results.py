@@ -39,7 +39,7 @@ from airflow_provider_llmbatch.parquet_out import (
     check_format,
 )
 from airflow_provider_llmbatch.result_lines import read_result_line
-from airflow_provider_llmbatch.results_index import FinishedLine, open_index
+from airflow_provider_llmbatch.results_index import ROUNDS_SLOT, FinishedLine, open_index
 from airflow_provider_llmbatch.schema import OutputSchema
 from airflow_provider_llmbatch.typed_output import INVALID_OUTPUT, typed_output
 
@@ -86,9 +86,10 @@ class JoinReport:
     :param batch_usage: the same totals per batch, in the order of the join's ``batches``: the tokens of
         the rows whose line came from that batch (they add up to ``usage``).
     :param anomalies: vendor-file oddities: ``duplicates`` (an id repeated in the output/error files;
-        the first line is kept), ``unknown_ids`` (ids not in the request file), ``no_custom_id`` (lines
-        without an id), ``malformed_lines`` (lines that are not a JSON object), ``duplicate_requests``
-        (ids repeated in the request file; each such line still gets a row).
+        the first line is kept), ``unknown_ids`` (ids of no request the line's batch was sent: not in its
+        part of the request file, or for a round's line, not in the request file), ``no_custom_id``
+        (lines without an id), ``malformed_lines`` (lines that are not a JSON object),
+        ``duplicate_requests`` (ids repeated in the request file; each such line still gets a row).
     :param samples: up to five example ids (or ``file@offset``) per anomaly, for logs.
     """
 
@@ -175,19 +176,21 @@ def _finished_lines(
 ) -> Iterator[FinishedLine]:
     """
     Yield each line of the batches' output and error files that has a custom_id, finished (see
-    :func:`_finish`), with its batch's round and the batch's place in ``batches``.
+    :func:`_finish`), with its batch's round, the batch's place in ``batches`` and its slot: the part of
+    the input the batch ran (its place among the round-0 batches), or the rounds' slot.
 
     Lines without an id and malformed lines (not a JSON object, not strict JSON, nested deeper than
     the parser allows) are counted, with ``file@offset`` samples.
     """
+    parts = {n: part for part, n in enumerate(n for n, b in enumerate(batches) if b.round == 0)}
     files = [
-        (Path(p), b.round, n)
+        (Path(p), b.round, n, parts.get(n, ROUNDS_SLOT))
         for n, b in enumerate(batches)
         for p in (b.output_file, b.error_file)
         if p is not None
     ]
     files.sort(key=lambda f: -f[1])  # newest round first: a resubmission's line replaces the earlier one
-    for path, round_, number in files:
+    for path, round_, number, slot in files:
         with open(path, "rb") as handle:
             offset = 0
             for raw in handle:
@@ -205,7 +208,7 @@ def _finished_lines(
                     # RecursionError: nesting deeper than the parser allows, a malformed line like any other.
                     anomalies.add("malformed_lines", f"{path.name}@{start}")
                     continue
-                yield (str(value), round_, number, *finished)
+                yield (str(value), round_, number, slot, *finished)
 
 
 def _iter_requests(source: Location, with_body: bool = True) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -290,9 +293,9 @@ def join_results(
     anomalies = Anomalies()
     with open_index() as index:
         index.add_lines(_finished_lines(batches, anomalies, output_schema), anomalies)
-        for batch in batches:
-            if batch.sent is not None:
-                index.add_sent(rid for rid, _ in _iter_requests(batch.sent, with_body=False))
+        # A round split into several batches has one request file: each of its requests counts once.
+        for sent in dict.fromkeys(os.fspath(b.sent) for b in batches if b.sent is not None):
+            index.add_sent(rid for rid, _ in _iter_requests(sent, with_body=False))
         with atomic_writer(destination) as out:
             sink = (
                 ParquetSink(
@@ -326,8 +329,11 @@ def join_results(
 
 def _with_missing(
     requests: Iterator[tuple[str, dict[str, Any] | None]], batches: Sequence[BatchFiles], typed: bool = False
-) -> Iterator[tuple[str, dict[str, Any] | None, tuple[str, bytes]]]:
-    """Add to each request what it became without a line: by the end of the input part that held it."""
+) -> Iterator[tuple[str, dict[str, Any] | None, tuple[str, bytes], int]]:
+    """
+    Add to each request what it became without a line, by the end of the input part that held it, and
+    that part's place (the slot of the lines that answer it).
+    """
     parts = [b for b in batches if b.round == 0]
     ends: list[tuple[int, tuple[str, bytes]]] = []
     held = 0
@@ -339,4 +345,4 @@ def _with_missing(
     for number, (custom_id, body) in enumerate(requests, start=1):
         while index < len(ends) - 1 and number > ends[index][0]:
             index += 1
-        yield custom_id, body, ends[index][1] if ends else last
+        yield custom_id, body, ends[index][1] if ends else last, index

@@ -2,10 +2,13 @@
 The results join's working state on disk: a spool of finished rows and a SQLite index of them.
 
 Every output and error line comes in finished (its row but for the custom_id); the row goes to the
-spool file and its custom_id into the index, where the first line of an id wins. The requests then
-come in file order, a batch at a time: one query finds their lines, and their rows are copied out of
-the spool as they come. In memory there is one byte per line (was it used?), a batch of lines or
-requests at a time, and SQLite's page cache; the directory goes when the join ends.
+spool file and its custom_id into the index, under its slot: the part of the input whose batch wrote it
+(a part's lines answer only that part's requests), or the resubmission rounds' slot (a round answers
+requests of any part). In a slot the first line of an id wins. The requests then come in file order, a
+batch at a time, each with its part: one query finds their lines, a round's line before the part's own,
+and their rows are copied out of the spool as they come. In memory there is one byte per line (was it
+used?), a batch of lines or requests at a time, and SQLite's page cache; the directory goes when the join
+ends.
 """
 
 from __future__ import annotations
@@ -23,10 +26,17 @@ from airflow_provider_llmbatch.codec import to_json
 if TYPE_CHECKING:
     from airflow_provider_llmbatch.results import Anomalies
 
-FinishedLine: TypeAlias = tuple[str, int, int, str, int, int, int, bytes]
+FinishedLine: TypeAlias = tuple[str, int, int, int, str, int, int, int, bytes]
 """An output or error line as a row: custom_id, its batch's round, its batch's number (its place in the
-join's batches), status, prompt, completion and total tokens, and the row's other members as JSON
+join's batches), its slot (:data:`ROUNDS_SLOT`, or the part of the input its batch ran), status, prompt,
+completion and total tokens, and the row's other members as JSON
 (``"status":...,"response":...,"error":...,"usage":...``)."""
+
+ROUNDS_SLOT = -1
+"""The slot of the lines of resubmission rounds, whose requests may come from any part."""
+
+_Request: TypeAlias = tuple[bytes, int, bytes, bytes | None, tuple[str, bytes]]
+# A request to write: its key, its part, its id as JSON, its body as JSON (or None), its row without a line.
 
 # Lines are stored, requests looked up and rows written in batches of at most this many lines or bytes.
 _BATCH_LINES = 512
@@ -40,15 +50,16 @@ _PRAGMAS = (
     "PRAGMA temp_store = FILE",
     "PRAGMA cache_size = -8192",
 )
-# ``lines``: one row per custom_id of the output and error files, for its first line (lines come newest
-# round first, so a resubmission's line replaces the earlier one): the line's place among them (``seq``),
-# its round, its batch, status and tokens, and where its finished row is in the spool file. ``sent``: how many
-# resubmission rounds sent each request again.
+# ``lines``: one row per custom_id and slot of the output and error files, for its first line there (lines
+# come newest round first, so a newer round's line wins in the rounds' slot): the line's place among them
+# (``seq``), its round, its batch, status and tokens, and where its finished row is in the spool file.
+# ``sent``: how many resubmission rounds sent each request again.
 # ``missing``: the request ids that have no line, to tell a repeated one. Ids are UTF-8 blobs (lone
 # surrogates kept); the token columns have no type, so a count beyond 64 bits can be stored as text.
 _SCHEMA = """
 CREATE TABLE lines (
-    id BLOB PRIMARY KEY,
+    id BLOB NOT NULL,
+    slot INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     round INTEGER NOT NULL,
     batch INTEGER NOT NULL,
@@ -57,15 +68,16 @@ CREATE TABLE lines (
     completion,
     total,
     pos INTEGER NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    PRIMARY KEY (id, slot)
 ) WITHOUT ROWID;
 CREATE TABLE missing (id BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE sent (id BLOB PRIMARY KEY, times INTEGER NOT NULL) WITHOUT ROWID;
 """
-_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_SENT = "INSERT INTO sent VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET times = times + 1"
 _LOOKUP_LINES = (
-    "SELECT id, seq, batch, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
+    "SELECT id, slot, seq, batch, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
 )
 _LOOKUP_MISSING = "SELECT id FROM missing WHERE id IN ({})"
 _LOOKUP_SENT = "SELECT id, times FROM sent WHERE id IN ({})"
@@ -106,6 +118,7 @@ class ResultIndex:
         self.stored = 0
         self.used = bytearray()
         self.resent = False
+        self.round_lines = False
 
     def close(self) -> None:
         """Close the database."""
@@ -117,14 +130,16 @@ class ResultIndex:
         rows: list[bytes] = []
         pos = spooled = 0
         with open(self.spool_path, "wb") as spool:
-            for custom_id, round_, number, status, prompt, completion, total, members in lines:
+            for custom_id, round_, number, slot, status, prompt, completion, total, members in lines:
                 self.lines += 1
                 rows.append(members)
                 size = len(members)
                 tokens: tuple[int | str, ...] = (prompt, completion, total)
                 if min(prompt, completion, total) < -_INT64 or max(prompt, completion, total) >= _INT64:
                     tokens = (str(prompt), str(completion), str(total))  # past SQLite's 64 bits
-                batch.append((_key(custom_id), self.lines, round_, number, status, *tokens, pos, size))
+                if slot == ROUNDS_SLOT:
+                    self.round_lines = True
+                batch.append((_key(custom_id), slot, self.lines, round_, number, status, *tokens, pos, size))
                 pos += size
                 if len(batch) >= _BATCH_LINES or pos - spooled >= _BATCH_BYTES:
                     spool.write(b"".join(rows))
@@ -143,17 +158,17 @@ class ResultIndex:
         duplicates = len(batch) - added
         if not duplicates:
             return
-        # The lines that lost: their id is indexed under another line. One of a later round replaced
-        # it (a resubmission, not an anomaly); one of the same round is a duplicate.
+        # The lines that lost: their id is indexed in their slot under another line. One of a later round
+        # replaced it (a resubmission, not an anomaly); one of the same round is a duplicate.
         marks = ",".join("?" * len(batch))
-        kept = dict(
-            (key, (seq, round_))
-            for key, seq, round_ in self.db.execute(
-                f"SELECT id, seq, round FROM lines WHERE id IN ({marks})", [line[0] for line in batch]
+        kept = {
+            (key, slot): (seq, round_)
+            for key, slot, seq, round_ in self.db.execute(
+                f"SELECT id, slot, seq, round FROM lines WHERE id IN ({marks})", [line[0] for line in batch]
             )
-        )
-        for key, seq, round_, *_ in batch:
-            winner = kept.get(key)
+        }
+        for key, slot, seq, round_, *_ in batch:
+            winner = kept.get((key, slot))
             if winner is not None and winner[0] != seq and winner[1] == round_:
                 anomalies.add("duplicates", _id_of(key))
 
@@ -170,7 +185,7 @@ class ResultIndex:
 
     def write_rows(
         self,
-        requests: Iterable[tuple[str, dict[str, Any] | None, tuple[str, bytes]]],
+        requests: Iterable[tuple[str, dict[str, Any] | None, tuple[str, bytes], int]],
         out: RowSink,
         *,
         include_request: bool,
@@ -179,8 +194,8 @@ class ResultIndex:
         """
         Write one row per request, in request order.
 
-        :param requests: each request's custom_id, body (a dict, or None), and the status and finished
-            row members it gets without a line.
+        :param requests: each request's custom_id, body (a dict, or None), the status and finished row
+            members it gets without a line, and its part (the slot of the lines that answer it).
         :param out: where the rows go.
         :param include_request: add each request's body to its row as ``request``.
         :param anomalies: counts the repeated request ids.
@@ -188,13 +203,13 @@ class ResultIndex:
             tokens per batch number (of the batches whose lines became rows).
         """
         writer = _RowWriter(self, out, anomalies)
-        batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]] = []
+        batch: list[_Request] = []
         size = 0
         with open(self.spool_path, "rb", buffering=0) as spool:
             writer.spool = spool.fileno()
-            for custom_id, body, missing in requests:
+            for custom_id, body, missing, part in requests:
                 request = to_json(body) if include_request else None
-                batch.append((_key(custom_id), to_json(custom_id), request, missing))
+                batch.append((_key(custom_id), part, to_json(custom_id), request, missing))
                 size += len(request) if request is not None else 0
                 if len(batch) >= _BATCH_LINES or size >= _BATCH_BYTES:
                     writer.write(batch)
@@ -227,31 +242,41 @@ class _RowWriter:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
 
-    def write(self, batch: list[tuple[bytes, bytes, bytes | None, tuple[str, bytes]]]) -> None:
-        """Write the rows of requests: (key, JSON of the id, JSON of the body or None, row without a line)."""
+    def write(self, batch: list[_Request]) -> None:
+        """Write the rows of a batch of requests, in order."""
         if not batch:
             return
         db, used, spool = self.index.db, self.index.used, self.spool
-        keys = list(dict.fromkeys(key for key, _, _, _ in batch))
+        keys = list(dict.fromkeys(request[0] for request in batch))
         marks = ",".join("?" * len(keys))
-        found = {row[0]: row for row in db.execute(_LOOKUP_LINES.format(marks), keys)}
+        found = {(row[0], row[1]): row for row in db.execute(_LOOKUP_LINES.format(marks), keys)}
         sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys)) if self.index.resent else {}
-        absent = [key for key in keys if key not in found]
+        rounds = self.index.round_lines
+        answered = [
+            (found.get((key, ROUNDS_SLOT)) if rounds else None) or found.get((key, part))
+            for key, part, *_ in batch
+        ]
+        absent = list(dict.fromkeys(r[0] for r, line in zip(batch, answered, strict=True) if line is None))
         seen: set[bytes] = set()
+        elsewhere: dict[bytes, list[int]] = {}  # the lines of an unanswered request's id in other slots
         if absent:
+            wanted = set(absent)
+            for (key, _), row in found.items():
+                if key in wanted:
+                    elsewhere.setdefault(key, []).append(row[2])
             marks = ",".join("?" * len(absent))
             seen.update(k for (k,) in db.execute(_LOOKUP_MISSING.format(marks), absent))
             db.executemany("INSERT OR IGNORE INTO missing VALUES (?)", [(k,) for k in absent])
         counts, tokens, pending = self.counts, self.tokens, self.pending
-        for key, label, request, missing in batch:
-            line = found.get(key)
+        for (key, _, label, request, missing), line in zip(batch, answered, strict=True):
             if line is None:
                 status, fragment = missing
-                if key in seen:
+                # Requested before: without a line (``seen``), or where a line of its answered it.
+                if key in seen or any(used[seq] for seq in elsewhere.get(key, ())):
                     self.anomalies.add("duplicate_requests", _id_of(key))
                 seen.add(key)
             else:
-                _, seq, number, status, prompt, completion, total, pos, size = line
+                _, _, seq, number, status, prompt, completion, total, pos, size = line
                 if used[seq]:
                     self.anomalies.add("duplicate_requests", _id_of(key))
                 used[seq] = 1

@@ -242,6 +242,8 @@ class ErrorDialect:
     :param retryable_codes: error codes of a failed request (in an error file) worth sending again:
         rate limits, overload, server faults. A request rejected for what it is (invalid, filtered, too
         long) is never resubmitted.
+    :param retryable_prefixes: code families worth sending again, as the prefix every code of the family
+        starts with (DashScope ``Throttling.``): members the vendor's table does not list are matched too.
     :param code_table: every code above -> where the vendor documents it (:class:`CodeDoc`).
     """
 
@@ -249,7 +251,12 @@ class ErrorDialect:
     codes: Mapping[ErrorKind, tuple[int, str]]
     code_kinds: Mapping[str, ErrorKind] = field(default_factory=_frozen)
     retryable_codes: frozenset[str] = frozenset()
+    retryable_prefixes: tuple[str, ...] = ()
     code_table: Mapping[str, CodeDoc] = field(default_factory=_frozen)
+
+    def is_retryable(self, code: str) -> bool:
+        """Return whether a failed request's error code is worth sending again: listed, or in a family."""
+        return code in self.retryable_codes or code.startswith(self.retryable_prefixes)
 
 
 @dataclass(frozen=True)

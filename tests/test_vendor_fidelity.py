@@ -323,6 +323,18 @@ def test_every_code_in_use_has_its_source(spec: VendorSpec) -> None:
         assert documented in (None, status), f"{spec.name} {kind}: {code} is documented with {documented}"
 
 
+@pytest.mark.parametrize("spec", VENDORS, ids=[v.name for v in VENDORS])
+def test_every_retryable_code_family_is_a_sourced_code_and_its_members(spec: VendorSpec) -> None:
+    dialect = spec.errors
+    for prefix in dialect.retryable_prefixes:
+        root = prefix.removesuffix(".")
+        assert prefix == f"{root}.", f"{spec.name}: a family is '<code>.': {prefix!r}"
+        assert root in dialect.retryable_codes
+        assert root in dialect.code_table
+    # Only DashScope names its codes in families; the others' codes are matched exactly.
+    assert bool(dialect.retryable_prefixes) is (spec.name == "dashscope")
+
+
 def test_zhipu_codes_mean_what_its_table_says() -> None:
     table = REGISTRY["zhipu"].errors.code_table
     assert "model does not exist" in table["1211"].meaning

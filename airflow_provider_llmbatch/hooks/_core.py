@@ -164,6 +164,11 @@ class Core:
         most = self.vendor.batch_list.max_limit
         return min(100, most) if most is not None else None
 
+    def file_scan_page_size(self) -> int | None:
+        """Return the page size of a whole file listing: the vendor's largest (DashScope: 2,000)."""
+        spec = self.vendor.file_list
+        return spec.max_limit if "limit" in spec.params else None
+
     def batch_pager(
         self, page_size: int | None, filters: Mapping[str, Any], after: str | None = None
     ) -> Pager:
@@ -315,6 +320,28 @@ def pick_upload(
         ):
             best = item
     return best
+
+
+def count_batch_files(files: Iterable[FileObject], reusable: Mapping[str, int]) -> tuple[int, int]:
+    """
+    Return how many files are listed, and how many of them are uploads a retry reuses.
+
+    :param reusable: file name -> size of the uploads an earlier try made that this try reuses if the
+        account still holds them whole (same name and size, not failed or deleted).
+    """
+    held = 0
+    found: set[str] = set()
+    for item in files:
+        held += 1
+        name = item.filename
+        if (
+            name is not None
+            and name in reusable
+            and item.bytes in (None, reusable[name])
+            and item.status not in ("error", "deleted")
+        ):
+            found.add(name)
+    return held, len(found)
 
 
 def find_newest(batches: Iterable[list[Batch]], wanted: Mapping[str, str], max_scan: int) -> Batch | None:

@@ -18,7 +18,12 @@ from airflow_provider_llmbatch.exceptions import (
 )
 from airflow_provider_llmbatch.get_provider_info import hook_class_name
 from airflow_provider_llmbatch.hooks import transport
-from airflow_provider_llmbatch.hooks._core import RECOVERY_SCAN_LIMIT, find_newest, pick_upload
+from airflow_provider_llmbatch.hooks._core import (
+    RECOVERY_SCAN_LIMIT,
+    count_batch_files,
+    find_newest,
+    pick_upload,
+)
 from airflow_provider_llmbatch.hooks._io import (
     CheckedBody,
     DownloadSink,
@@ -150,31 +155,39 @@ class BatchHook(HookBase):
 
         :param purpose: only files of this purpose (filtered locally where the vendor cannot).
         :param page_size: items per page (more than the vendor's maximum is refused, never capped).
+            (default: the vendor's largest, from the registry: a whole listing takes the fewest calls)
         :param after: start after this id (a cursor from an earlier listing).
         :param filters: vendor filters from the registry (unknown ones raise ``InvalidInputError``). A
             time filter (DashScope's ``create_after``/``create_before``) takes an aware ``datetime``, sent
             in the registry's format and zone (DashScope: ``yyyyMMddHHmmss`` in Beijing time, UTC+8), or
             text already in that format; a naive ``datetime`` or malformed text is refused before any call.
         """
-        pager = self._core().file_pager(page_size, purpose, filters, after)
+        core = self._core()
+        size = core.file_scan_page_size() if page_size is None else page_size
+        pager = core.file_pager(size, purpose, filters, after)
         for items in self._pages("files", pager, FileObject):
             yield from (item for item in items if purpose is None or item.purpose in (None, purpose))
 
-    def check_file_quota(self, needed: int) -> None:
+    def check_file_quota(self, needed: int, *, reusable: Mapping[str, int] | None = None) -> None:
         """
         Refuse, before any upload, ``needed`` more batch files than the vendor's per-account quota allows.
 
+        :param needed: the files the job is made of.
+        :param reusable: file name -> size of those an earlier try uploaded and this try reuses: the ones the
+            account still holds need no new file (counted in the same listing).
         :raises InvalidInputError: with the count held, the quota and how to free space.
         """
         most = self.vendor.limits.max_batch_files
         if most is None:
             return
-        held = sum(1 for _ in self.list_files(purpose="batch"))
-        if held + needed > most:
+        held, reused = count_batch_files(self.list_files(purpose="batch"), reusable or {})
+        if held + needed - reused > most:
+            earlier = f" ({reused} uploaded by an earlier try)" if reused else ""
             raise InvalidInputError(
                 f"{self.vendor.display_name} keeps at most {most} batch files per account; this account "
-                f"holds {held} and this job needs {needed} more. Delete files you no longer need first, e.g. "
-                "with CleanupRemoteFilesOperator or BatchHook.delete_uploaded_files(older_than_days=...)"
+                f"holds {held} and this job needs {needed - reused} more{earlier}. Delete files you no "
+                "longer need first, e.g. with CleanupRemoteFilesOperator or "
+                "BatchHook.delete_uploaded_files(older_than_days=...)"
             )
 
     def delete_uploaded_files(self, older_than_days: float, *, dry_run: bool = False) -> Cleanup:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -18,9 +17,8 @@ from airflow_provider_llmbatch.checks import check_count
 from airflow_provider_llmbatch.exceptions import InputChangedError, InvalidInputError
 from airflow_provider_llmbatch.hooks.arguments import check_create_args, check_user_metadata
 from airflow_provider_llmbatch.hooks.batch import BatchHook
-from airflow_provider_llmbatch.jsonl import (
-    build_request_file,
-)
+from airflow_provider_llmbatch.hooks.uploads import upload_name
+from airflow_provider_llmbatch.jsonl import build_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.locations import object_path
 from airflow_provider_llmbatch.models import Batch
@@ -200,7 +198,7 @@ class CreateBatchOperator(BaseOperator):
             estimator = budget.TokenEstimator()
             split = split_checked(source, spec, self.endpoint, folder=folder, estimator=estimator)
             estimate = self._check_budget(split, estimator.estimate())
-            self._check_room(split, tracker)
+            self._check_room(context, split, tracker)
             try:
                 made = [self._submit(context, tracker, split, part) for part in split.parts]
             except InputChangedError:
@@ -249,7 +247,7 @@ class CreateBatchOperator(BaseOperator):
         if not isinstance(metadata, Mapping) or not isinstance(options, Mapping):
             raise InvalidInputError("metadata and vendor_options must be dicts")
         check_user_metadata(metadata)
-        key = {reattach.KEY_METADATA: "0" * reattach.KEY_LENGTH}
+        key = {reattach.KEY_METADATA: "0" * reattach.KEY_LENGTH, reattach.REQUESTS_METADATA: "50000"}
         check_create_args(
             spec,
             endpoint=self.endpoint,
@@ -283,7 +281,7 @@ class CreateBatchOperator(BaseOperator):
         self.log.info("Estimate: %s", budget.describe(estimate, cost))
         return budget.as_record(estimate, cost)
 
-    def _check_room(self, split: SplitInput, tracker: reattach.Tracker) -> None:
+    def _check_room(self, context: Context, split: SplitInput, tracker: reattach.Tracker) -> None:
         """Refuse, before the first upload, more parts than ``max_batches`` or the vendor's file quota."""
         count = len(split.parts)
         if count > self.max_batches:
@@ -291,24 +289,19 @@ class CreateBatchOperator(BaseOperator):
                 f"the input needs {count} batches ({split.report.lines} requests, {split.report.bytes} "
                 f"bytes), more than max_batches={self.max_batches}; raise max_batches or send less"
             )
-        if tracker.first_try():
-            # On a retry some parts are uploaded already; the vendor refuses an upload past its quota then.
-            self.hook.check_file_quota(count)
+        # Every try counts; a retry reuses the uploads an earlier one made (named by their part's key).
+        earlier = () if tracker.first_try() else split.parts
+        reusable = {upload_name(_part_key(context, split, part)): part.bytes for part in earlier}
+        self.hook.check_file_quota(count, reusable=reusable)
         self.log.info("Input of %d requests in %d batch(es)", split.report.lines, count)
 
     def _submit(
         self, context: Context, tracker: reattach.Tracker, split: SplitInput, part: Part
     ) -> tuple[reattach.Found, Batch]:
         """Re-attach to, or upload and create, one part's batch; record it at once for a later try."""
-        # The part's report keeps the input's SHA-256: with the part's index (in its key), it names the part.
-        report = dataclasses.replace(split.report, source=str(part.path), lines=part.lines, bytes=part.bytes)
-        key = reattach.batch_key(context, split.report.sha256, None if len(split.parts) == 1 else part.index)
-        with part.open() as reader:  # a span of a local input, or a part file
-            found = tracker.reuse_or_upload(reader, report, key)
-        batch = found.batch or self._create(found)
+        found, batch = tracker.submit(split, part, _part_key(context, split, part), self._create)
         # Known to on_kill at once: a kill while later parts upload still cancels this one.
         self._batch_ids.append(batch.id)
-        tracker.record(key, report, found.file_id, batch.id)
         return found, batch
 
     def _source(self) -> Any:
@@ -323,7 +316,7 @@ class CreateBatchOperator(BaseOperator):
             input_file_id=found.file_id,
             endpoint=found.report.endpoint,
             completion_window=self.completion_window,
-            metadata={**(self.metadata or {}), reattach.KEY_METADATA: found.key},
+            metadata={**(self.metadata or {}), **reattach.batch_metadata(found)},
             extra=self.vendor_options or None,
         )
         self.log.info("Created batch %s (%s) from %s", batch.id, batch.status, found.file_id)
@@ -386,6 +379,11 @@ def _result(
         "input_fingerprint": report.sha256,
         reattach.KEY_METADATA: first.key,
     }
+
+
+def _part_key(context: Context, split: SplitInput, part: Part) -> str:
+    """Return the key of a part's batch (and upload): a one-part input keeps the key it always had."""
+    return reattach.batch_key(context, split.report.sha256, None if len(split.parts) == 1 else part.index)
 
 
 def _push(context: Context, key: str, value: Any) -> None:

@@ -10,10 +10,11 @@ a changed file, another run or another task never re-attaches to what the old on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,12 +28,16 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_llmbatch.hooks.batch import BatchHook
+    from airflow_provider_llmbatch.parts import Part, SplitInput
 
 KEY_LENGTH = 32
 """Hex characters of the retry-safe identity key."""
 
 KEY_METADATA = "llmbatch_key"
 """The batch metadata key that identifies the task instance and input a batch was created for."""
+
+REQUESTS_METADATA = "llmbatch_requests"
+"""The batch metadata key holding how many requests its request file holds: where a part ends in the input."""
 
 STATE_KEY = "llmbatch_create"
 """The task state store key holding ``{"key", "input_file_id", "fingerprint", "batch_id"}`` across retries."""
@@ -167,13 +172,18 @@ class Tracker:
     :param hook: the hook of the task's connection.
     :param log: the task's logger.
     :param enabled: look for earlier work at all (``reattach=True``).
+    :param reattach_ended: re-attach to an earlier batch whatever it became (a resubmission round, made
+        once), not only to one still running or completed.
     """
 
-    def __init__(self, context: Context, hook: BatchHook, log: Any, *, enabled: bool) -> None:
+    def __init__(
+        self, context: Context, hook: BatchHook, log: Any, *, enabled: bool, reattach_ended: bool = False
+    ) -> None:
         self.context = context
         self.hook = hook
         self.log = log
         self.enabled = enabled
+        self.reattach_ended = reattach_ended
         self.state = StateStore(context, log)
         self._first_try: bool | None = None
 
@@ -200,6 +210,22 @@ class Tracker:
             self.record(key, report, file_id)
         return Found(report, key, file_id, None)
 
+    def submit(
+        self, split: SplitInput, part: Part, key: str, create: Callable[[Found], Batch]
+    ) -> tuple[Found, Batch]:
+        """
+        Re-attach to, or upload and create (with ``create``), one part's batch; record it at once.
+
+        The part's report keeps the split input's SHA-256: with the part's index (in ``key``), it names the
+        part.
+        """
+        report = dataclasses.replace(split.report, source=str(part.path), lines=part.lines, bytes=part.bytes)
+        with part.open() as reader:  # a span of a local input, or a part file
+            found = self.reuse_or_upload(reader, report, key)
+        batch = found.batch or create(found)
+        self.record(key, report, found.file_id, batch.id)
+        return found, batch
+
     def record(self, key: str, report: RequestFileReport, file_id: str, batch_id: str | None = None) -> None:
         """Record what this try made, for a later try."""
         value = {"key": key, "input_file_id": file_id, "fingerprint": report.sha256}
@@ -221,7 +247,7 @@ class Tracker:
             batch = self.hook.find_batch(metadata={KEY_METADATA: key})
         if batch is None:
             return None
-        if batch.state in REATTACHABLE_STATUSES:
+        if self.reattach_ended or batch.state in REATTACHABLE_STATUSES:
             self.log.info("Re-attaching to batch %s (%s) created by an earlier try", batch.id, batch.status)
             return batch
         self.log.warning(
@@ -254,3 +280,20 @@ class Tracker:
             # A duplicate upload costs storage, not money; a failed look-up must not fail the task.
             self.log.warning("Could not look for an earlier upload (%s); uploading again", exc)
         return None
+
+
+def batch_metadata(found: Found) -> dict[str, str]:
+    """Return the provider's metadata of a batch to create: its key, and the requests its file holds."""
+    return {KEY_METADATA: found.key, REQUESTS_METADATA: str(found.report.lines)}
+
+
+def recorded_requests(batch: Batch) -> int | None:
+    """
+    Return how many requests a batch's request file holds: as its create recorded it, or else as the
+    vendor counts it; None when neither is known (no file of requests is empty, so a count of 0 is not).
+    """
+    recorded = (batch.metadata or {}).get(REQUESTS_METADATA)
+    if isinstance(recorded, str) and recorded.isascii() and recorded.isdigit() and int(recorded) > 0:
+        return int(recorded)
+    total = batch.request_counts.total
+    return total if isinstance(total, int) and total > 0 else None

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from airflow_provider_llmbatch.exceptions import InvalidInputError, NotFoundError, VendorAPIError
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.models import Batch
+from airflow_provider_llmbatch.operators.reattach import recorded_requests
 
 
-def download_input(hook: BatchHook, batch: Batch, folder: Path) -> str:
+def download_input(hook: BatchHook, batch: Batch, folder: Path, name: str = "input.jsonl") -> str:
     """
     Download the request file a batch ran into ``folder``; return its path.
 
@@ -33,7 +34,7 @@ def download_input(hook: BatchHook, batch: Batch, folder: Path) -> str:
             f"batch {batch.id} cannot be joined without them; pass input_file= (for example "
             "\"{{ ti.xcom_pull(task_ids='<create task>')['input_uri'] }}\")"
         )
-    path = folder / "input.jsonl"
+    path = folder / name
     try:
         hook.download_file(batch.input_file_id, path)
     except NotFoundError as exc:
@@ -42,6 +43,60 @@ def download_input(hook: BatchHook, batch: Batch, folder: Path) -> str:
             f"(some vendors delete it after the batch); pass input_file=. ({exc})"
         ) from exc
     return str(path)
+
+
+def download_inputs(hook: BatchHook, parts: Sequence[Batch], folder: Path) -> tuple[str, list[int | None]]:
+    """
+    Download the request files of a job's parts as one request file, in order; return its path and the
+    requests of each part (exact, counted as they are copied; None for a one-part job, which needs none).
+    """
+    if len(parts) == 1:
+        return download_input(hook, parts[0], folder), [None]
+    path = folder / "input.jsonl"
+    counts: list[int | None] = []
+    with path.open("wb") as joined:
+        for batch in parts:
+            counts.append(_copied_requests(Path(download_input(hook, batch, folder, "part.jsonl")), joined))
+    return str(path), counts
+
+
+def part_requests(hook: BatchHook, parts: Sequence[Batch], folder: Path) -> list[int | None]:
+    """
+    Return the requests of each part of a job, where each part ends in the input: as the create recorded
+    it in the batch's metadata, or as the vendor counts it, or else counted in the part's request file
+    downloaded from the vendor (None for a one-part job, and for the last part, which need none).
+
+    :raises InvalidInputError: a part's end is not known and its request file cannot be downloaded.
+    """
+    counts: list[int | None] = [None] * len(parts)
+    for number, batch in enumerate(parts[:-1]):
+        counts[number] = recorded_requests(batch)
+        if counts[number] is None:
+            try:
+                part = Path(download_input(hook, batch, folder, "part.jsonl"))
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"part {number + 1} of {len(parts)}: batch {batch.id} records no request count, so "
+                    f"where its requests end in input_file is unknown, and its request file cannot be "
+                    f"counted: {exc}"
+                ) from exc
+            counts[number] = _copied_requests(part, None)
+    return counts
+
+
+def _copied_requests(part: Path, joined: IO[bytes] | None) -> int:
+    """Count a downloaded request file's requests, copying it to ``joined`` (whole lines); remove it."""
+    count, last = 0, b"\n"
+    with part.open("rb") as lines:
+        for line in lines:
+            count += not line.isspace()
+            if joined is not None:
+                joined.write(line)
+            last = line
+    if joined is not None and not last.endswith(b"\n"):
+        joined.write(b"\n")  # the next part's first line starts a line of its own
+    part.unlink()
+    return count
 
 
 def download(hook: BatchHook, file_id: str | None, path: Path, log: logging.Logger | Any) -> Path | None:

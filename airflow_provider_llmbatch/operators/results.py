@@ -27,17 +27,20 @@ from airflow_provider_llmbatch import assets, lineage, waiting
 from airflow_provider_llmbatch.checks import check_batch_ids, check_count
 from airflow_provider_llmbatch.exceptions import InvalidInputError, LLMBatchError
 from airflow_provider_llmbatch.hooks.batch import BatchHook
-from airflow_provider_llmbatch.jsonl import validate_request_file
 from airflow_provider_llmbatch.links.batch import XCOM_BATCH_ID, XCOM_CONN_TYPE, BatchConsoleLink
 from airflow_provider_llmbatch.manifest import build_manifest
-from airflow_provider_llmbatch.operators import reattach
 from airflow_provider_llmbatch.operators.reattach import default_task_path
-from airflow_provider_llmbatch.operators.remote_files import delete_files, download, download_input
+from airflow_provider_llmbatch.operators.remote_files import (
+    delete_files,
+    download,
+    download_inputs,
+    part_requests,
+)
+from airflow_provider_llmbatch.operators.rounds import create_round, round_file
 from airflow_provider_llmbatch.outcomes import check_fraction, judge, judge_rows, request_counts, row_failures
 from airflow_provider_llmbatch.parquet_out import ResultFormat, check_format, output_columns, pyarrow_modules
 from airflow_provider_llmbatch.polling import DEFAULT_POLL_INTERVAL
 from airflow_provider_llmbatch.pricing import PriceTable, resolve_prices
-from airflow_provider_llmbatch.resubmit import retryable_ids, write_round
 from airflow_provider_llmbatch.results import BatchFiles, JoinReport, join_results
 from airflow_provider_llmbatch.schema import OutputSchema
 from airflow_provider_llmbatch.typed_output import UNTYPED_KINDS
@@ -238,16 +241,21 @@ class FetchBatchResultsOperator(BaseOperator):
         destination = self._rendered("destination") or _default_destination(context, self.format)
         parts = batches[0]
         with tempfile.TemporaryDirectory(prefix="llmbatch-results-") as tmp:
-            input_file = self._rendered("input_file") or download_input(hook, parts[0], Path(tmp))
+            given = self._rendered("input_file")
+            input_file, counts = (
+                (given, part_requests(hook, parts, Path(tmp)))
+                if given
+                else download_inputs(hook, parts, Path(tmp))
+            )
             model = job_model(input_file)
             files = [
                 BatchFiles(
                     batch.status,
                     download(hook, batch.output_file_id, Path(tmp) / f"{n}-{i}.out.jsonl", self.log),
                     download(hook, batch.error_file_id, Path(tmp) / f"{n}-{i}.err.jsonl", self.log),
-                    requests=batch.request_counts.total if n == 0 and len(parts) > 1 else None,
+                    requests=counts[i] if n == 0 else None,
                     round=n,
-                    sent=_round_file(destination, n) if n else None,
+                    sent=round_file(destination, n) if n else None,
                 )
                 for n, round_batches in enumerate(batches)
                 for i, batch in enumerate(round_batches)
@@ -260,34 +268,25 @@ class FetchBatchResultsOperator(BaseOperator):
                 output_schema=schema,
                 format=self.format,
             )
-        log_landing(self.log, ", ".join(b.id for r in batches for b in r), report)
-        if len(rounds) <= self.resubmit_failed:
-            again = self._resubmit(context, hook, input_file, destination, len(rounds))
-            if again is not None:
-                return self._wait_round(context, hook, [*rounds, [again]])
+            log_landing(self.log, ", ".join(b.id for r in batches for b in r), report)
+            # Still here: a request file downloaded from the vendor is gone once the folder is.
+            again = (
+                create_round(
+                    context,
+                    hook,
+                    self.log,
+                    input_file=input_file,
+                    destination=destination,
+                    number=len(rounds),
+                    endpoint=parts[0].endpoint,
+                    format=self.format,
+                )
+                if len(rounds) <= self.resubmit_failed
+                else []
+            )
+        if again:
+            return self._wait_round(context, hook, [*rounds, again])
         return self._land(context, hook, batches, report, input_file, model)
-
-    def _resubmit(
-        self, context: Context, hook: BatchHook, input_file: str, destination: str, number: int
-    ) -> str | None:
-        """Create round ``number``'s batch of the rows worth resubmitting, or re-attach; None if none."""
-        ids = set(retryable_ids(destination, hook.vendor, self.format))
-        if not ids:
-            return None
-        path = _round_file(destination, number)
-        count, sha256 = write_round(input_file, ids, path)
-        key = reattach.batch_key(context, sha256, f"round-{number}")
-        tracker = reattach.Tracker(context, hook, self.log, enabled=True)
-        report = validate_request_file(path, hook.vendor)
-        found = tracker.reuse_or_upload(path, report, key)
-        batch = found.batch or hook.create_batch(
-            input_file_id=found.file_id,
-            endpoint=report.endpoint,
-            metadata={reattach.KEY_METADATA: key},
-        )
-        tracker.record(key, report, found.file_id, batch.id)
-        self.log.info("Round %d: %d request(s) worth sending again, in batch %s", number, count, batch.id)
-        return batch.id
 
     def _wait_round(self, context: Context, hook: BatchHook, rounds: list[list[str]]) -> dict[str, Any]:
         """Wait for the newest round's batch: defer, or poll here; then fetch again."""
@@ -370,12 +369,6 @@ class FetchBatchResultsOperator(BaseOperator):
 
 XCOM_ROUNDS = "resubmission_rounds"
 """The XCom key of the batch ids of each round, pushed before a round is waited for."""
-
-
-def _round_file(destination: str, number: int) -> str:
-    """Return where round ``number``'s request file is kept: beside the results file."""
-    stem = destination.removesuffix(".jsonl").removesuffix(".parquet")
-    return f"{stem}.round-{number}.requests.jsonl"
 
 
 def _default_destination(context: Context, format: ResultFormat) -> str:

@@ -17,6 +17,7 @@ from airflow_provider_llmbatch.hooks._core import (
     Core,
     Pager,
     Reply,
+    count_batch_files,
     find_newest,
     pick_upload,
 )
@@ -463,3 +464,32 @@ def test_multipart_layout_parses_as_a_form(filename: str) -> None:
 )
 def test_source_name(source: Any, expected: str) -> None:
     assert source_name(source) == expected
+
+
+def test_the_quota_count_takes_only_whole_earlier_uploads_as_reused() -> None:
+    def file(n: int, name: str | None, size: int | None, status: str | None = "processed") -> FileObject:
+        return FileObject(id=f"f{n}", filename=name, bytes=size, status=status)
+
+    reusable = {"part-1.jsonl": 10, "part-2.jsonl": 20, "part-3.jsonl": 30, "part-4.jsonl": 40}
+    listed = [
+        file(1, "part-1.jsonl", 10),  # reused
+        file(2, "part-2.jsonl", None),  # no size given: reused
+        file(3, "part-3.jsonl", 29),  # cut short: uploaded again
+        file(4, "part-4.jsonl", 40, "error"),  # failed: uploaded again
+        file(5, "part-1.jsonl", 10),  # a second copy counts once
+        file(6, None, 10),
+        file(7, "other.jsonl", 10),
+    ]
+    assert count_batch_files(listed, reusable) == (7, 2)
+    assert count_batch_files(listed, {}) == (7, 0)
+    assert count_batch_files([], reusable) == (0, 0)
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY.values()), ids=lambda s: s.name)
+def test_a_whole_file_listing_asks_for_the_vendors_largest_page(spec: VendorSpec) -> None:
+    largest = _core(spec).file_scan_page_size()
+    if "limit" not in spec.file_list.params:
+        assert largest is None
+        return
+    assert largest == spec.file_list.max_limit
+    assert _core(spec).file_pager(largest, "batch", {}).params()["limit"] == str(largest)

@@ -346,11 +346,17 @@ def test_reserved_metadata_keys_are_refused_for_every_vendor(
 
 def test_metadata_leaves_room_for_the_providers_keys(connect: Any, tmp_path: Path) -> None:
     emu = connect("openai")
-    metadata = {f"k{i}": "v" for i in range(14)}
-    _op(input_file=str(request_file(tmp_path, "openai")), metadata=metadata).execute(make_context(FakeTI()))
+    metadata = {f"k{i}": "v" for i in range(13)}
+    path = request_file(tmp_path, "openai")
+    _op(input_file=str(path), metadata=metadata).execute(make_context(FakeTI()))
     [batch] = emu.batches("openai")
     assert len(batch["metadata"]) == 16
     assert batch["metadata"].items() >= metadata.items()
+    assert batch["metadata"]["llmbatch_requests"] == str(len(path.read_bytes().splitlines()))
+    with pytest.raises(InvalidInputError, match="at most 16 metadata pairs"):
+        _op(input_file=str(request_file(tmp_path, "openai")), metadata={**metadata, "k13": "v"}).execute(
+            make_context(FakeTI())
+        )
 
 
 def test_templated_values_are_validated_after_rendering(connect: Any, tmp_path: Path) -> None:

@@ -261,3 +261,35 @@ def test_each_vendors_transient_codes_are_worth_a_round(vendor: str) -> None:
 )
 def test_failures_that_would_repeat_are_never_sent_again(vendor: str, row: dict[str, Any]) -> None:
     assert not worth_resubmitting(row, REGISTRY[vendor])
+
+
+# (vendor, code, worth sending again): DashScope's families by prefix, every other code exactly as listed.
+CODE_MATCHES = [
+    ("dashscope", "Throttling", True),
+    ("dashscope", "Throttling.RateQuota", True),
+    ("dashscope", "Throttling.User", True),  # a member the registry does not list
+    ("dashscope", "InternalError", True),
+    ("dashscope", "InternalError.Timeout", True),
+    ("dashscope", "RequestTimeOut", True),
+    ("dashscope", "ThrottlingUser", False),  # no family without its dot
+    ("dashscope", "InternalErrors", False),
+    ("dashscope", "throttling.user", False),  # codes are case-sensitive
+    ("dashscope", "InvalidParameter", False),
+    ("dashscope", "RequestTimeOut.Later", False),  # an exact code is no family
+    ("zhipu", "1302", True),
+    ("zhipu", "13020", False),
+    ("zhipu", "1302.1", False),
+    ("moonshot", "server_error", True),
+    ("moonshot", "server_error_x", False),
+    ("openai", "rate_limit_exceeded", True),
+    ("openai", "rate_limit_exceeded.soon", False),
+    ("openai", "Throttling.User", False),
+]
+
+
+@pytest.mark.parametrize(("vendor", "code", "retry"), CODE_MATCHES)
+def test_code_families_are_matched_by_prefix_and_other_codes_exactly(
+    vendor: str, code: str, retry: bool
+) -> None:
+    assert worth_resubmitting({"status": "failed", "error": {"code": code}}, REGISTRY[vendor]) is retry
+    assert REGISTRY[vendor].errors.is_retryable(code) is retry
