@@ -40,7 +40,7 @@ from airflow_provider_llmbatch.hooks.arguments import IDEMPOTENCY_KEY, RESERVED_
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.jsonl import build_request_file
 from airflow_provider_llmbatch.operators.batch import CreateBatchOperator
-from airflow_provider_llmbatch.operators.reattach import KEY_METADATA
+from airflow_provider_llmbatch.operators.reattach import KEY_METADATA, REQUESTS_METADATA
 from airflow_provider_llmbatch.operators.results import FetchBatchResultsOperator
 from airflow_provider_llmbatch.retry import RetryPolicy
 from airflow_provider_llmbatch.sensors.batch import BatchSensor
@@ -529,7 +529,8 @@ def test_user_metadata_never_enters_the_providers_namespace(
     stored = emulator.batch(vendor, result["batch_id"])["metadata"]
     assert {k: v for k, v in stored.items() if not k.startswith(RESERVED_PREFIX)} == user
     assert stored[KEY_METADATA] == result[KEY_METADATA]
-    assert set(stored) - set(user) == {KEY_METADATA, IDEMPOTENCY_KEY}
+    assert set(stored) - set(user) == {KEY_METADATA, REQUESTS_METADATA, IDEMPOTENCY_KEY}
+    assert stored[REQUESTS_METADATA] == str(1 if use_requests else 2)
 
 
 CHANGES = ["run_id", "input", "map_index", "task_id"]
