@@ -246,7 +246,7 @@ class _Row(msgspec.Struct):
     error: dict[str, Any] | None = None
     usage: dict[str, Any] = {}
     output: Any = None
-    request: msgspec.Raw | None = None
+    request: msgspec.Raw = msgspec.Raw(b"null")  # msgspec reads no Raw | None: JSON null stands for None
 
 
 _decode_row = msgspec.json.Decoder(_Row).decode
@@ -340,7 +340,8 @@ class ParquetSink:
             raw = bytes(row.response)
             next(cols).append(None if raw == b"null" else raw.decode("utf-8"))
         if self.include_request:
-            next(cols).append(None if row.request is None else bytes(row.request).decode("utf-8"))
+            request = bytes(row.request)
+            next(cols).append(None if request == b"null" else request.decode("utf-8"))
         self.buffered_rows += 1
         self.buffered_bytes += len(line)
         self.peak_buffered_rows = max(self.peak_buffered_rows, self.buffered_rows)

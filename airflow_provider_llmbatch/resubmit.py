@@ -58,6 +58,8 @@ def write_round(requests: Location, ids: set[str], destination: Location) -> tup
     """
     Write the request lines of ``ids`` (in the request file's order) as a round's request file.
 
+    :param ids: the ids to send again; each is taken out of the set as its first line is written, so an
+        id the request file repeats is sent once (the rows of its lines share the answer).
     :return: how many lines it holds, and the SHA-256 of its bytes (the round's identity).
     """
     sha = hashlib.sha256()
@@ -67,6 +69,7 @@ def write_round(requests: Location, ids: set[str], destination: Location) -> tup
             request = codec.read_request(raw, False) if not raw.isspace() else None
             if request is None or request[0] not in ids:
                 continue
+            ids.discard(request[0])
             line = raw if raw.endswith(b"\n") else raw + b"\n"
             out.write(line)
             sha.update(line)

@@ -118,7 +118,7 @@ class ResultIndex:
         self.stored = 0
         self.used = bytearray()
         self.resent = False
-        self.round_lines = False
+        self.missed = False
 
     def close(self) -> None:
         """Close the database."""
@@ -137,8 +137,6 @@ class ResultIndex:
                 tokens: tuple[int | str, ...] = (prompt, completion, total)
                 if min(prompt, completion, total) < -_INT64 or max(prompt, completion, total) >= _INT64:
                     tokens = (str(prompt), str(completion), str(total))  # past SQLite's 64 bits
-                if slot == ROUNDS_SLOT:
-                    self.round_lines = True
                 batch.append((_key(custom_id), slot, self.lines, round_, number, status, *tokens, pos, size))
                 pos += size
                 if len(batch) >= _BATCH_LINES or pos - spooled >= _BATCH_BYTES:
@@ -246,40 +244,41 @@ class _RowWriter:
         """Write the rows of a batch of requests, in order."""
         if not batch:
             return
-        db, used, spool = self.index.db, self.index.used, self.spool
+        db, used, spool, index = self.index.db, self.index.used, self.spool, self.index
         keys = list(dict.fromkeys(request[0] for request in batch))
         marks = ",".join("?" * len(keys))
-        found = {(row[0], row[1]): row for row in db.execute(_LOOKUP_LINES.format(marks), keys)}
-        sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys)) if self.index.resent else {}
-        rounds = self.index.round_lines
-        answered = [
-            (found.get((key, ROUNDS_SLOT)) if rounds else None) or found.get((key, part))
-            for key, part, *_ in batch
-        ]
-        absent = list(dict.fromkeys(r[0] for r, line in zip(batch, answered, strict=True) if line is None))
-        seen: set[bytes] = set()
-        elsewhere: dict[bytes, list[int]] = {}  # the lines of an unanswered request's id in other slots
-        if absent:
-            wanted = set(absent)
-            for (key, _), row in found.items():
-                if key in wanted:
-                    elsewhere.setdefault(key, []).append(row[2])
-            marks = ",".join("?" * len(absent))
-            seen.update(k for (k,) in db.execute(_LOOKUP_MISSING.format(marks), absent))
-            db.executemany("INSERT OR IGNORE INTO missing VALUES (?)", [(k,) for k in absent])
+        lines: dict[bytes, list[tuple[Any, ...]]] = {}
+        for found in db.execute(_LOOKUP_LINES.format(marks), keys):
+            lines.setdefault(found[0], []).append(found)
+        sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys)) if index.resent else {}
+        # Requested before without a line; looked up only once some request had none.
+        seen = {k for (k,) in db.execute(_LOOKUP_MISSING.format(marks), keys)} if index.missed else set()
+        unanswered: list[tuple[bytes]] = []
         counts, tokens, pending = self.counts, self.tokens, self.pending
-        for (key, _, label, request, missing), line in zip(batch, answered, strict=True):
+        for key, part, label, request, missing in batch:
+            candidates = lines.get(key, ())
+            line: tuple[Any, ...] | None
+            if len(candidates) == 1 and candidates[0][1] == part:
+                line = candidates[0]
+                again = used[candidates[0][2]]
+            else:
+                line = _answer(candidates, part, key in sent)
+                # Requested before: a line of its id answered it (any slot's, see below).
+                again = any(used[other[2]] for other in candidates)
+            if again or key in seen:
+                self.anomalies.add("duplicate_requests", _id_of(key))
             if line is None:
                 status, fragment = missing
-                # Requested before: without a line (``seen``), or where a line of its answered it.
-                if key in seen or any(used[seq] for seq in elsewhere.get(key, ())):
-                    self.anomalies.add("duplicate_requests", _id_of(key))
-                seen.add(key)
+                if key not in seen:
+                    seen.add(key)
+                    unanswered.append((key,))
             else:
                 _, _, seq, number, status, prompt, completion, total, pos, size = line
-                if used[seq]:
-                    self.anomalies.add("duplicate_requests", _id_of(key))
                 used[seq] = 1
+                if line[1] == ROUNDS_SLOT:  # the part's own line, replaced by the round's, is no unknown id
+                    for other in candidates:
+                        if other[1] == part:
+                            used[other[2]] = 1
                 per_batch = self.batch_tokens.get(number)
                 if per_batch is None:
                     per_batch = self.batch_tokens[number] = [0, 0, 0]
@@ -297,11 +296,31 @@ class _RowWriter:
             self.pending_bytes += len(row)
             if self.pending_bytes >= _BATCH_BYTES:
                 self.flush()
+        if unanswered:
+            db.executemany("INSERT OR IGNORE INTO missing VALUES (?)", unanswered)
+            index.missed = True
 
     def flush(self) -> None:
         self.out.write(b"".join(self.pending))
         self.pending.clear()
         self.pending_bytes = 0
+
+
+def _answer(candidates: Iterable[tuple[Any, ...]], part: int, sent: bool) -> tuple[Any, ...] | None:
+    """
+    Return the line that answers a request of ``part``: a resubmission round's, when a round sent the
+    request again; else the part's own; None when neither has one.
+
+    :param candidates: the indexed lines of the request's id, in every slot.
+    :param sent: a round sent the request again.
+    """
+    own = None
+    for line in candidates:
+        if line[1] == ROUNDS_SLOT and sent:
+            return line
+        if line[1] == part:
+            own = line
+    return own
 
 
 def _row(label: bytes, fragment: bytes, request: bytes | None, attempts: int) -> bytes:
