@@ -4,10 +4,13 @@ Join a batch's request file with its output and error files into one results fil
 The join streams and keeps its working state on disk, so memory stays flat whatever the line count:
 
 1. every output and error line is parsed once, strictly, and turned into its finished row right away;
-   the row is stored under its ``custom_id`` in a SQLite index in a temporary directory (the first
-   line of an id is kept, later ones are counted as duplicates);
-2. the request file is read one line at a time and its ids are appended to the index;
-3. one query joins the two in request order, and the rows are written as they come out of it.
+   the row is stored under its ``custom_id`` and its slot (the part of the input its batch ran, or its
+   resubmission round) in a SQLite index in a temporary directory (in a slot the first line of an id is
+   kept, later ones are counted as duplicates);
+2. each resubmission round's request file is read, to note which requests it sent again;
+3. the request file is read one line at a time and its requests looked up in order, a batch at a time:
+   a request is answered by the newest round that sent it again and has its line, else by its own
+   part's line; the rows are written as they come.
 
 The index is :mod:`airflow_provider_llmbatch.results_index`; this module says what the lines mean.
 
@@ -39,7 +42,7 @@ from airflow_provider_llmbatch.parquet_out import (
     check_format,
 )
 from airflow_provider_llmbatch.result_lines import read_result_line
-from airflow_provider_llmbatch.results_index import ROUNDS_SLOT, FinishedLine, open_index
+from airflow_provider_llmbatch.results_index import FinishedLine, open_index, round_slot
 from airflow_provider_llmbatch.schema import OutputSchema
 from airflow_provider_llmbatch.typed_output import INVALID_OUTPUT, typed_output
 
@@ -177,19 +180,19 @@ def _finished_lines(
     """
     Yield each line of the batches' output and error files that has a custom_id, finished (see
     :func:`_finish`), with its batch's round, the batch's place in ``batches`` and its slot: the part of
-    the input the batch ran (its place among the round-0 batches), or the rounds' slot.
+    the input the batch ran (its place among the round-0 batches), or its round's.
 
     Lines without an id and malformed lines (not a JSON object, not strict JSON, nested deeper than
     the parser allows) are counted, with ``file@offset`` samples.
     """
     parts = {n: part for part, n in enumerate(n for n, b in enumerate(batches) if b.round == 0)}
     files = [
-        (Path(p), b.round, n, parts.get(n, ROUNDS_SLOT))
+        (Path(p), b.round, n, parts[n] if n in parts else round_slot(b.round))
         for n, b in enumerate(batches)
         for p in (b.output_file, b.error_file)
         if p is not None
     ]
-    files.sort(key=lambda f: -f[1])  # newest round first: a resubmission's line replaces the earlier one
+    files.sort(key=lambda f: -f[1])  # newest round first
     for path, round_, number, slot in files:
         with open(path, "rb") as handle:
             offset = 0
@@ -241,7 +244,8 @@ class BatchFiles:
     :param requests: for a part of the input: how many request lines it holds (parts are in input order).
     :param round: 0 for the input's own batches; 1, 2, ... for resubmission rounds, whose lines replace
         earlier ones of the same request.
-    :param sent: a resubmission round's request file: each of its requests counts one more attempt.
+    :param sent: a resubmission round's request file: the requests the round's lines may answer, each
+        one more attempt (a round split into several batches gives each the same file).
     """
 
     status: str | None
@@ -294,8 +298,9 @@ def join_results(
     with open_index() as index:
         index.add_lines(_finished_lines(batches, anomalies, output_schema), anomalies)
         # A round split into several batches has one request file: each of its requests counts once.
-        for sent in dict.fromkeys(os.fspath(b.sent) for b in batches if b.sent is not None):
-            index.add_sent(rid for rid, _ in _iter_requests(sent, with_body=False))
+        rounds = dict.fromkeys((os.fspath(b.sent), b.round) for b in batches if b.sent is not None)
+        for sent, round_ in rounds:
+            index.add_sent((rid for rid, _ in _iter_requests(sent, with_body=False)), round_)
         with atomic_writer(destination) as out:
             sink = (
                 ParquetSink(

@@ -3,12 +3,12 @@ The results join's working state on disk: a spool of finished rows and a SQLite 
 
 Every output and error line comes in finished (its row but for the custom_id); the row goes to the
 spool file and its custom_id into the index, under its slot: the part of the input whose batch wrote it
-(a part's lines answer only that part's requests), or the resubmission rounds' slot (a round answers
-requests of any part). In a slot the first line of an id wins. The requests then come in file order, a
-batch at a time, each with its part: one query finds their lines, a round's line before the part's own,
-and their rows are copied out of the spool as they come. In memory there is one byte per line (was it
-used?), a batch of lines or requests at a time, and SQLite's page cache; the directory goes when the join
-ends.
+(a part's lines answer only that part's requests), or its resubmission round (a round's lines answer only
+the requests it sent again, of any part). In a slot the first line of an id wins. The requests then come
+in file order, a batch at a time, each with its part: one query finds their lines, the newest round's
+that sent it before the part's own, and their rows are copied out of the spool as they come. In memory
+there is one byte per line (was it used?), a batch of lines or requests at a time, and SQLite's page
+cache; the directory goes when the join ends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from airflow_provider_llmbatch.codec import to_json
@@ -28,12 +28,15 @@ if TYPE_CHECKING:
 
 FinishedLine: TypeAlias = tuple[str, int, int, int, str, int, int, int, bytes]
 """An output or error line as a row: custom_id, its batch's round, its batch's number (its place in the
-join's batches), its slot (:data:`ROUNDS_SLOT`, or the part of the input its batch ran), status, prompt,
+join's batches), its slot (the part of the input its batch ran, or :func:`round_slot`), status, prompt,
 completion and total tokens, and the row's other members as JSON
 (``"status":...,"response":...,"error":...,"usage":...``)."""
 
-ROUNDS_SLOT = -1
-"""The slot of the lines of resubmission rounds, whose requests may come from any part."""
+
+def round_slot(round_: int) -> int:
+    """Return the slot of a resubmission round's lines (parts take the slots from 0 up)."""
+    return -round_
+
 
 _Request: TypeAlias = tuple[bytes, int, bytes, bytes | None, tuple[str, bytes]]
 # A request to write: its key, its part, its id as JSON, its body as JSON (or None), its row without a line.
@@ -50,10 +53,9 @@ _PRAGMAS = (
     "PRAGMA temp_store = FILE",
     "PRAGMA cache_size = -8192",
 )
-# ``lines``: one row per custom_id and slot of the output and error files, for its first line there (lines
-# come newest round first, so a newer round's line wins in the rounds' slot): the line's place among them
-# (``seq``), its round, its batch, status and tokens, and where its finished row is in the spool file.
-# ``sent``: how many resubmission rounds sent each request again.
+# ``lines``: one row per custom_id and slot of the output and error files, for its first line there: the
+# line's place among them (``seq``), its round, its batch, status and tokens, and where its finished row
+# is in the spool file. ``sent``: the resubmission rounds that sent each request again.
 # ``missing``: the request ids that have no line, to tell a repeated one. Ids are UTF-8 blobs (lone
 # surrogates kept); the token columns have no type, so a count beyond 64 bits can be stored as text.
 _SCHEMA = """
@@ -72,15 +74,15 @@ CREATE TABLE lines (
     PRIMARY KEY (id, slot)
 ) WITHOUT ROWID;
 CREATE TABLE missing (id BLOB PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE sent (id BLOB PRIMARY KEY, times INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE sent (id BLOB NOT NULL, round INTEGER NOT NULL, PRIMARY KEY (id, round)) WITHOUT ROWID;
 """
 _INSERT_LINES = "INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_SENT = "INSERT INTO sent VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET times = times + 1"
+_INSERT_SENT = "INSERT OR IGNORE INTO sent VALUES (?, ?)"
 _LOOKUP_LINES = (
     "SELECT id, slot, seq, batch, status, prompt, completion, total, pos, size FROM lines WHERE id IN ({})"
 )
 _LOOKUP_MISSING = "SELECT id FROM missing WHERE id IN ({})"
-_LOOKUP_SENT = "SELECT id, times FROM sent WHERE id IN ({})"
+_LOOKUP_SENT = "SELECT id, round FROM sent WHERE id IN ({})"
 
 
 class RowSink(Protocol):
@@ -170,12 +172,12 @@ class ResultIndex:
             if winner is not None and winner[0] != seq and winner[1] == round_:
                 anomalies.add("duplicates", _id_of(key))
 
-    def add_sent(self, custom_ids: Iterable[str]) -> None:
-        """Count one more attempt for each request a resubmission round sent again."""
-        batch: list[tuple[bytes]] = []
+    def add_sent(self, custom_ids: Iterable[str], round_: int) -> None:
+        """Note the requests resubmission round ``round_`` sent again (an id it repeats, once)."""
+        batch: list[tuple[bytes, int]] = []
         self.resent = True
         for custom_id in custom_ids:
-            batch.append((_key(custom_id),))
+            batch.append((_key(custom_id), round_))
             if len(batch) >= _BATCH_LINES:
                 self.db.executemany(_INSERT_SENT, batch)
                 batch = []
@@ -250,19 +252,23 @@ class _RowWriter:
         lines: dict[bytes, list[tuple[Any, ...]]] = {}
         for found in db.execute(_LOOKUP_LINES.format(marks), keys):
             lines.setdefault(found[0], []).append(found)
-        sent = dict(db.execute(_LOOKUP_SENT.format(marks), keys)) if index.resent else {}
+        sent: dict[bytes, list[int]] = {}  # the rounds that sent each request again
+        if index.resent:
+            for key, round_ in db.execute(_LOOKUP_SENT.format(marks), keys):
+                sent.setdefault(key, []).append(round_)
         # Requested before without a line; looked up only once some request had none.
         seen = {k for (k,) in db.execute(_LOOKUP_MISSING.format(marks), keys)} if index.missed else set()
         unanswered: list[tuple[bytes]] = []
         counts, tokens, pending = self.counts, self.tokens, self.pending
         for key, part, label, request, missing in batch:
             candidates = lines.get(key, ())
+            rounds = sent.get(key, ())
             line: tuple[Any, ...] | None
             if len(candidates) == 1 and candidates[0][1] == part:
                 line = candidates[0]
                 again = used[candidates[0][2]]
             else:
-                line = _answer(candidates, part, key in sent)
+                line = _answer(candidates, part, rounds)
                 # Requested before: a line of its id answered it (any slot's, see below).
                 again = any(used[other[2]] for other in candidates)
             if again or key in seen:
@@ -275,9 +281,9 @@ class _RowWriter:
             else:
                 _, _, seq, number, status, prompt, completion, total, pos, size = line
                 used[seq] = 1
-                if line[1] == ROUNDS_SLOT:  # the part's own line, replaced by the round's, is no unknown id
+                if line[1] != part:  # the lines a round's replaced answered this request too: no unknown ids
                     for other in candidates:
-                        if other[1] == part:
+                        if other[1] == part or -other[1] in rounds:
                             used[other[2]] = 1
                 per_batch = self.batch_tokens.get(number)
                 if per_batch is None:
@@ -291,7 +297,7 @@ class _RowWriter:
                 per_batch[2] += total
                 fragment = os.pread(spool, size, pos)
             counts[status] += 1
-            row = _row(label, fragment, request, 1 + sent.get(key, 0))
+            row = _row(label, fragment, request, 1 + len(rounds))
             pending.append(row)
             self.pending_bytes += len(row)
             if self.pending_bytes >= _BATCH_BYTES:
@@ -306,21 +312,24 @@ class _RowWriter:
         self.pending_bytes = 0
 
 
-def _answer(candidates: Iterable[tuple[Any, ...]], part: int, sent: bool) -> tuple[Any, ...] | None:
+def _answer(
+    candidates: Iterable[tuple[Any, ...]], part: int, rounds: Sequence[int]
+) -> tuple[Any, ...] | None:
     """
-    Return the line that answers a request of ``part``: a resubmission round's, when a round sent the
-    request again; else the part's own; None when neither has one.
+    Return the line that answers a request of ``part``: the newest line of a round that sent it again,
+    else the part's own; None when neither has one.
 
     :param candidates: the indexed lines of the request's id, in every slot.
-    :param sent: a round sent the request again.
+    :param rounds: the rounds that sent the request again.
     """
-    own = None
+    own = newest = None
     for line in candidates:
-        if line[1] == ROUNDS_SLOT and sent:
-            return line
-        if line[1] == part:
+        slot = line[1]
+        if slot == part:
             own = line
-    return own
+        elif slot < 0 and -slot in rounds and (newest is None or slot < newest[1]):
+            newest = line
+    return newest or own
 
 
 def _row(label: bytes, fragment: bytes, request: bytes | None, attempts: int) -> bytes:
