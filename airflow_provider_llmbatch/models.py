@@ -303,6 +303,10 @@ class FileObject(LenientModel):
     purpose: OptStr = None
     status: OptStr = None
 
+    def holds_whole(self, size: int) -> bool:
+        """Return whether this file can stand for an upload of ``size`` bytes (size as listed, not failed)."""
+        return (self.bytes is None or self.bytes == size) and self.status not in ("error", "deleted")
+
 
 T = TypeVar("T", bound=LenientModel)
 

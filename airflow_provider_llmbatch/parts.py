@@ -146,9 +146,6 @@ class _PartWriter:
 
     def _add(self, data: bytes, count: int, as_written: bool) -> None:
         size = len(data)
-        if size > self.max_bytes:
-            # The checker names such a line (its line limit is the part's); no part is ever made over one.
-            raise InvalidInputError(f"a line of {size} bytes fits in no part of at most {self.max_bytes}")
         if not self._started or not self._fits(size, count):
             self.close()
             self._begin()

@@ -334,12 +334,7 @@ def count_batch_files(files: Iterable[FileObject], reusable: Mapping[str, int]) 
     for item in files:
         held += 1
         name = item.filename
-        if (
-            name is not None
-            and name in reusable
-            and item.bytes in (None, reusable[name])
-            and item.status not in ("error", "deleted")
-        ):
+        if name is not None and name in reusable and item.holds_whole(reusable[name]):
             found.add(name)
     return held, len(found)
 

@@ -259,10 +259,6 @@ class Tracker:
         """Return the id of this task instance's earlier upload of this input, if it is still usable."""
         if not self.enabled:
             return None
-
-        def usable(file_bytes: int | None, status: str | None) -> bool:
-            return (file_bytes is None or file_bytes == size) and status not in ("error", "deleted")
-
         stored_id = self.state.get(key).get("input_file_id")
         try:
             if isinstance(stored_id, str) and stored_id:
@@ -270,10 +266,10 @@ class Tracker:
                     stored = self.hook.get_file(stored_id)
                 except NotFoundError:
                     stored = None
-                if stored is not None and usable(stored.bytes, stored.status):
+                if stored is not None and stored.holds_whole(size):
                     return stored.id
             for file in self.hook.list_files(purpose="batch"):
-                if file.filename == filename and usable(file.bytes, file.status):
+                if file.filename == filename and file.holds_whole(size):
                     self.log.info("Reusing uploaded request file %s (%s)", file.id, filename)
                     return file.id
         except VendorAPIError as exc:

@@ -269,9 +269,10 @@ class FetchBatchResultsOperator(BaseOperator):
                 format=self.format,
             )
             log_landing(self.log, ", ".join(b.id for r in batches for b in r), report)
-            # Still here: a request file downloaded from the vendor is gone once the folder is.
-            again = (
-                create_round(
+            again: list[str] = []
+            if len(rounds) <= self.resubmit_failed:
+                # Still here: a request file downloaded from the vendor is gone once the folder is.
+                again = create_round(
                     context,
                     hook,
                     self.log,
@@ -281,9 +282,6 @@ class FetchBatchResultsOperator(BaseOperator):
                     endpoint=parts[0].endpoint,
                     format=self.format,
                 )
-                if len(rounds) <= self.resubmit_failed
-                else []
-            )
         if again:
             return self._wait_round(context, hook, [*rounds, again])
         return self._land(context, hook, batches, report, input_file, model)

@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_llmbatch import waiting
 from airflow_provider_llmbatch.emulator import Emulator, EmulatorConfig
+from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.vendors import VendorSpec
+from tests.pollkit import Clock, waits_on
 
 CONN_ID = "llmbatch_test"
 
@@ -181,3 +184,44 @@ def _operators_run_outside_task_runner(monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow.sdk.bases.operator import ExecutorSafeguard
 
     monkeypatch.setattr(ExecutorSafeguard, "test_mode", True)
+
+
+@pytest.fixture
+def moving(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Make the worker's waits move the emulator's clock instead of sleeping."""
+    return waits_on(Clock(on_sleep=emu.advance_clock), waiting, monkeypatch)
+
+
+def hold_files(
+    emu: Emulator, vendor: str, count: int, *, purpose: str = "batch", kind: str = "input", name: str = "old"
+) -> None:
+    """Put ``count`` files in the emulator's store, as earlier jobs (or other tools) left them."""
+    store = emu.runtime.store
+    content = store.new_path(vendor, ".jsonl")
+    content.write_text('{"custom_id": "old"}\n')
+    for n in range(count):
+        store.add_file(vendor, content, filename=f"{name}-{n}.jsonl", purpose=purpose, kind=kind)
+
+
+def uploads_and_batches(emu: Emulator, vendor: str) -> tuple[int, int]:
+    """Return how many files the emulator took as uploads and how many batches it created."""
+    stats = emu.stats(vendor)
+    return stats["files_uploaded"], stats["batches_created"]
+
+
+def die_on_call(monkeypatch: pytest.MonkeyPatch, name: str, die_on: int, *, after: bool) -> dict[str, int]:
+    """Make ``BatchHook.<name>`` kill the task on its ``die_on``-th call (before or after it took effect)."""
+    real = getattr(BatchHook, name)
+    calls = {"n": 0}
+
+    def dying(self: BatchHook, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == die_on and not after:
+            raise RuntimeError(f"worker died before {name} #{die_on}")
+        result = real(self, *args, **kwargs)
+        if calls["n"] == die_on:
+            raise RuntimeError(f"worker died after {name} #{die_on} took effect")
+        return result
+
+    monkeypatch.setattr(BatchHook, name, dying)
+    return calls

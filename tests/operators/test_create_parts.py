@@ -30,6 +30,7 @@ from tests.operators.conftest import (
     STORES,
     FakeStateStore,
     FakeTI,
+    hold_files,
     make_context,
     parts_op,
     records,
@@ -118,20 +119,11 @@ def test_max_batches_must_be_a_whole_number(bad: Any) -> None:
         _op(input_file="x.jsonl", max_batches=bad)
 
 
-def _hold_batch_files(emu: Emulator, vendor: str, count: int) -> None:
-    """Put ``count`` batch input files in the emulator's store for ``vendor``, as earlier jobs left them."""
-    store = emu.runtime.store
-    content = store.new_path(vendor, ".jsonl")
-    content.write_text('{"custom_id": "old"}\n')
-    for n in range(count):
-        store.add_file(vendor, content, filename=f"old-{n}.jsonl", purpose="batch", kind="input")
-
-
 def test_the_vendors_file_quota_is_checked_before_any_upload(connect: Any, tmp_path: Path) -> None:
     emu = connect("moonshot")
     spec = REGISTRY["moonshot"]
     assert spec.limits.max_batch_files == 1000
-    _hold_batch_files(emu, "moonshot", 998)
+    hold_files(emu, "moonshot", 998)
     # 100,001 requests: three parts of Moonshot's 50,000 (no small endpoint, no limit swapped).
     path = tmp_path / "requests.jsonl"
     build_request_file(records(100_001), path, spec, model="kimi", whole_input=True)

@@ -18,16 +18,15 @@ from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.exceptions import InvalidInputError
 from airflow_provider_llmbatch.hooks.batch import BatchHook
 from airflow_provider_llmbatch.vendors import REGISTRY
-from tests.operators.conftest import CONN_ID, STORES, FakeTI, make_context, parts_op, state_store
-
-
-def _hold(emu: Emulator, vendor: str, count: int) -> None:
-    """Store ``count`` batch files as other jobs left them."""
-    store = emu.runtime.store
-    content = store.new_path(vendor, ".jsonl")
-    content.write_text('{"custom_id": "old"}\n')
-    for n in range(count):
-        store.add_file(vendor, content, filename=f"other-{n}.jsonl", purpose="batch", kind="input")
+from tests.operators.conftest import (
+    CONN_ID,
+    STORES,
+    FakeTI,
+    hold_files,
+    make_context,
+    parts_op,
+    state_store,
+)
 
 
 def _die_at_create(monkeypatch: pytest.MonkeyPatch, number: int, *, after: bool) -> None:
@@ -57,14 +56,14 @@ def test_a_retry_that_would_not_fit_is_refused_before_it_uploads(
     connect: Any, monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
     emu = connect("dashscope")
-    _hold(emu, "dashscope", 9997)
+    hold_files(emu, "dashscope", 9997)
     state = state_store(store)
     _die_at_create(monkeypatch, 1, after=True)
     with pytest.raises(RuntimeError, match="worker died"):
         parts_op().execute(make_context(FakeTI(), state))
     monkeypatch.undo()
     connect("dashscope")
-    _hold(emu, "dashscope", 2)  # meanwhile another job fills the account
+    hold_files(emu, "dashscope", 2)  # meanwhile another job fills the account
     assert _made(emu) == (1, 1, 10_000)
 
     with pytest.raises(InvalidInputError, match="at most 10000 batch files") as info:
@@ -79,7 +78,7 @@ def test_a_retry_of_a_job_that_fitted_reuses_its_uploads_and_is_not_refused(
     connect: Any, monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
     emu = connect("dashscope")
-    _hold(emu, "dashscope", 9997)
+    hold_files(emu, "dashscope", 9997)
     state = state_store(store)
     _die_at_create(monkeypatch, 2, after=False)  # parts 1 and 2 uploaded, part 2 not created
     with pytest.raises(RuntimeError, match="worker died"):
@@ -96,7 +95,7 @@ def test_a_retry_of_a_job_that_fitted_reuses_its_uploads_and_is_not_refused(
 
 def test_without_reattach_a_retry_counts_every_part(connect: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     emu = connect("dashscope")
-    _hold(emu, "dashscope", 9996)
+    hold_files(emu, "dashscope", 9996)
     state = state_store("state_store")
     _die_at_create(monkeypatch, 2, after=False)
     with pytest.raises(RuntimeError, match="worker died"):
@@ -113,7 +112,7 @@ def test_without_reattach_a_retry_counts_every_part(connect: Any, monkeypatch: p
 @pytest.mark.parametrize("vendor", list(REGISTRY))
 def test_the_quota_count_lists_the_vendors_largest_pages(connect: Any, vendor: str) -> None:
     emu = connect(vendor)
-    _hold(emu, vendor, 250)
+    hold_files(emu, vendor, 250)
     spec = REGISTRY[vendor]
     largest = spec.file_list.max_limit if "limit" in spec.file_list.params else None
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmbatch import waiting
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.emulator.faults import FaultRule
 from airflow_provider_llmbatch.exceptions import InvalidInputError
@@ -35,36 +34,22 @@ from tests.operators.conftest import (
     FakeStateStore,
     FakeTI,
     create_op,
+    die_on_call,
+    hold_files,
     make_context,
     parts_op,
     records,
     state_store,
+    uploads_and_batches,
     write_requests,
 )
-from tests.pollkit import Clock, waits_on
+from tests.pollkit import Clock
 
 MIB = 1024**2
 DAY = 86_400.0
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def moving(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Make the worker's waits move the emulator's clock instead of sleeping."""
-    return waits_on(Clock(on_sleep=emu.advance_clock), waiting, monkeypatch)
-
-
-def _hold_files(
-    emu: Emulator, vendor: str, count: int, *, purpose: str = "batch", kind: str = "input"
-) -> None:
-    """Put ``count`` files in the emulator's store, as earlier jobs (or other tools) left them."""
-    store = emu.runtime.store
-    content = store.new_path(vendor, ".jsonl")
-    content.write_text('{"custom_id": "old"}\n')
-    for n in range(count):
-        store.add_file(vendor, content, filename=f"old-{kind}-{n}.jsonl", purpose=purpose, kind=kind)
 
 
 def _ds_records(ids: list[str]) -> list[dict[str, Any]]:
@@ -78,11 +63,6 @@ def _ids_in(emu: Emulator, vendor: str, file_id: str) -> list[str]:
 
 def _by_id(emu: Emulator, vendor: str) -> dict[str, dict[str, Any]]:
     return {b["id"]: b for b in emu.batches(vendor)}
-
-
-def _counts(emu: Emulator, vendor: str) -> tuple[int, int]:
-    stats = emu.stats(vendor)
-    return stats["files_uploaded"], stats["batches_created"]
 
 
 def _fetch_op(
@@ -105,24 +85,6 @@ def _rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def _patch_count(monkeypatch: pytest.MonkeyPatch, name: str, die_on: int, *, after: bool) -> dict[str, int]:
-    """Make ``BatchHook.<name>`` kill the task on its ``die_on``-th call (before or after it took effect)."""
-    real = getattr(BatchHook, name)
-    calls = {"n": 0}
-
-    def dying(self: BatchHook, *args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == die_on and not after:
-            raise RuntimeError(f"worker died before {name} #{die_on}")
-        result = real(self, *args, **kwargs)
-        if calls["n"] == die_on:
-            raise RuntimeError(f"worker died after {name} #{die_on} took effect")
-        return result
-
-    monkeypatch.setattr(BatchHook, name, dying)
-    return calls
-
-
 # -- split: count limit, byte limit, per-line limit, max_batches ---------------------------------------
 
 
@@ -138,7 +100,7 @@ def test_count_limit_boundaries_split_exactly(connect: Any, count: int, expected
     assert result["request_counts"] == expected
     assert len(result["batch_ids"]) == len(expected) == len(ti.xcom("batch_ids"))
     assert result["batch_id"] == result["batch_ids"][0] == ti.xcom("batch_id")
-    assert _counts(emu, "dashscope") == (len(expected), len(expected))
+    assert uploads_and_batches(emu, "dashscope") == (len(expected), len(expected))
     by_id = _by_id(emu, "dashscope")
     sent = [_ids_in(emu, "dashscope", by_id[b]["input_file_id"]) for b in result["batch_ids"]]
     assert [i for part in sent for i in part] == [f"r{i}" for i in range(count)]
@@ -190,7 +152,7 @@ def test_byte_limit_splits_fill_each_part_to_exactly_the_limit(
     by_id = _by_id(emu, "dashscope")
     sent = [_ids_in(emu, "dashscope", by_id[b]["input_file_id"]) for b in result["batch_ids"]]
     assert [i for part in sent for i in part] == [f"b{i}" for i in range(lines)]
-    assert _counts(emu, "dashscope") == (len(expected), len(expected))
+    assert uploads_and_batches(emu, "dashscope") == (len(expected), len(expected))
 
 
 def test_a_line_over_the_endpoints_file_limit_is_refused_before_any_request(
@@ -232,7 +194,7 @@ def test_max_batches_boundaries(connect: Any, count: int, max_batches: int | Non
         return
     result = op.execute(make_context(FakeTI(), FakeStateStore()))
     assert len(result["batch_ids"]) == parts
-    assert _counts(emu, "dashscope") == (parts, parts)
+    assert uploads_and_batches(emu, "dashscope") == (parts, parts)
 
 
 # -- quotas before upload -----------------------------------------------------------------------------
@@ -248,13 +210,13 @@ def moonshot_three_parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("held", "fits"), [(997, True), (998, False), (1000, False)])
 def test_moonshot_quota_boundary(connect: Any, moonshot_three_parts: Path, held: int, fits: bool) -> None:
     emu = connect("moonshot")
-    _hold_files(emu, "moonshot", held)
+    hold_files(emu, "moonshot", held)
     ti = FakeTI()
     op = create_op(input_file=str(moonshot_three_parts))
     if fits:
         result = op.execute(make_context(ti, FakeStateStore()))
         assert result["request_counts"] == [50_000, 50_000, 1]
-        assert _counts(emu, "moonshot") == (3, 3)
+        assert uploads_and_batches(emu, "moonshot") == (3, 3)
         assert emu.stats("moonshot")["files"] == 1000
         return
     with pytest.raises(InvalidInputError, match="at most 1000 batch files per account") as info:
@@ -270,12 +232,12 @@ def test_moonshot_quota_boundary(connect: Any, moonshot_three_parts: Path, held:
 @pytest.mark.parametrize(("held", "fits"), [(9997, True), (9998, False), (10_000, False)])
 def test_dashscope_quota_near_ten_thousand(connect: Any, store: str, held: int, fits: bool) -> None:
     emu = connect("dashscope")
-    _hold_files(emu, "dashscope", held)
+    hold_files(emu, "dashscope", held)
     ti = FakeTI()
     if fits:
         result = parts_op().execute(make_context(ti, state_store(store)))
         assert len(result["batch_ids"]) == 3
-        assert _counts(emu, "dashscope") == (3, 3)
+        assert uploads_and_batches(emu, "dashscope") == (3, 3)
         return
     # With or without a task state store (Airflow before 3.3 has none), a first try counts the files.
     with pytest.raises(InvalidInputError, match="at most 10000 batch files per account") as info:
@@ -290,15 +252,15 @@ def test_dashscope_quota_near_ten_thousand(connect: Any, store: str, held: int, 
 def test_output_files_do_not_count_against_the_batch_file_quota(connect: Any) -> None:
     emu = connect("dashscope")
     # Results the vendor wrote (purpose batch_output) are not request files: the job fits.
-    _hold_files(emu, "dashscope", 9998, purpose="batch_output", kind="output")
+    hold_files(emu, "dashscope", 9998, purpose="batch_output", kind="output")
     result = parts_op().execute(make_context(FakeTI(), FakeStateStore()))
     assert len(result["batch_ids"]) == 3
-    assert _counts(emu, "dashscope") == (3, 3)
+    assert uploads_and_batches(emu, "dashscope") == (3, 3)
 
 
 def test_the_quota_count_reads_the_vendors_largest_pages(connect: Any) -> None:
     emu = connect("dashscope")
-    _hold_files(emu, "dashscope", 9997)
+    hold_files(emu, "dashscope", 9997)
     parts_op().execute(make_context(FakeTI(), FakeStateStore()))
     # DashScope lists up to 2,000 files a page: counting 10,000 takes a handful of calls, not hundreds.
     assert emu.stats("dashscope")["operations"].get("list_files", 0) <= 10
@@ -312,11 +274,11 @@ def _zhipu_embeddings_op(count: int = 20_001, **kwargs: Any) -> Any:
 @pytest.mark.parametrize(("held", "fits"), [(997, True), (998, False)])
 def test_zhipu_quota_on_a_three_part_embeddings_job(connect: Any, held: int, fits: bool) -> None:
     emu = connect("zhipu")
-    _hold_files(emu, "zhipu", held)
+    hold_files(emu, "zhipu", held)
     if fits:
         result = _zhipu_embeddings_op().execute(make_context(FakeTI(), FakeStateStore()))
         assert result["request_counts"] == [10_000, 10_000, 1]
-        assert _counts(emu, "zhipu") == (3, 3)
+        assert uploads_and_batches(emu, "zhipu") == (3, 3)
         return
     with pytest.raises(InvalidInputError, match="holds 998 and this job needs 3 more"):
         _zhipu_embeddings_op().execute(make_context(FakeTI(), FakeStateStore()))
@@ -334,17 +296,17 @@ def test_a_kill_after_part_ks_upload_before_its_create(
     emu = connect("dashscope")
     state = state_store(store)
     real_create = BatchHook.create_batch
-    _patch_count(monkeypatch, "create_batch", k, after=False)
+    die_on_call(monkeypatch, "create_batch", k, after=False)
     with pytest.raises(RuntimeError, match="worker died before create_batch"):
         parts_op().execute(make_context(FakeTI(), state))
     monkeypatch.setattr(BatchHook, "create_batch", real_create)
-    assert _counts(emu, "dashscope") == (k, k - 1)
+    assert uploads_and_batches(emu, "dashscope") == (k, k - 1)
     uploaded = [f["id"] for f in reversed(emu.files("dashscope"))]  # oldest first
     earlier = [b["id"] for b in reversed(emu.batches("dashscope"))]
 
     result = parts_op().execute(make_context(FakeTI(), state))
 
-    assert _counts(emu, "dashscope") == (3, 3)
+    assert uploads_and_batches(emu, "dashscope") == (3, 3)
     assert emu.stats("dashscope")["batches"] == 3
     assert result["batch_ids"][: k - 1] == earlier
     assert result["input_file_ids"][:k] == uploaded  # part k's upload reused, not sent again
@@ -361,7 +323,7 @@ def test_five_parts_killed_after_part_ks_create(
     emu = connect("dashscope")
     state = state_store(store)
     real_create = BatchHook.create_batch
-    _patch_count(monkeypatch, "create_batch", k, after=True)
+    die_on_call(monkeypatch, "create_batch", k, after=True)
     with pytest.raises(RuntimeError, match="worker died after create_batch"):
         parts_op(450).execute(make_context(FakeTI(), state))
     monkeypatch.setattr(BatchHook, "create_batch", real_create)
@@ -371,7 +333,7 @@ def test_five_parts_killed_after_part_ks_create(
     ti = FakeTI()
     result = parts_op(450).execute(make_context(ti, state))
 
-    assert _counts(emu, "dashscope") == (5, 5)
+    assert uploads_and_batches(emu, "dashscope") == (5, 5)
     assert result["request_counts"] == [100, 100, 100, 100, 50]
     assert result["batch_ids"][:k] == earlier
     assert result["reattached"] is (k == 5)
@@ -387,24 +349,24 @@ def test_two_retries_in_a_row_create_each_part_once(
     real_create = BatchHook.create_batch
 
     # Try 1: dies right after part 1's create.
-    _patch_count(monkeypatch, "create_batch", 1, after=True)
+    die_on_call(monkeypatch, "create_batch", 1, after=True)
     with pytest.raises(RuntimeError, match="worker died"):
         parts_op().execute(make_context(FakeTI(), state))
-    assert _counts(emu, "dashscope") == (1, 1)
+    assert uploads_and_batches(emu, "dashscope") == (1, 1)
     # Try 2: re-attaches part 1, uploads part 2 and dies before its create.
-    _patch_count(monkeypatch, "create_batch", 1, after=False)
+    die_on_call(monkeypatch, "create_batch", 1, after=False)
     with pytest.raises(RuntimeError, match="worker died"):
         parts_op().execute(make_context(FakeTI(), state))
-    assert _counts(emu, "dashscope") == (2, 1)
+    assert uploads_and_batches(emu, "dashscope") == (2, 1)
     monkeypatch.setattr(BatchHook, "create_batch", real_create)
 
     # Try 3 finishes the job; try 4 (a cleared task) only re-attaches.
     third = parts_op().execute(make_context(FakeTI(), state))
-    assert _counts(emu, "dashscope") == (3, 3)
+    assert uploads_and_batches(emu, "dashscope") == (3, 3)
     fourth = parts_op().execute(make_context(FakeTI(), state))
     assert fourth["reattached"] is True
     assert fourth["batch_ids"] == third["batch_ids"]
-    assert _counts(emu, "dashscope") == (3, 3)
+    assert uploads_and_batches(emu, "dashscope") == (3, 3)
 
 
 def test_a_lost_create_answer_of_a_middle_part_is_found_not_repeated(
@@ -425,7 +387,7 @@ def test_a_lost_create_answer_of_a_middle_part_is_found_not_repeated(
     emu.clear_faults()
 
     assert len(set(result["batch_ids"])) == 3
-    assert _counts(emu, "dashscope") == (3, 3)
+    assert uploads_and_batches(emu, "dashscope") == (3, 3)
 
 
 def test_a_lost_upload_answer_of_a_middle_part_is_found_not_repeated(
@@ -446,7 +408,7 @@ def test_a_lost_upload_answer_of_a_middle_part_is_found_not_repeated(
     emu.clear_faults()
 
     assert len(set(result["input_file_ids"])) == 3
-    assert _counts(emu, "dashscope") == (3, 3)
+    assert uploads_and_batches(emu, "dashscope") == (3, 3)
 
 
 @pytest.mark.parametrize("store", ["state_store", "no_store"])
@@ -456,7 +418,7 @@ def test_zhipu_embeddings_parts_killed_after_part_two(
     emu = connect("zhipu")
     state = state_store(store)
     real_create = BatchHook.create_batch
-    _patch_count(monkeypatch, "create_batch", 2, after=True)
+    die_on_call(monkeypatch, "create_batch", 2, after=True)
     with pytest.raises(RuntimeError, match="worker died"):
         _zhipu_embeddings_op().execute(make_context(FakeTI(), state))
     monkeypatch.setattr(BatchHook, "create_batch", real_create)
@@ -464,7 +426,7 @@ def test_zhipu_embeddings_parts_killed_after_part_two(
     result = _zhipu_embeddings_op().execute(make_context(FakeTI(), state))
 
     assert result["request_counts"] == [10_000, 10_000, 1]
-    assert _counts(emu, "zhipu") == (3, 3)
+    assert uploads_and_batches(emu, "zhipu") == (3, 3)
 
 
 # -- fetch: merged parts, rounds ------------------------------------------------------------------------
@@ -520,7 +482,7 @@ def test_a_split_job_on_the_test_endpoint_resubmits_its_retryable_rows(
     sent = (tmp_path / "results.round-1.requests.jsonl").read_text().splitlines()
     assert [json.loads(line)["custom_id"] for line in sent] == ["retry-0", "retry-150", "retry-249"]
     assert len(manifest["rounds"]) == 1
-    assert _counts(emu, "dashscope") == (4, 4)
+    assert uploads_and_batches(emu, "dashscope") == (4, 4)
 
 
 def test_every_row_of_a_split_job_failing_retryably_is_resubmitted_within_file_limits(
@@ -563,7 +525,7 @@ def test_every_row_failing_retryably_is_mended_in_one_round(
     assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 2)}
     assert len(manifest["rounds"]) == 1
     assert manifest["rounds"][0]["batches"][0]["request_counts"]["total"] == 6
-    assert _counts(emu, vendor) == (2, 2)
+    assert uploads_and_batches(emu, vendor) == (2, 2)
 
 
 NON_RETRYABLE_COMMON = ["invalid_request", "content_filter", "context_length_exceeded", "invalid_output"]
@@ -629,7 +591,7 @@ def test_rows_of_a_batch_the_vendor_ended_early_are_resubmitted(
     assert unrun, "the rows that never ran were not sent again"
     assert {r["status"] for r in rows if r["custom_id"] != "fail-x"} == {"succeeded"}
     assert next(r for r in rows if r["custom_id"] == "fail-x")["status"] in ("failed", "succeeded")
-    assert _counts(emu, vendor) == (2, 2)
+    assert uploads_and_batches(emu, vendor) == (2, 2)
 
 
 def _expire_new_batches(emu: Emulator, vendor: str, monkeypatch: pytest.MonkeyPatch, first: int = 1) -> None:
@@ -680,7 +642,7 @@ def test_two_rounds_when_the_first_round_expired(
         "retry-d": ("succeeded", 3),
     }
     assert [r["batches"][0]["status"] for r in manifest["rounds"]] == ["expired", "completed"]
-    assert _counts(emu, vendor) == (3, 3)
+    assert uploads_and_batches(emu, vendor) == (3, 3)
 
 
 @pytest.mark.parametrize("store", STORES)
@@ -700,14 +662,14 @@ def test_a_round_the_vendor_expired_is_not_created_again_by_a_retry(
         _fetch_op(created["batch_ids"], str(path), tmp_path, resubmit_failed=1).execute(
             make_context(FakeTI(task_id="fetch", fail_on={"result_uri"}), state)
         )
-    assert _counts(emu, "moonshot") == (2, 2)
+    assert uploads_and_batches(emu, "moonshot") == (2, 2)
 
     manifest = _fetch_op(created["batch_ids"], str(path), tmp_path, resubmit_failed=1).execute(
         make_context(FakeTI(task_id="fetch"), state)
     )
 
     # Round 1 exists already (it ended): a retry re-attaches to it, it does not pay for another.
-    assert _counts(emu, "moonshot") == (2, 2)
+    assert uploads_and_batches(emu, "moonshot") == (2, 2)
     assert len(manifest["rounds"]) == 1
 
 
@@ -730,23 +692,23 @@ def test_two_deaths_in_a_row_around_a_round(
         )
 
     # Try 1: the round's file is stored, then the worker dies.
-    _patch_count(monkeypatch, "upload_file", 1, after=True)
+    die_on_call(monkeypatch, "upload_file", 1, after=True)
     with pytest.raises(RuntimeError, match="worker died"):
         fetch()
     monkeypatch.setattr(BatchHook, "upload_file", real_upload)
-    assert _counts(emu, vendor) == (2, 1)
+    assert uploads_and_batches(emu, vendor) == (2, 1)
     # Try 2: reuses the upload, dies between it and the round's create.
-    _patch_count(monkeypatch, "create_batch", 1, after=False)
+    die_on_call(monkeypatch, "create_batch", 1, after=False)
     with pytest.raises(RuntimeError, match="worker died"):
         fetch()
     monkeypatch.setattr(BatchHook, "create_batch", real_create)
-    assert _counts(emu, vendor) == (2, 1)
+    assert uploads_and_batches(emu, vendor) == (2, 1)
     # Try 3 lands; try 4 (cleared) creates nothing.
     manifest = fetch()
-    assert _counts(emu, vendor) == (2, 2)
+    assert uploads_and_batches(emu, vendor) == (2, 2)
     again = fetch()
     assert again["rounds"] == manifest["rounds"]
-    assert _counts(emu, vendor) == (2, 2)
+    assert uploads_and_batches(emu, vendor) == (2, 2)
     by = {r["custom_id"]: r for r in _rows(again)}
     assert {i: by[i]["attempts"] for i in ids} == {"a": 1, "retry-b": 2, "fail-c": 1, "retry-d": 2, "e": 1}
 
@@ -759,7 +721,7 @@ def test_delete_input_file_removes_each_parts_request_file_only(
     connect: Any, moving: Clock, tmp_path: Path, delete: bool
 ) -> None:
     emu = connect("dashscope")
-    _hold_files(emu, "dashscope", 2)  # someone else's files
+    hold_files(emu, "dashscope", 2)  # someone else's files
     created = _ended_parts(emu, [f"r{i}" for i in range(249)] + ["fail-x"])
     before = {f["id"] for f in emu.files("dashscope")}
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmbatch import waiting
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.exceptions import BatchOutcomeError, InvalidInputError
 from airflow_provider_llmbatch.hooks.batch import BatchHook
@@ -30,20 +29,17 @@ from tests.operators.conftest import (
     STORES,
     FakeStateStore,
     FakeTI,
+    die_on_call,
+    hold_files,
     make_context,
     parts_op,
     state_store,
+    uploads_and_batches,
     write_requests,
 )
-from tests.pollkit import Clock, waits_on
+from tests.pollkit import Clock
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def moving(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Make the worker's waits move the emulator's clock instead of sleeping."""
-    return waits_on(Clock(on_sleep=emu.advance_clock), waiting, monkeypatch)
 
 
 def _line(custom_id: str) -> str:
@@ -118,11 +114,6 @@ def _say(line: dict[str, Any], text: str) -> dict[str, Any]:
     line = json.loads(json.dumps(line))
     line["response"]["body"]["choices"][0]["message"]["content"] = text
     return line
-
-
-def _counts(emu: Emulator, vendor: str) -> tuple[int, int]:
-    stats = emu.stats(vendor)
-    return stats["files_uploaded"], stats["batches_created"]
 
 
 def _complete(emu: Emulator, ids: list[str], statuses: list[str] | None = None) -> None:
@@ -286,7 +277,7 @@ def test_a_one_part_job_without_input_file_and_a_round(connect: Any, moving: Clo
         ("retry-a3", "succeeded", 2),
     ]
     assert len(manifest["rounds"]) == 1
-    assert _counts(emu, "openai") == (2, 2)
+    assert uploads_and_batches(emu, "openai") == (2, 2)
 
 
 # -- where a part ends: llmbatch_requests ---------------------------------------------------------------
@@ -358,22 +349,6 @@ def _ds_retry_job(emu: Emulator, count: int = 150) -> dict[str, Any]:
     return created
 
 
-def _dying(monkeypatch: pytest.MonkeyPatch, name: str, die_on: int, *, after: bool) -> None:
-    real = getattr(BatchHook, name)
-    calls = {"n": 0}
-
-    def dying(self: BatchHook, *args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == die_on and not after:
-            raise RuntimeError(f"worker died before {name} #{die_on}")
-        result = real(self, *args, **kwargs)
-        if calls["n"] == die_on:
-            raise RuntimeError(f"worker died after {name} #{die_on}")
-        return result
-
-    monkeypatch.setattr(BatchHook, name, dying)
-
-
 @pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize(
     ("op", "die_on", "after"),
@@ -396,11 +371,11 @@ def test_a_retry_between_a_rounds_parts_creates_each_round_part_once(
 ) -> None:
     emu = connect("dashscope")
     created = _ds_retry_job(emu)
-    assert _counts(emu, "dashscope") == (2, 2)
+    assert uploads_and_batches(emu, "dashscope") == (2, 2)
     state = state_store(store)
     real = getattr(BatchHook, op)
 
-    _dying(monkeypatch, op, die_on, after=after)
+    die_on_call(monkeypatch, op, die_on, after=after)
     with pytest.raises(RuntimeError, match="worker died"):
         _fetch(created["batch_ids"], tmp_path, created["input_uri"], state, resubmit_failed=1)
     monkeypatch.setattr(BatchHook, op, real)
@@ -408,7 +383,7 @@ def test_a_retry_between_a_rounds_parts_creates_each_round_part_once(
     manifest = _fetch(created["batch_ids"], tmp_path, created["input_uri"], state, resubmit_failed=1)
 
     # Two job parts, two round parts (150 rows, 100 a file): each uploaded and created once.
-    assert _counts(emu, "dashscope") == (4, 4)
+    assert uploads_and_batches(emu, "dashscope") == (4, 4)
     [round_] = manifest["rounds"]
     assert [b["request_counts"]["total"] for b in round_["batches"]] == [100, 50]
     rows = _rows(manifest)
@@ -417,7 +392,7 @@ def test_a_retry_between_a_rounds_parts_creates_each_round_part_once(
     assert {(r["status"], r["attempts"]) for r in rows} == {("succeeded", 2)}
     again = _fetch(created["batch_ids"], tmp_path, created["input_uri"], state, resubmit_failed=1)
     assert again["rounds"] == manifest["rounds"]
-    assert _counts(emu, "dashscope") == (4, 4)
+    assert uploads_and_batches(emu, "dashscope") == (4, 4)
 
 
 def test_one_round_part_expired_is_sent_again_by_the_next_round_only(
@@ -450,7 +425,7 @@ def test_one_round_part_expired_is_sent_again_by_the_next_round_only(
     ]
     sent = (tmp_path / "results.round-2.requests.jsonl").read_text().splitlines()
     assert [json.loads(line)["custom_id"] for line in sent] == [f"retry-{i}" for i in range(100, 150)]
-    assert _counts(emu, "dashscope") == (5, 5)
+    assert uploads_and_batches(emu, "dashscope") == (5, 5)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -492,7 +467,7 @@ def test_a_split_round_with_include_request_and_parquet(
         assert all("request" not in r or r["request"] is None for r in rows)
     assert (tmp_path / "results.round-1.requests.jsonl").exists()
     assert [b["request_counts"]["total"] for b in manifest["rounds"][0]["batches"]] == [100, 30]
-    assert _counts(emu, "dashscope") == (4, 4)
+    assert uploads_and_batches(emu, "dashscope") == (4, 4)
 
 
 def test_a_rounds_line_for_a_request_it_was_not_sent_never_lands(
@@ -526,14 +501,6 @@ def test_a_rounds_line_for_a_request_it_was_not_sent_never_lands(
 # -- the file quota of a retry whose upload was deleted --------------------------------------------------
 
 
-def _hold_files(emu: Emulator, vendor: str, count: int) -> None:
-    store = emu.runtime.store
-    content = store.new_path(vendor, ".jsonl")
-    content.write_text('{"custom_id": "old"}\n')
-    for n in range(count):
-        store.add_file(vendor, content, filename=f"old-input-{n}.jsonl", purpose="batch", kind="input")
-
-
 @pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize(("held", "fits"), [(9997, True), (9998, False)])
 def test_a_retry_whose_unbatched_upload_was_deleted_counts_it_as_needed(
@@ -543,25 +510,25 @@ def test_a_retry_whose_unbatched_upload_was_deleted_counts_it_as_needed(
     state = state_store(store)
     # Try 1: part 1 uploaded and created, part 2 uploaded, then the worker dies before its create.
     real = BatchHook.create_batch
-    _dying(monkeypatch, "create_batch", 2, after=False)
+    die_on_call(monkeypatch, "create_batch", 2, after=False)
     with pytest.raises(RuntimeError, match="worker died"):
         parts_op().execute(make_context(FakeTI(), state))
     monkeypatch.setattr(BatchHook, "create_batch", real)
-    assert _counts(emu, "dashscope") == (2, 1)
+    assert uploads_and_batches(emu, "dashscope") == (2, 1)
     # Part 2's upload (the newest file) is deleted, by hand or a cleanup: the retry must upload it again.
     newest = emu.files("dashscope")[0]["id"]
     with BatchHook(CONN_ID) as hook:
         hook.delete_file(newest)
-    _hold_files(emu, "dashscope", held)
+    hold_files(emu, "dashscope", held)
 
     if fits:
         result = parts_op().execute(make_context(FakeTI(), state))
         assert len(result["batch_ids"]) == 3
-        assert _counts(emu, "dashscope") == (4, 3)
+        assert uploads_and_batches(emu, "dashscope") == (4, 3)
         return
     with pytest.raises(InvalidInputError, match=r"holds 9999 and this job needs 2 more \(1 uploaded"):
         parts_op().execute(make_context(FakeTI(), state))
-    assert _counts(emu, "dashscope") == (2, 1)
+    assert uploads_and_batches(emu, "dashscope") == (2, 1)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmbatch import waiting
 from airflow_provider_llmbatch.emulator import Emulator
 from airflow_provider_llmbatch.emulator.faults import FaultRule
 from airflow_provider_llmbatch.exceptions import InvalidInputError
@@ -31,17 +30,11 @@ from tests.operators.conftest import (
     state_store,
     write_requests,
 )
-from tests.pollkit import Clock, waits_on
+from tests.pollkit import Clock
 
 VENDORS = list(REGISTRY)
 IDS = ["a", "retry-b", "fail-c", "retry-d", "e"]
 RETRIED = {"retry-b", "retry-d"}
-
-
-@pytest.fixture
-def moving(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Make the worker's waits move the emulator's clock instead of sleeping."""
-    return waits_on(Clock(on_sleep=emu.advance_clock), waiting, monkeypatch)
 
 
 def _ended_job(
